@@ -1,0 +1,1 @@
+"""The coordinator: a Flower ServerApp that holds only an evaluation context."""

@@ -1,0 +1,313 @@
+"""The coordinator's round loop: setup, encrypted sum, refresh, HE-Adam, metrics.
+
+The coordinator holds only the evaluation context it receives from a
+participant at setup (refusing one with a secret key) and checks that every
+participant reports the same context fingerprint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import secrets
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from coordinator.checkpoint import write_checkpoint
+from coordinator.exchange import exchange, wait_for_nodes
+from coordinator.he_adam import ChunkState, step
+from protocol import keys, messages as msg
+from protocol.backend import Backend, Ct
+from protocol.codec import receive_cts, send_cts
+from protocol.config import RunConfig, expand_dir
+from protocol.errors import FingerprintMismatch, HedrlError, HeaderMismatch
+from protocol.params import get_param_set
+from protocol.wire import Expect
+
+log = logging.getLogger("flwr.hedrl.coordinator")
+
+
+def _vector_bytes(rd: RecordDict) -> int:
+    total = 0
+    for value in rd.values():
+        if isinstance(value, ConfigRecord):
+            total += sum(len(v) for v in value.values() if isinstance(v, bytes))
+        elif hasattr(value, "values"):
+            total += sum(len(a.data) for a in value.values() if hasattr(a, "data"))
+    return total
+
+
+class Federation:
+    """One training run driven through a Flower ``Grid``."""
+
+    def __init__(self, grid: Grid, cfg: RunConfig, run_id: int) -> None:
+        self.grid = grid
+        self.cfg = cfg
+        self.run_id = run_id
+        self.params = get_param_set(cfg.param_set)
+        self.hp = cfg.hyper
+        self.out_dir = expand_dir(cfg.results_dir) / (cfg.run_name or f"run-{run_id}")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self._mask_rng = np.random.default_rng(secrets.randbits(128))
+        self.be: Backend
+        self.fingerprint = ""
+        self.history: list[dict[str, Any]] = []
+
+    # ---- helpers ---------------------------------------------------------------
+    def _expect(self, kind: str, level: int, round_: int | None, name: str | None = None) -> Expect:
+        return Expect(
+            param_set=self.params.id, fingerprint=self.fingerprint, backend=self.cfg.backend,
+            run_id=self.run_id, layout_digest=self.layout_digest, slot_count=self.params.slots,
+            chunk_count=self.n_chunks, kind=kind, level=level, round=round_, name=name,
+        )
+
+    def _message(self, node: int, mtype: str, content: RecordDict, round_: int) -> Message:
+        return Message(content=content, dst_node_id=node, message_type=mtype,
+                       group_id=str(round_))
+
+    def _task(self, round_: int, **extra: Any) -> ConfigRecord:
+        return ConfigRecord({"round": round_, "fingerprint": self.fingerprint,
+                             "backend": self.cfg.backend, **extra})
+
+    # ---- setup -----------------------------------------------------------------
+    def setup(self) -> None:
+        """Register participants, obtain the evaluation context and θ0."""
+        self.nodes = wait_for_nodes(self.grid, self.cfg.num_participants, self.cfg.node_wait)
+        log.info("hedrl: %d participants registered; backend=%s param-set=%s",
+                 len(self.nodes), self.cfg.backend, self.params.id)
+        out = []
+        for i, node in enumerate(self.nodes):
+            task = ConfigRecord({"round": 0, "backend": self.cfg.backend,
+                                 "send-context": int(i == 0), "participant-index": i})
+            out.append(self._message(node, msg.SETUP, RecordDict({msg.TASK: task}), 0))
+        replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
+        infos = []
+        for node in self.nodes:
+            reply = replies[node]
+            if reply is None or reply.has_error():
+                err = "timeout" if reply is None else reply.error.reason
+                raise HedrlError(f"participant {node} failed setup: {err}")
+            infos.append(reply.content[msg.SETUP_REPLY])
+        first = infos[0]
+        ctx_bytes = bytes(first["context"])
+        self.be, self.fingerprint = keys.coordinator_backend(ctx_bytes, self.params, self.cfg.backend)
+        for node, info in zip(self.nodes, infos, strict=True):
+            if info["fingerprint"] != self.fingerprint:
+                raise FingerprintMismatch(expected=self.fingerprint,
+                                          received=str(info["fingerprint"]),
+                                          where=f"participant {node}")
+            if info["layout-digest"] != first["layout-digest"]:
+                raise HeaderMismatch(field="layout_digest", expected=first["layout-digest"],
+                                     received=info["layout-digest"])
+        self.layout_digest = str(first["layout-digest"])
+        self.param_count = int(first["param-count"])
+        self.n_chunks = -(-self.param_count // self.params.slots)
+        theta0 = receive_cts(self.be, replies[self.nodes[0]].content, msg.THETA,
+                             self._expect("theta", self.be.top_level, 0))
+        self.theta = [self.be.to_bottom(c) for c in theta0]
+        self.state: list[tuple[Ct, Ct, Ct]] | None = None
+        log.info("hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
+                 "%d parameters in %d chunks; results in %s",
+                 self.fingerprint[:16], self.param_count, self.n_chunks, self.out_dir)
+
+    # ---- one round ---------------------------------------------------------------
+    def _masked_state(self) -> tuple[RecordDict, list[np.ndarray], int]:
+        assert self.state is not None
+        bound = float(2**self.cfg.mask_bits)
+        rd = RecordDict()
+        masks, sent = [], 0
+        for j, name in enumerate(msg.STATE_NAMES):
+            cts = []
+            for chunk in self.state:
+                mask = self._mask_rng.uniform(-bound, bound, self.params.slots)
+                masks.append(mask)
+                cts.append(self.be.add_plain(self.be.to_bottom(chunk[j]), mask))
+            sent += send_cts(self.be, rd, msg.state_key("state", name), cts,
+                             self._expect("state", 0, None, name), self._round, self.param_count)
+        return rd, masks, sent
+
+    def run_round(self, t: int) -> dict[str, Any]:
+        """Exchange with every participant, refresh, and take HE-Adam step t."""
+        self._round = t
+        t0 = time.perf_counter()
+        refresher = self.nodes[t % len(self.nodes)]
+        theta_rd = RecordDict()
+        theta_bytes = send_cts(self.be, theta_rd, msg.THETA, self.theta,
+                               self._expect("theta", 0, None), t, self.param_count)
+        masks: list[np.ndarray] = []
+        out, down = [], 0
+        for node in self.nodes:
+            content = RecordDict({msg.TASK: self._task(
+                t, refresher=int(node == refresher and self.state is not None),
+                init=int(self.state is None), **{"num-participants": len(self.nodes)})})
+            content[msg.THETA] = theta_rd[msg.THETA]
+            content[msg.THETA + ".hdr"] = theta_rd[msg.THETA + ".hdr"]
+            down += theta_bytes
+            if node == refresher and self.state is not None:
+                srd, masks, sent = self._masked_state()
+                for k, v in srd.items():
+                    content[k] = v
+                down += sent
+            out.append(self._message(node, msg.TRAIN, content, t))
+        t_send = time.perf_counter()
+        replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
+        t_recv = time.perf_counter()
+        rec: dict[str, Any] = {"round": t, "backend": self.cfg.backend}
+        good, missing, up = [], [], 0
+        for node in self.nodes:
+            reply = replies[node]
+            if reply is None or reply.has_error():
+                why = "timeout" if reply is None else reply.error.reason
+                log.warning("hedrl: round %d: participant %d missing (%s)", t, node, why)
+                missing.append(node)
+                continue
+            up += _vector_bytes(reply.content)
+            good.append((node, reply))
+        episodes = sum(int(r.content[msg.METRICS]["episodes"]) for _, r in good)
+        ret_sum = sum(float(r.content[msg.METRICS]["return-sum"]) for _, r in good)
+        rec.update(
+            return_mean=(ret_sum / episodes) if episodes else None, episodes=episodes,
+            env_steps=sum(int(r.content[msg.METRICS]["env-steps"]) for _, r in good),
+            upload_bytes=up, broadcast_bytes=down, participants=len(good), missing=missing,
+        )
+        t_c = time.perf_counter()
+        stepped = False
+        if not missing:
+            try:
+                stepped = self._aggregate_and_step(t, good, refresher, masks)
+            except HedrlError as exc:
+                log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
+        else:
+            log.warning("hedrl: round %d: %d participant(s) missing; step skipped, "
+                        "state kept", t, len(missing))
+        done = time.perf_counter()
+        rec.update(coordinator_s=(t_send - t0) + (done - t_c), round_s=done - t0,
+                   stepped=stepped, **{"time/exchange_s": t_recv - t_send})
+        return rec
+
+    def _aggregate_and_step(self, t: int, good: list[tuple[int, Message]], refresher: int,
+                            masks: list[np.ndarray]) -> bool:
+        be, top = self.be, self.be.top_level
+        xs: list[Ct] | None = None
+        sq: list[Ct] | None = None
+        for _, reply in good:
+            cts = receive_cts(be, reply.content, msg.GRADIENT, self._expect("gradient", top, t))
+            for c in cts:
+                c.factor = be.gradient_factor
+            xs = cts if xs is None else [be.add(a, b) for a, b in zip(xs, cts, strict=True)]
+            if self.state is None:
+                s = receive_cts(be, reply.content, msg.SQUARES, self._expect("squares", top, t))
+                sq = s if sq is None else [be.add(a, b) for a, b in zip(sq, s, strict=True)]
+        assert xs is not None
+        if self.state is None:
+            assert sq is not None
+            fresh = self._initial_state(t, refresher, sq)
+        else:
+            rep = dict(good)[refresher]
+            fresh = []
+            for j, name in enumerate(msg.STATE_NAMES):
+                cts = receive_cts(be, rep.content, msg.state_key("refresh", name),
+                                  self._expect("refresh", top, t, name))
+                n = len(cts)
+                fresh.append([be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)])
+        chunk_states = [ChunkState(theta=th, m=m, V=v, r=r)
+                        for th, m, v, r in zip(self.theta, *fresh, strict=True)]
+        new = step(be, chunk_states, xs, t, self.hp)
+        self.theta = [c.theta for c in new]
+        self.state = [(c.m, c.V, c.r) for c in new]
+        return True
+
+    def _initial_state(self, t: int, refresher: int, sq: list[Ct]) -> list[list[Ct]]:
+        rd = RecordDict({msg.TASK: self._task(t, refresher=1)})
+        send_cts(self.be, rd, msg.SQUARES, sq, self._expect("squares", self.be.top_level, None),
+                 t, self.param_count)
+        reply = exchange(self.grid, [self._message(refresher, msg.V0, rd, t)],
+                         timeout=self.cfg.round_timeout)[refresher]
+        if reply is None or reply.has_error():
+            raise HedrlError(f"refresher {refresher} did not return V0")
+        return [receive_cts(self.be, reply.content, msg.state_key("v0", n),
+                            self._expect("v0", self.be.top_level, t, n))
+                for n in msg.STATE_NAMES]
+
+    # ---- outputs -------------------------------------------------------------------
+    def checkpoint(self, t: int) -> Path:
+        """Write θ, m, V, r and the step counter atomically."""
+        path = self.out_dir / "checkpoint.npz"
+        vectors = {"theta": [self.be.dump(c) for c in self.theta]}
+        levels = {"theta": 0}
+        if self.state is not None:
+            for j, name in enumerate(msg.STATE_NAMES):
+                vectors[name] = [self.be.dump(c[j]) for c in self.state]
+                levels[name] = self.state[0][j].level
+        meta = {"step": t, "run_id": self.run_id, "backend": self.cfg.backend,
+                "param_set": self.params.id, "fingerprint": self.fingerprint,
+                "layout_digest": self.layout_digest, "param_count": self.param_count,
+                "levels": levels, "env_id": self.cfg.env_id}
+        write_checkpoint(path, meta, vectors)
+        return path
+
+    def run(self) -> dict[str, Any]:
+        """Setup, then rounds until num-rounds or stop-return; write metrics."""
+        start = time.perf_counter()
+        self.setup()
+        metrics_path = self.out_dir / "metrics.jsonl"
+        returns: list[float] = []
+        reached: dict[str, int | None] = {"195": None, "475": None}
+        t = 0
+        with open(metrics_path, "w") as fh:
+            for t in range(1, self.cfg.num_rounds + 1):
+                rec = self.run_round(t)
+                fh.write(json.dumps(rec) + "\n")
+                fh.flush()
+                self.history.append(rec)
+                if rec["return_mean"] is not None:
+                    returns.append(rec["return_mean"])
+                last20 = statistics.fmean(returns[-20:]) if len(returns) >= 20 else None
+                for key in reached:
+                    if reached[key] is None and last20 is not None and last20 >= float(key):
+                        reached[key] = t
+                rm = rec["return_mean"]
+                log.info("hedrl: round %d/%d %s return %s (%d episodes) last-20 %s | "
+                         "%.2f s/round, coordinator %.2f s | up %.1f kB, down %.1f kB",
+                         t, self.cfg.num_rounds, self.cfg.backend,
+                         "-" if rm is None else f"{rm:.1f}", rec["episodes"],
+                         "-" if last20 is None else f"{last20:.1f}", rec["round_s"],
+                         rec["coordinator_s"], rec["upload_bytes"] / 1e3,
+                         rec["broadcast_bytes"] / 1e3)
+                if t % self.cfg.checkpoint_every == 0:
+                    self.checkpoint(t)
+                if self.cfg.stop_return > 0 and last20 is not None and last20 >= self.cfg.stop_return:
+                    log.info("hedrl: mean return %.1f ≥ stop-return %.1f at round %d",
+                             last20, self.cfg.stop_return, t)
+                    break
+        ckpt = self.checkpoint(t)
+        summary = self._summary(t, returns, reached, time.perf_counter() - start, ckpt)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        log.info("hedrl: done after %d rounds; metrics %s; checkpoint %s", t, metrics_path, ckpt)
+        return summary
+
+    def _summary(self, t: int, returns: list[float], reached: dict[str, int | None],
+                 wall: float, ckpt: Path) -> dict[str, Any]:
+        h = self.history
+        ups = [r["upload_bytes"] / max(1, r["participants"]) for r in h if r["participants"]]
+        return {
+            "run_id": self.run_id, "backend": self.cfg.backend, "env_id": self.cfg.env_id,
+            "param_set": self.params.id, "rounds": t, "wall_s": wall,
+            "config": dataclasses.asdict(self.cfg),
+            "param_count": self.param_count, "chunks": self.n_chunks,
+            "final_return_mean_last20": statistics.fmean(returns[-20:]) if returns else None,
+            "rounds_to_195": reached["195"], "rounds_to_475": reached["475"],
+            "median_round_s": statistics.median(r["round_s"] for r in h) if h else None,
+            "median_coordinator_s": statistics.median(r["coordinator_s"] for r in h) if h else None,
+            "upload_bytes_per_param": (statistics.median(ups) / self.param_count) if ups else None,
+            "env_steps": sum(r["env_steps"] for r in h),
+            "skipped_steps": sum(1 for r in h if not r["stepped"]),
+            "checkpoint": str(ckpt), "fingerprint": self.fingerprint,
+        }

@@ -1,0 +1,109 @@
+"""HE-Adam: Adam on ciphertexts at depth 3, with no inverse-square-root polynomial.
+
+The circuit of ARCHITECTURE §6 (hedrl's design; it builds on Nguyen, Dinh,
+Nguyen, Lauter & Kim, Nature Machine Intelligence 7, 2025). State per slot:
+θ, m, V (= v + δ) and r ≈ V^(−1/2). One Newton step, warm-started from
+β2^(−1/2)·r, tracks V'^(−1/2):
+
+    depth 1:  p = x·r   q = (V + c²δ)·r   X2 = x·x   m' = β1·m + ((1−β1)/c)·x
+    depth 2:  P = q·r + p·p   nr = m'·((−a_t·s)·r)   V' = β2·(V + X2) + (1−β2)·δ
+    depth 3:  H = 3 − P   r' = (s·r)·H   θ' = θ + nr·H
+
+with c = sqrt((1−β2)/β2), s = β2^(−1/2)/2, δ = c²/u_max and, because V starts
+from data (V0 = mean g² + δ), a_t = lr/(1−β1^t). ``x`` is the sum of the
+participants' ``c·w_i·clip(g)/G``. The same code runs on the plaintext twin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.adam import AdamHyper
+from protocol.backend import Backend, Ct
+
+__all__ = ["AdamHyper", "ChunkState", "step", "step_chunk"]
+
+
+@dataclass
+class ChunkState:
+    """Encrypted optimiser state of one slot-chunk."""
+
+    theta: Ct
+    m: Ct
+    V: Ct
+    r: Ct
+
+
+def step_chunk(be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper) -> ChunkState:
+    """One HE-Adam step on one chunk; t counts from 1."""
+    c, s, d = hp.c, hp.s, hp.delta
+    p = be.mul(x, st.r)
+    q = be.mul(be.add_scalar(st.V, c * c * d), st.r)
+    x2 = be.mul(x, x)
+    m_new = be.add(be.scal(st.m, hp.beta1), be.scal(x, (1 - hp.beta1) / c))
+    big_p = be.add(be.mul(q, st.r), be.mul(p, p))
+    h = be.add_scalar(be.neg(big_p), 3.0)  # carries big_p's factor
+    v_new = be.add_scalar(
+        be.add(be.scal(st.V, hp.beta2), be.scal(x2, hp.beta2)), (1 - hp.beta2) * d
+    )
+    # fold the known rescale biases into the public scalars so outputs carry 1
+    lvl_r = min(st.r.level - 1, h.level)
+    r1 = be.scal(st.r, s, out_factor=1.0 / (h.factor * be.rescale_bias(lvl_r)))
+    r_new = be.mul(r1, h)
+    lvl_nr = min(m_new.level, st.r.level - 1)
+    lvl_nh = min(lvl_nr - 1, h.level)
+    f_nr = 1.0 / (h.factor * be.rescale_bias(lvl_nh))
+    r1u = be.scal(
+        st.r,
+        -hp.a(t) * s,
+        out_factor=f_nr / (m_new.factor * be.rescale_bias(lvl_nr)),
+    )
+    nr = be.mul(m_new, r1u)
+    theta_new = be.add(st.theta, be.mul(nr, h))
+    return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
+
+
+def step(
+    be: Backend, state: list[ChunkState], xs: list[Ct], t: int, hp: AdamHyper
+) -> list[ChunkState]:
+    """HE-Adam over all chunks."""
+    return [step_chunk(be, st, x, t, hp) for st, x in zip(state, xs, strict=True)]
+
+
+# ---- float64 references -------------------------------------------------------
+def circuit_reference(
+    theta: np.ndarray, m: np.ndarray, V: np.ndarray, r: np.ndarray,
+    x: np.ndarray, t: int, hp: AdamHyper,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The same circuit in float64 numpy, written out independently."""
+    c, s, d = hp.c, hp.s, hp.delta
+    p, q = x * r, (V + c * c * d) * r
+    m_new = hp.beta1 * m + (1 - hp.beta1) / c * x
+    big_p = q * r + p * p
+    v_new = hp.beta2 * (V + x * x) + (1 - hp.beta2) * d
+    h = 3.0 - big_p
+    r_new = s * r * h
+    theta_new = theta + m_new * (-hp.a(t) * s * r) * h
+    return theta_new, m_new, v_new, r_new
+
+
+def initial_state(squares_mean: np.ndarray, hp: AdamHyper) -> tuple[np.ndarray, ...]:
+    """m0 = 0, V0 = mean g² + δ and r0 = V0^(−1/2) (computed by a key holder)."""
+    v0 = np.asarray(squares_mean, dtype=np.float64) + hp.delta
+    return np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)
+
+
+def exact_adam(
+    theta: np.ndarray, grads: list[np.ndarray], v0: np.ndarray, hp: AdamHyper
+) -> np.ndarray:
+    """Exact Adam (δ inside the √, v from ``v0``, lr/(1−β1^t)) over ``grads``."""
+    theta = np.asarray(theta, dtype=np.float64).copy()
+    m = np.zeros_like(theta)
+    v = np.asarray(v0, dtype=np.float64).copy()
+    for t, g in enumerate(grads, start=1):
+        m = hp.beta1 * m + (1 - hp.beta1) * g
+        v = hp.beta2 * v + (1 - hp.beta2) * g * g
+        theta -= hp.a(t) * m / np.sqrt(v + hp.delta)
+    return theta

@@ -1,0 +1,108 @@
+"""PPO-FedSGD on one participant (ARCHITECTURE §9), plaintext only.
+
+Each iteration the participant collects a rollout with the current global θ;
+then for each of the E×M rounds that follow it sends one fresh
+clipped-surrogate gradient, computed at that round's θ on the next minibatch.
+The rollout buffer and the environments (pickled) live in the node's
+``context.state`` between rounds.
+"""
+
+from __future__ import annotations
+
+import functools
+import pickle
+from dataclasses import dataclass, field
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+
+from participants.policy import ActorCritic, Layout, init_params, make_layout
+from participants.rollout import RolloutWorker, make_envs, minibatches
+from protocol.config import RunConfig
+from protocol.packing import layout_digest
+
+_BATCH_KEYS = ("obs", "actions", "logprobs", "advantages", "returns")
+
+
+@functools.lru_cache(maxsize=16)
+def env_spec(env_id: str) -> tuple[int, int, bool]:
+    """(observation dim, action dim, continuous) of a gymnasium environment."""
+    env = gym.make(env_id)
+    try:
+        obs_dim = int(np.prod(env.observation_space.shape))
+        space = env.action_space
+        if isinstance(space, gym.spaces.Discrete):
+            return obs_dim, int(space.n), False
+        if isinstance(space, gym.spaces.Box):
+            return obs_dim, int(np.prod(space.shape)), True
+        raise ValueError(f"{env_id}: unsupported action space {space}")
+    finally:
+        env.close()
+
+
+def clip_and_scale(grad: np.ndarray, layout: Layout, bound: float) -> np.ndarray:
+    """Per-layer element-wise clip to ±bound, divided by bound: values in [−1, 1]."""
+    out = np.empty_like(grad)
+    for _, sl in layout.slices():
+        out[sl] = np.clip(grad[sl], -bound, bound) / bound
+    return out
+
+
+@dataclass
+class _NodeState:
+    worker: RolloutWorker
+    batch: dict[str, np.ndarray] | None = None
+    order: list[np.ndarray] = field(default_factory=list)
+    pos: int = 0
+    rollouts: int = 0
+
+
+class Learner:
+    """The participant's policy and its PPO state machine."""
+
+    def __init__(self, cfg: RunConfig, index: int) -> None:
+        self.cfg = cfg
+        self.index = index
+        obs_dim, act_dim, self.continuous = env_spec(cfg.env_id)
+        self.layout = make_layout(obs_dim, act_dim, self.continuous)
+        self.layout_digest = layout_digest(zip(self.layout.names, self.layout.shapes, strict=True))
+        self.policy = ActorCritic(self.layout, self.continuous)
+
+    def initial_theta(self) -> np.ndarray:
+        """θ0 from the run's root seed (the same on every participant)."""
+        return init_params(self.layout, np.random.default_rng([self.cfg.seed, 0]))
+
+    def _new_state(self) -> _NodeState:
+        env_seed = int(np.random.SeedSequence([self.cfg.seed, 1, self.index]).generate_state(1)[0])
+        envs = make_envs(self.cfg.env_id, self.cfg.num_envs, env_seed, self.cfg.reward_scale)
+        return _NodeState(worker=RolloutWorker(envs, gamma=self.cfg.gamma,
+                                               gae_lambda=self.cfg.gae_lambda))
+
+    def step(self, theta: np.ndarray, saved: bytes | None) -> tuple[np.ndarray, dict[str, Any], bytes]:
+        """One round's gradient at ``theta``; returns (grad, env stats, new saved state)."""
+        cfg = self.cfg
+        st: _NodeState = pickle.loads(saved) if saved else self._new_state()
+        stats: dict[str, Any] = {"episodes": 0, "return_sum": 0.0, "env_steps": 0}
+        if st.batch is None or st.pos >= len(st.order):
+            rng = np.random.default_rng([cfg.seed, 2, self.index, st.rollouts])
+            batch, returns, _lengths, steps = st.worker.collect(
+                self.policy, theta, cfg.num_steps, rng)
+            st.batch = batch
+            size = len(batch["obs"])
+            st.order = [
+                idx
+                for epoch in range(cfg.update_epochs)
+                for idx in minibatches(size, cfg.num_minibatches, np.random.default_rng(
+                    [cfg.seed, 3, self.index, st.rollouts, epoch]))
+            ]
+            st.pos, st.rollouts = 0, st.rollouts + 1
+            stats.update(episodes=len(returns), return_sum=float(np.sum(returns)),
+                         env_steps=int(steps))
+        idx = st.order[st.pos]
+        st.pos += 1
+        mb = {k: st.batch[k][idx] for k in _BATCH_KEYS}
+        _, grad, info = self.policy.loss_and_grad(
+            theta, mb, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef)
+        stats.update({f"train/{k}": float(v) for k, v in info.items()})
+        return grad, stats, pickle.dumps(st)

@@ -1,0 +1,379 @@
+"""Numpy actor-critic with analytic gradients for PPO and A2C.
+
+Separate actor and critic MLPs (tanh hidden layers, orthogonal init as in CleanRL's
+``ppo.py``) with a categorical or diagonal-Gaussian head. Every parameter lives in
+one flat float64 vector ``theta`` whose layout is described by :class:`Layout`;
+gradients are computed by hand-written backpropagation into a vector of the same
+layout, so the result can be clipped per layer, scaled and encrypted as one array.
+
+The PPO loss follows Schulman et al. 2017, "Proximal Policy Optimization
+Algorithms" (arXiv:1707.06347) in the form used by CleanRL: advantages normalised
+per minibatch, clipped surrogate, unclipped value loss ``0.5 * (v - ret)**2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+LOG_2PI = float(np.log(2.0 * np.pi))
+ADV_EPS = 1e-8  # added to the advantage std, as in CleanRL
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names and shapes of the tensors packed, in order, into a flat ``theta``.
+
+    Weights use the PyTorch convention ``(out_features, in_features)``.
+    """
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Number of elements of each tensor."""
+        return tuple(int(np.prod(shape)) for shape in self.shapes)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        """Start index of each tensor in ``theta``."""
+        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        return tuple(int(s) for s in starts)
+
+    @property
+    def size(self) -> int:
+        """Total number of parameters."""
+        return int(sum(self.sizes))
+
+    def slices(self) -> list[tuple[str, slice]]:
+        """Return ``(name, slice)`` pairs locating each tensor in ``theta``."""
+        return [
+            (name, slice(start, start + n))
+            for name, start, n in zip(self.names, self.offsets, self.sizes, strict=True)
+        ]
+
+    def views(self, flat: np.ndarray) -> dict[str, np.ndarray]:
+        """Return reshaped views (not copies) of ``flat``, keyed by tensor name."""
+        if flat.shape != (self.size,):
+            raise ValueError(
+                f"expected a flat vector of shape ({self.size},), got {flat.shape}"
+            )
+        return {
+            name: flat[sl].reshape(shape)
+            for (name, sl), shape in zip(self.slices(), self.shapes, strict=True)
+        }
+
+
+def make_layout(
+    obs_dim: int, act_dim: int, continuous: bool, hidden: tuple[int, ...] = (64, 64)
+) -> Layout:
+    """Build the layout of an actor-critic with ``len(hidden)`` tanh layers each.
+
+    Parameters
+    ----------
+    obs_dim : int
+        Observation size.
+    act_dim : int
+        Number of discrete actions, or the action dimension if ``continuous``.
+    continuous : bool
+        Gaussian head (adds ``actor.logstd``) instead of a categorical one.
+    hidden : tuple of int, default (64, 64)
+        Hidden layer widths, shared by actor and critic.
+
+    Returns
+    -------
+    Layout
+        Actor tensors, then critic tensors, then ``actor.logstd`` if continuous.
+    """
+    names: list[str] = []
+    shapes: list[tuple[int, ...]] = []
+    for net, out_dim in (("actor", act_dim), ("critic", 1)):
+        dims = [obs_dim, *hidden, out_dim]
+        for j in range(len(dims) - 1):
+            names += [f"{net}.{j}.weight", f"{net}.{j}.bias"]
+            shapes += [(dims[j + 1], dims[j]), (dims[j + 1],)]
+    if continuous:
+        names.append("actor.logstd")
+        shapes.append((act_dim,))
+    return Layout(tuple(names), tuple(shapes))
+
+
+def _orthogonal(shape: tuple[int, ...], gain: float, rng: np.random.Generator) -> Any:
+    """Orthogonal matrix as in ``torch.nn.init.orthogonal_`` (QR of a Gaussian)."""
+    rows, cols = shape
+    flat = rng.standard_normal((rows, cols))
+    if rows < cols:
+        flat = flat.T
+    q, r = np.linalg.qr(flat)
+    q *= np.sign(np.diag(r))
+    if rows < cols:
+        q = q.T
+    return gain * q
+
+
+def init_params(layout: Layout, rng: np.random.Generator) -> np.ndarray:
+    """Initialise ``theta``: orthogonal weights, zero biases, zero ``logstd``.
+
+    Gains are ``sqrt(2)`` for hidden layers, 0.01 for the actor output layer and
+    1.0 for the critic output layer.
+    """
+    theta = np.zeros(layout.size)
+    views = layout.views(theta)
+    last = {
+        net: max(int(n.split(".")[1]) for n in layout.names if n.startswith(net + "."))
+        for net in ("actor", "critic")
+    }
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        if not name.endswith(".weight"):
+            continue
+        net, index = name.split(".")[0], int(name.split(".")[1])
+        if index < last[net]:
+            gain = float(np.sqrt(2.0))
+        else:
+            gain = 0.01 if net == "actor" else 1.0
+        views[name][...] = _orthogonal(shape, gain, rng)
+    return theta
+
+
+def _mlp_forward(
+    weights: list[np.ndarray], biases: list[np.ndarray], x: np.ndarray
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Tanh MLP with a linear output; also return each layer's input."""
+    inputs = []
+    h = x
+    for j, (w, b) in enumerate(zip(weights, biases, strict=True)):
+        inputs.append(h)
+        h = h @ w.T + b
+        if j < len(weights) - 1:
+            h = np.tanh(h)
+    return h, inputs
+
+
+def _mlp_backward(
+    weights: list[np.ndarray],
+    inputs: list[np.ndarray],
+    d_out: np.ndarray,
+    grad_w: list[np.ndarray],
+    grad_b: list[np.ndarray],
+) -> None:
+    """Backpropagate ``d_out`` through the MLP, writing into the gradient views."""
+    d = d_out
+    for j in reversed(range(len(weights))):
+        grad_w[j][...] = d.T @ inputs[j]
+        grad_b[j][...] = d.sum(axis=0)
+        if j > 0:  # inputs[j] = tanh(pre-activation of layer j - 1)
+            d = (d @ weights[j]) * (1.0 - inputs[j] ** 2)
+
+
+def _normalise(advantages: np.ndarray) -> np.ndarray:
+    """Per-minibatch advantage normalisation (unbiased std, as ``torch.std``)."""
+    if advantages.shape[0] < 2:
+        raise ValueError(
+            f"advantage normalisation needs a minibatch of >= 2, got {advantages.shape}"
+        )
+    return (advantages - advantages.mean()) / (advantages.std(ddof=1) + ADV_EPS)
+
+
+class ActorCritic:
+    """Stateless actor-critic evaluated at an explicit flat parameter vector.
+
+    Parameters
+    ----------
+    layout : Layout
+        Built by :func:`make_layout`; fixes ``obs_dim``, ``act_dim`` and depth.
+    continuous : bool
+        Gaussian head with state-independent ``actor.logstd`` if True, else
+        categorical over ``act_dim`` actions.
+    """
+
+    def __init__(self, layout: Layout, continuous: bool) -> None:
+        if continuous != ("actor.logstd" in layout.names):
+            raise ValueError(
+                f"continuous={continuous} does not match layout "
+                f"(has actor.logstd: {'actor.logstd' in layout.names})"
+            )
+        self.layout = layout
+        self.continuous = continuous
+        shapes = dict(zip(layout.names, layout.shapes, strict=True))
+        self.n_layers = sum(
+            1 for n in layout.names if n.startswith("actor.") and n.endswith(".weight")
+        )
+        self.obs_dim = shapes["actor.0.weight"][1]
+        self.act_dim = shapes[f"actor.{self.n_layers - 1}.weight"][0]
+
+    def _net(self, p: dict[str, np.ndarray], net: str) -> tuple[list, list]:
+        idx = range(self.n_layers)
+        return [p[f"{net}.{j}.weight"] for j in idx], [p[f"{net}.{j}.bias"] for j in idx]
+
+    def value(self, theta: np.ndarray, obs: np.ndarray) -> np.ndarray:
+        """Critic value of a batch of observations, shape ``[B]``."""
+        weights, biases = self._net(self.layout.views(theta), "critic")
+        out, _ = _mlp_forward(weights, biases, np.asarray(obs, dtype=np.float64))
+        return out[:, 0]
+
+    def act(
+        self, theta: np.ndarray, obs: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Sample actions for a batch ``obs`` of shape ``[B, obs_dim]``.
+
+        Returns
+        -------
+        actions : np.ndarray
+            ``int64 [B]`` (categorical) or unclipped ``float64 [B, act_dim]``.
+        logprob : np.ndarray
+            ``[B]`` log-probability of the sampled actions (summed over dims).
+        value : np.ndarray
+            ``[B]`` critic values.
+        """
+        obs = np.asarray(obs, dtype=np.float64)
+        p = self.layout.views(theta)
+        out, _ = _mlp_forward(*self._net(p, "actor"), obs)
+        if self.continuous:
+            std = np.exp(p["actor.logstd"])
+            actions = out + std * rng.standard_normal(out.shape)
+        else:
+            probs = np.exp(out - out.max(axis=1, keepdims=True))
+            cdf = np.cumsum(probs / probs.sum(axis=1, keepdims=True), axis=1)
+            u = rng.random((obs.shape[0], 1))
+            actions = np.minimum((cdf < u).sum(axis=1), self.act_dim - 1)
+        logprob, _, _ = self._head(p, out, actions)
+        return actions, logprob, self.value(theta, obs)
+
+    def _head(
+        self, p: dict[str, np.ndarray], out: np.ndarray, actions: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+        """Log-probabilities ``[B]``, entropies ``[B]`` and a backward cache."""
+        if self.continuous:
+            logstd = p["actor.logstd"]
+            z = (np.asarray(actions, dtype=np.float64) - out) / np.exp(logstd)
+            logprob = (-0.5 * z**2 - logstd - 0.5 * LOG_2PI).sum(axis=1)
+            entropy = np.full(out.shape[0], (0.5 + 0.5 * LOG_2PI + logstd).sum())
+            return logprob, entropy, {"z": z, "std": np.exp(logstd)}
+        shifted = out - out.max(axis=1, keepdims=True)
+        log_p = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+        probs = np.exp(log_p)
+        onehot = np.zeros_like(out)
+        onehot[np.arange(out.shape[0]), np.asarray(actions, dtype=np.int64)] = 1.0
+        logprob = (log_p * onehot).sum(axis=1)
+        entropy = -(probs * log_p).sum(axis=1)
+        return logprob, entropy, {"log_p": log_p, "probs": probs, "onehot": onehot}
+
+    def _head_backward(
+        self, cache: dict[str, np.ndarray], entropy: np.ndarray, g_logp: np.ndarray,
+        g_ent: np.ndarray,
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """Gradient w.r.t. the actor output (and ``logstd``) from ``dL/dlogp``."""
+        if self.continuous:
+            z, std = cache["z"], cache["std"]
+            d_out = g_logp[:, None] * z / std
+            d_logstd = (g_logp[:, None] * (z**2 - 1.0)).sum(axis=0) + g_ent.sum()
+            return d_out, d_logstd
+        log_p, probs = cache["log_p"], cache["probs"]
+        d_ent = -probs * (log_p + entropy[:, None])
+        d_out = g_logp[:, None] * (cache["onehot"] - probs) + g_ent[:, None] * d_ent
+        return d_out, None
+
+    def _forward_backward(
+        self, theta: np.ndarray, mb: dict[str, np.ndarray], loss_terms: Any
+    ) -> tuple[float, np.ndarray, dict[str, float]]:
+        """Shared forward pass; ``loss_terms`` maps ``(logprob, entropy, value)``
+        to ``(loss, dL/dlogprob, dL/dentropy, dL/dvalue, stats)``."""
+        p = self.layout.views(theta)
+        obs = np.asarray(mb["obs"], dtype=np.float64)
+        actor_w, actor_b = self._net(p, "actor")
+        critic_w, critic_b = self._net(p, "critic")
+        out, actor_in = _mlp_forward(actor_w, actor_b, obs)
+        v_out, critic_in = _mlp_forward(critic_w, critic_b, obs)
+        logprob, entropy, cache = self._head(p, out, mb["actions"])
+        loss, g_logp, g_ent, g_value, stats = loss_terms(logprob, entropy, v_out[:, 0])
+
+        grad = np.zeros(self.layout.size)
+        g = self.layout.views(grad)
+        d_out, d_logstd = self._head_backward(cache, entropy, g_logp, g_ent)
+        _mlp_backward(actor_w, actor_in, d_out, *self._net(g, "actor"))
+        _mlp_backward(critic_w, critic_in, g_value[:, None], *self._net(g, "critic"))
+        if d_logstd is not None:
+            g["actor.logstd"][...] = d_logstd
+        return float(loss), grad, stats
+
+    def loss_and_grad(
+        self, theta: np.ndarray, mb: dict[str, np.ndarray], clip_coef: float,
+        vf_coef: float, ent_coef: float,
+    ) -> tuple[float, np.ndarray, dict[str, float]]:
+        """PPO clipped-surrogate loss and its gradient w.r.t. ``theta``.
+
+        Parameters
+        ----------
+        theta : np.ndarray
+            Flat parameters, shape ``[layout.size]``.
+        mb : dict of np.ndarray
+            ``obs``, ``actions``, ``logprobs`` (behaviour policy), ``advantages``,
+            ``returns``; all with leading dimension ``B >= 2``.
+        clip_coef, vf_coef, ent_coef : float
+            Surrogate clip range, value-loss and entropy coefficients.
+
+        Returns
+        -------
+        loss : float
+            ``pg_loss - ent_coef * entropy + vf_coef * v_loss``.
+        grad : np.ndarray
+            ``d loss / d theta``, same layout as ``theta``.
+        stats : dict of float
+            ``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clipfrac``.
+        """
+        adv = _normalise(np.asarray(mb["advantages"], dtype=np.float64))
+        returns = np.asarray(mb["returns"], dtype=np.float64)
+        n = adv.shape[0]
+
+        def terms(logprob: np.ndarray, entropy: np.ndarray, value: np.ndarray) -> Any:
+            logratio = logprob - mb["logprobs"]
+            ratio = np.exp(logratio)
+            pg1 = -adv * ratio
+            pg2 = -adv * np.clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
+            pg_loss = np.maximum(pg1, pg2).mean()
+            v_loss = 0.5 * ((value - returns) ** 2).mean()
+            ent = entropy.mean()
+            stats = {
+                "pg_loss": float(pg_loss),
+                "v_loss": float(v_loss),
+                "entropy": float(ent),
+                "approx_kl": float(((ratio - 1.0) - logratio).mean()),
+                "clipfrac": float((np.abs(ratio - 1.0) > clip_coef).mean()),
+            }
+            # d(-adv * ratio)/dlogprob = -adv * ratio; the clipped branch is flat
+            g_logp = np.where(pg1 >= pg2, pg1, 0.0) / n
+            g_ent = np.full(n, -ent_coef / n)
+            g_value = vf_coef * (value - returns) / n
+            loss = pg_loss - ent_coef * ent + vf_coef * v_loss
+            return loss, g_logp, g_ent, g_value, stats
+
+        return self._forward_backward(theta, mb, terms)
+
+    def a2c_loss_and_grad(
+        self, theta: np.ndarray, mb: dict[str, np.ndarray], vf_coef: float,
+        ent_coef: float,
+    ) -> tuple[float, np.ndarray, dict[str, float]]:
+        """Policy-gradient (A2C) loss ``-mean(adv * logprob)`` plus value loss.
+
+        Advantages are normalised per minibatch as in :meth:`loss_and_grad`;
+        ``mb["logprobs"]`` is not needed. Returns ``(loss, grad, stats)`` with
+        stats ``pg_loss``, ``v_loss`` and ``entropy``.
+        """
+        adv = _normalise(np.asarray(mb["advantages"], dtype=np.float64))
+        returns = np.asarray(mb["returns"], dtype=np.float64)
+        n = adv.shape[0]
+
+        def terms(logprob: np.ndarray, entropy: np.ndarray, value: np.ndarray) -> Any:
+            pg_loss = -(adv * logprob).mean()
+            v_loss = 0.5 * ((value - returns) ** 2).mean()
+            ent = entropy.mean()
+            stats = {"pg_loss": float(pg_loss), "v_loss": float(v_loss),
+                     "entropy": float(ent)}
+            loss = pg_loss - ent_coef * ent + vf_coef * v_loss
+            g_value = vf_coef * (value - returns) / n
+            return loss, -adv / n, np.full(n, -ent_coef / n), g_value, stats
+
+        return self._forward_backward(theta, mb, terms)

@@ -1,0 +1,8 @@
+"""What participants and coordinator agree on: parameter sets, keys, wire format.
+
+Exactly one module here, :mod:`protocol.ckks`, imports ``tenseal``; the rest is
+plain Python and numpy so that the plaintext twin and the tests of the wire
+format need no cryptography at all.
+"""
+
+PROTOCOL_VERSION = 1

@@ -1,0 +1,39 @@
+"""HE-Adam's public constants, shared by participants (pre-scaling) and coordinator."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AdamHyper:
+    """Public HE-Adam constants (ARCHITECTURE §6)."""
+
+    lr: float = 2e-3
+    """Learning rate."""
+    beta1: float = 0.9
+    """First-moment decay."""
+    beta2: float = 0.999
+    """Second-moment decay."""
+    u_max: float = 1.0
+    """Bound on u = x²r² for clipped gradients; sets δ = c²/u_max."""
+
+    @property
+    def c(self) -> float:
+        """Gradient pre-scale sqrt((1−β2)/β2): participants send c·w·g."""
+        return math.sqrt((1 - self.beta2) / self.beta2)
+
+    @property
+    def s(self) -> float:
+        """Newton warm-start constant β2^(−1/2)/2."""
+        return 0.5 / math.sqrt(self.beta2)
+
+    @property
+    def delta(self) -> float:
+        """The δ floor inside the square root (normalised gradient units)."""
+        return self.c**2 / self.u_max
+
+    def a(self, t: int) -> float:
+        """Step size a_t = lr/(1−β1^t) (V starts from data: no √(1−β2^t))."""
+        return self.lr / (1 - self.beta1**t)

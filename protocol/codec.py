@@ -1,0 +1,73 @@
+"""Vectors ⇄ Flower records through a backend: the boundary where crypto happens.
+
+Participants call :func:`send_plain` (encrypt as the last step of a reply) and
+:func:`receive_plain` (decrypt as the first step of a task); the coordinator
+only ever calls :func:`receive_cts` / :func:`send_cts` on ciphertext handles.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from flwr.app import RecordDict
+
+from protocol.backend import Backend, Ct
+from protocol.errors import UpdateRejected
+from protocol.packing import pack, unpack
+from protocol.records import read_vector, write_vector
+from protocol.wire import Expect, make_header
+
+# CKKS needs |value|·Δ well below q/2 at every level; anything this large is a bug
+# or an attack, and an encrypted NaN would poison the sum silently.
+MAX_ABS_VALUE = 2.0**22
+
+
+def _with(expect: Expect, **changes: object) -> Expect:
+    return dataclasses.replace(expect, **changes)
+
+
+def send_plain(
+    be: Backend, rd: RecordDict, key: str, values: np.ndarray, expect: Expect, round_: int
+) -> int:
+    """Encrypt ``values`` (flat) into ``rd[key]``; return the bytes added."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    if not np.all(np.isfinite(values)):
+        bad = int(np.size(values) - np.count_nonzero(np.isfinite(values)))
+        raise UpdateRejected(f"{key}: {bad} non-finite values; refusing to encrypt")
+    peak = float(np.max(np.abs(values))) if values.size else 0.0
+    if peak > MAX_ABS_VALUE:
+        raise UpdateRejected(
+            f"{key}: |value| up to {peak:.3g}, at most {MAX_ABS_VALUE:.3g} allowed"
+        )
+    chunks = [be.encrypt(c) for c in pack(values, be.slots)]
+    if len(chunks) != expect.chunk_count:
+        raise UpdateRejected(
+            f"{key}: {values.size} values make {len(chunks)} chunks, expected "
+            f"{expect.chunk_count}"
+        )
+    header = make_header(expect, value_count=values.size, round_=round_)
+    return write_vector(rd, key, header, chunks)
+
+
+def receive_plain(be: Backend, rd: RecordDict, key: str, expect: Expect) -> np.ndarray:
+    """Check the header of ``rd[key]``, then decrypt and unpack it."""
+    hdr, chunks = read_vector(rd, key, expect)
+    return unpack([be.decrypt(c) for c in chunks], int(hdr.value_count))
+
+
+def receive_cts(be: Backend, rd: RecordDict, key: str, expect: Expect) -> list[Ct]:
+    """Check the header of ``rd[key]``, then parse its chunks as ciphertexts."""
+    _, chunks = read_vector(rd, key, expect)
+    return [be.load(c, level=expect.level) for c in chunks]
+
+
+def send_cts(
+    be: Backend, rd: RecordDict, key: str, cts: list[Ct], expect: Expect,
+    round_: int, value_count: int,
+) -> int:
+    """Serialise ciphertext handles into ``rd[key]``; return the bytes added."""
+    chunks = [be.dump(c) for c in cts]
+    header = make_header(_with(expect, chunk_count=len(chunks)),
+                         value_count=value_count, round_=round_)
+    return write_vector(rd, key, header, chunks)

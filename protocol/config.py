@@ -1,0 +1,158 @@
+"""The run configuration both apps read, built once from ``context.run_config``.
+
+Keys are the kebab-case names of ``[tool.flwr.app.config]`` in pyproject.toml;
+every value is range-checked here so that a bad value fails at start, not
+mid-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.adam import AdamHyper
+from protocol.backend import BACKENDS
+from protocol.errors import ConfigError
+from protocol.params import HE_ADAM_DEPTH, get_param_set
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run needs; one field per run-config key."""
+
+    backend: str = "ckks"
+    """ckks, or plain for the plaintext twin."""
+    param_set: str = "8k-35x3"
+    """CKKS parameter set id."""
+    env_id: str = "CartPole-v1"
+    """Gymnasium environment id."""
+    num_participants: int = 4
+    """Participants per round (the ServerApp waits for this many nodes)."""
+    num_rounds: int = 400
+    """Rounds (= HE-Adam steps) to run at most."""
+    stop_return: float = 0.0
+    """Stop once the mean of the last 20 non-null return_mean values reaches this (0: never)."""
+    seed: int = 0
+    """Root seed: θ0 and every participant's environments derive from it."""
+    lr: float = 2e-3
+    """HE-Adam learning rate."""
+    beta1: float = 0.9
+    """HE-Adam β1."""
+    beta2: float = 0.999
+    """HE-Adam β2."""
+    clip_bound: float = 0.1
+    """Per-layer element-wise gradient clip G; participants send clip(g, ±G)/G."""
+    num_envs: int = 4
+    """Vector envs per participant."""
+    num_steps: int = 128
+    """Steps per env per rollout."""
+    update_epochs: int = 2
+    """PPO epochs per rollout (E)."""
+    num_minibatches: int = 2
+    """PPO minibatches per epoch (M); one round per minibatch."""
+    gamma: float = 0.99
+    """Discount."""
+    gae_lambda: float = 0.95
+    """GAE λ."""
+    clip_coef: float = 0.2
+    """PPO ratio clip."""
+    vf_coef: float = 0.5
+    """Value-loss coefficient."""
+    ent_coef: float = 0.0
+    """Entropy bonus."""
+    reward_scale: float = 0.1
+    """Fixed reward scale for learning (returns are logged unscaled)."""
+    results_dir: str = "~/.hedrl/results"
+    """Where <run-name>/metrics.jsonl goes; relative paths are under ~/.hedrl."""
+    run_name: str = ""
+    """Name of the results folder (default: run-<run id>)."""
+    keys_dir: str = "~/.hedrl/keys"
+    """Participants provision run-<run id>/ here unless node-config names a context."""
+    checkpoint_every: int = 50
+    """Write the encrypted checkpoint every N rounds (and at the end)."""
+    mask_bits: int = 20
+    """Refresh masks are uniform in ±2^mask_bits."""
+    round_timeout: float = 600.0
+    """Seconds to wait for replies in one exchange."""
+    node_wait: float = 120.0
+    """Seconds to wait for num-participants nodes to register."""
+
+    @property
+    def hyper(self) -> AdamHyper:
+        """HE-Adam constants."""
+        return AdamHyper(lr=self.lr, beta1=self.beta1, beta2=self.beta2)
+
+    @property
+    def rounds_per_rollout(self) -> int:
+        """E×M rounds use one rollout."""
+        return self.update_epochs * self.num_minibatches
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any]) -> RunConfig:
+        """Build from a run-config mapping (kebab-case keys), validating it."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = key.replace("-", "_")
+            if name not in fields:
+                continue  # other apps' keys may share the run config
+            default = fields[name].default
+            try:
+                kwargs[name] = type(default)(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"run config {key!r}: expected {type(default).__name__}, "
+                    f"received {value!r}"
+                ) from None
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` naming the first impossible value."""
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"backend: expected one of {BACKENDS}, received {self.backend!r}")
+        ps = get_param_set(self.param_set)
+        if self.backend == "ckks" and ps.depth < HE_ADAM_DEPTH:
+            raise ConfigError(
+                f"param-set {self.param_set!r} has depth {ps.depth}; HE-Adam needs "
+                f"{HE_ADAM_DEPTH}"
+            )
+        positive = {
+            "num-participants": self.num_participants,
+            "num-rounds": self.num_rounds,
+            "lr": self.lr,
+            "clip-bound": self.clip_bound,
+            "num-envs": self.num_envs,
+            "num-steps": self.num_steps,
+            "update-epochs": self.update_epochs,
+            "num-minibatches": self.num_minibatches,
+            "reward-scale": self.reward_scale,
+            "checkpoint-every": self.checkpoint_every,
+            "round-timeout": self.round_timeout,
+        }
+        for key, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"{key}: must be > 0, received {value!r}")
+        for key, value in {"beta1": self.beta1, "beta2": self.beta2,
+                           "gamma": self.gamma, "gae-lambda": self.gae_lambda}.items():
+            if not 0.0 <= value < 1.0 + (key in ("gamma", "gae-lambda")):
+                raise ConfigError(f"{key}: must be in [0, 1), received {value!r}")
+        if (self.num_envs * self.num_steps) % self.num_minibatches:
+            raise ConfigError(
+                f"num-minibatches {self.num_minibatches} must divide the rollout "
+                f"size {self.num_envs * self.num_steps}"
+            )
+        if not 1 <= self.mask_bits <= 22:
+            raise ConfigError(f"mask-bits: must be in [1, 22], received {self.mask_bits}")
+
+
+def expand_dir(value: str) -> Path:
+    """Absolute path: ``~`` expanded, relative paths placed under ~/.hedrl."""
+    path = Path(os.path.expanduser(value))
+    if not path.is_absolute():
+        path = Path.home() / ".hedrl" / path
+    return path

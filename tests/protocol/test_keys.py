@@ -1,0 +1,103 @@
+"""Key material: keygen files, the keyless coordinator, fingerprints, one key per run."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from protocol import keys
+from protocol.errors import KeyMaterialError, SecretKeyRefused
+from protocol.params import get_param_set
+
+
+def _keygen(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "protocol.keygen", *args], capture_output=True, text=True
+    )
+
+
+def test_keygen_writes_secret_0600_and_keyless_coordinator(tmp_path):
+    """hedrl-keygen: participant.ctx is 0600, coordinator.ctx holds no secret key."""
+    out = tmp_path / "k"
+    res = _keygen("--param-set", "8k-35x3", "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    mode = stat.S_IMODE((out / "participant.ctx").stat().st_mode)
+    assert mode == 0o600
+    fp = res.stdout.split("fingerprint:")[1].strip()
+    ps = get_param_set("8k-35x3")
+    coord, fp_c = keys.coordinator_backend((out / "coordinator.ctx").read_bytes(), ps, "ckks")
+    assert fp_c == fp
+    assert not coord.ctx.is_private() and not coord.ctx.has_secret_key()
+    assert not coord.ctx.has_galois_keys()
+    _, fp_p = keys.participant_backend(out / "participant.ctx", ps, "ckks")
+    assert fp_p == fp
+
+
+def test_keygen_refuses_overwrite_without_force(tmp_path):
+    """A second keygen into the same directory fails unless --force is given."""
+    out = tmp_path / "k"
+    assert _keygen("--out", str(out)).returncode == 0
+    first = (out / "participant.ctx").read_bytes()
+    res = _keygen("--out", str(out))
+    assert res.returncode == 2 and "refusing to overwrite" in res.stderr
+    assert (out / "participant.ctx").read_bytes() == first
+    assert _keygen("--out", str(out), "--force").returncode == 0
+    assert (out / "participant.ctx").read_bytes() != first
+
+
+def test_coordinator_context_cannot_decrypt(ckks_pair, ps):
+    """The evaluation context is not private and its decrypt raises."""
+    part, coord, _, _ = ckks_pair
+    chunk = part.encrypt(np.ones(ps.slots))
+    ct = coord.load(chunk, level=ps.depth)
+    assert not coord.ctx.is_private()
+    with pytest.raises(ValueError, match="secret"):
+        ct.data.decrypt()
+
+
+def test_coordinator_refuses_secret_context(ckks_pair, ps):
+    """Loading participant.ctx as the coordinator's context raises SecretKeyRefused."""
+    _, _, _, d = ckks_pair
+    with pytest.raises(SecretKeyRefused, match="holds a secret key"):
+        keys.coordinator_backend((d / "participant.ctx").read_bytes(), ps, "ckks")
+
+
+def test_coordinator_refuses_plain_twin_secret(ps):
+    """The plaintext twin's stand-in is refused the same way when marked secret."""
+    sec, pub, _ = keys.generate(ps, "plain")
+    with pytest.raises(SecretKeyRefused):
+        keys.coordinator_backend(sec, ps, "plain")
+    keys.coordinator_backend(pub, ps, "plain")
+
+
+def test_backend_mismatch_in_context_refused(ps, tmp_path):
+    """A plain stand-in offered to a ckks run (and the reverse) is refused."""
+    sec, pub, _ = keys.generate(ps, "plain")
+    with pytest.raises(KeyMaterialError, match="expected a CKKS context"):
+        keys.coordinator_backend(pub, ps, "ckks")
+
+
+def _provision(args: tuple[str, int]) -> tuple[str, bool]:
+    directory, _ = args
+    info = keys.provision(Path(directory), get_param_set("8k-35x3"), "ckks")
+    return info.fingerprint, info.created
+
+
+def test_provision_race_creates_exactly_one_key(tmp_path):
+    """Four processes provisioning the same run directory at once make one key."""
+    d = tmp_path / "run-1"
+    ctx = mp.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        results = pool.map(_provision, [(str(d), i) for i in range(4)])
+    fps = {fp for fp, _ in results}
+    assert len(fps) == 1
+    assert sum(created for _, created in results) == 1
+    ps = get_param_set("8k-35x3")
+    _, fp = keys.participant_backend(d / "participant.ctx", ps, "ckks")
+    assert fps == {fp}
