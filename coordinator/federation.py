@@ -129,8 +129,11 @@ class Federation:
                 mask = self._mask_rng.uniform(-bound, bound, self.params.slots)
                 masks.append(mask)
                 cts.append(self.be.add_plain(self.be.to_bottom(chunk[j]), mask))
+            # every slot is refreshed, padding included: a padding slot left at
+            # −mask after unmasking would overflow and corrupt the whole ciphertext
             sent += send_cts(self.be, rd, msg.state_key("state", name), cts,
-                             self._expect("state", 0, None, name), self._round, self.param_count)
+                             self._expect("state", 0, None, name), self._round,
+                             self.n_chunks * self.params.slots)
         return rd, masks, sent
 
     def run_round(self, t: int) -> dict[str, Any]:
@@ -161,6 +164,7 @@ class Federation:
         t_recv = time.perf_counter()
         rec: dict[str, Any] = {"round": t, "backend": self.cfg.backend}
         good, missing, up = [], [], 0
+        grad_bytes: list[int] = []
         for node in self.nodes:
             reply = replies[node]
             if reply is None or reply.has_error():
@@ -169,6 +173,9 @@ class Federation:
                 missing.append(node)
                 continue
             up += _vector_bytes(reply.content)
+            grad_bytes.append(_vector_bytes(RecordDict({
+                k: reply.content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")
+                if k in reply.content})))
             good.append((node, reply))
         episodes = sum(int(r.content[msg.METRICS]["episodes"]) for _, r in good)
         ret_sum = sum(float(r.content[msg.METRICS]["return-sum"]) for _, r in good)
@@ -177,6 +184,7 @@ class Federation:
             env_steps=sum(int(r.content[msg.METRICS]["env-steps"]) for _, r in good),
             upload_bytes=up, broadcast_bytes=down, participants=len(good), missing=missing,
         )
+        rec["crypto/gradient_bytes"] = statistics.median(grad_bytes) if grad_bytes else None
         t_c = time.perf_counter()
         stepped = False
         if not missing:
@@ -227,7 +235,7 @@ class Federation:
     def _initial_state(self, t: int, refresher: int, sq: list[Ct]) -> list[list[Ct]]:
         rd = RecordDict({msg.TASK: self._task(t, refresher=1)})
         send_cts(self.be, rd, msg.SQUARES, sq, self._expect("squares", self.be.top_level, None),
-                 t, self.param_count)
+                 t, self.n_chunks * self.params.slots)
         reply = exchange(self.grid, [self._message(refresher, msg.V0, rd, t)],
                          timeout=self.cfg.round_timeout)[refresher]
         if reply is None or reply.has_error():
@@ -296,7 +304,8 @@ class Federation:
     def _summary(self, t: int, returns: list[float], reached: dict[str, int | None],
                  wall: float, ckpt: Path) -> dict[str, Any]:
         h = self.history
-        ups = [r["upload_bytes"] / max(1, r["participants"]) for r in h if r["participants"]]
+        ups = [r["crypto/gradient_bytes"] for r in h if r["crypto/gradient_bytes"]]
+        slots = self.n_chunks * self.params.slots
         return {
             "run_id": self.run_id, "backend": self.cfg.backend, "env_id": self.cfg.env_id,
             "param_set": self.params.id, "rounds": t, "wall_s": wall,
@@ -306,7 +315,9 @@ class Federation:
             "rounds_to_195": reached["195"], "rounds_to_475": reached["475"],
             "median_round_s": statistics.median(r["round_s"] for r in h) if h else None,
             "median_coordinator_s": statistics.median(r["coordinator_s"] for r in h) if h else None,
+            # one participant's gradient upload, per parameter and per filled slot
             "upload_bytes_per_param": (statistics.median(ups) / self.param_count) if ups else None,
+            "upload_bytes_per_slot": (statistics.median(ups) / slots) if ups else None,
             "env_steps": sum(r["env_steps"] for r in h),
             "skipped_steps": sum(1 for r in h if not r["stepped"]),
             "checkpoint": str(ckpt), "fingerprint": self.fingerprint,

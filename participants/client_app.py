@@ -24,7 +24,7 @@ def setup(message: Message, context: Context) -> Message:
     """Provision/load the key, report fingerprint and layout (and context, θ0)."""
     from participants.node import Node
 
-    return message.create_reply(Node(context).setup(message.content))
+    return Message(Node(context).setup(message.content), reply_to=message)
 
 
 @app.train()
@@ -32,7 +32,7 @@ def train(message: Message, context: Context) -> Message:
     """One round: check and decrypt θ, compute one PPO gradient, encrypt it."""
     from participants.node import Node
 
-    return message.create_reply(Node(context).train(message.content))
+    return Message(Node(context).train(message.content), reply_to=message)
 
 
 @app.query("v0")
@@ -40,7 +40,7 @@ def v0(message: Message, context: Context) -> Message:
     """Round 1 refresher task: V0 = mean g² + δ and r0 = V0^(−1/2) from the sum."""
     from participants.node import Node
 
-    return message.create_reply(Node(context).initial_state(message.content))
+    return Message(Node(context).initial_state(message.content), reply_to=message)
 
 
 __all__ = ["app", "msg"]

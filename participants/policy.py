@@ -13,13 +13,20 @@ per minibatch, clipped surrogate, unclipped value loss ``0.5 * (v - ret)**2``.
 
 from __future__ import annotations
 
+import itertools
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import cached_property
 
 import numpy as np
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 ADV_EPS = 1e-8  # added to the advantage std, as in CleanRL
+
+PolicyLoss = tuple[float, np.ndarray, dict[str, float]]
+"""Policy loss, its gradient w.r.t. each sample's log-prob, extra stats."""
+PolicyTerms = Callable[[np.ndarray], PolicyLoss]
 
 
 @dataclass(frozen=True)
@@ -32,21 +39,20 @@ class Layout:
     names: tuple[str, ...]
     shapes: tuple[tuple[int, ...], ...]
 
-    @property
+    @cached_property
     def sizes(self) -> tuple[int, ...]:
         """Number of elements of each tensor."""
-        return tuple(int(np.prod(shape)) for shape in self.shapes)
+        return tuple(math.prod(shape) for shape in self.shapes)
 
-    @property
+    @cached_property
     def offsets(self) -> tuple[int, ...]:
         """Start index of each tensor in ``theta``."""
-        starts = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        return tuple(int(s) for s in starts)
+        return tuple(itertools.accumulate(self.sizes[:-1], initial=0))
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Total number of parameters."""
-        return int(sum(self.sizes))
+        return sum(self.sizes)
 
     def slices(self) -> list[tuple[str, slice]]:
         """Return ``(name, slice)`` pairs locating each tensor in ``theta``."""
@@ -101,7 +107,9 @@ def make_layout(
     return Layout(tuple(names), tuple(shapes))
 
 
-def _orthogonal(shape: tuple[int, ...], gain: float, rng: np.random.Generator) -> Any:
+def _orthogonal(
+    shape: tuple[int, ...], gain: float, rng: np.random.Generator
+) -> np.ndarray:
     """Orthogonal matrix as in ``torch.nn.init.orthogonal_`` (QR of a Gaussian)."""
     rows, cols = shape
     flat = rng.standard_normal((rows, cols))
@@ -123,7 +131,11 @@ def init_params(layout: Layout, rng: np.random.Generator) -> np.ndarray:
     theta = np.zeros(layout.size)
     views = layout.views(theta)
     last = {
-        net: max(int(n.split(".")[1]) for n in layout.names if n.startswith(net + "."))
+        net: max(
+            int(n.split(".")[1])
+            for n in layout.names
+            if n.startswith(net + ".") and n.endswith(".weight")
+        )
         for net in ("actor", "critic")
     }
     for name, shape in zip(layout.names, layout.shapes, strict=True):
@@ -204,9 +216,13 @@ class ActorCritic:
         self.obs_dim = shapes["actor.0.weight"][1]
         self.act_dim = shapes[f"actor.{self.n_layers - 1}.weight"][0]
 
-    def _net(self, p: dict[str, np.ndarray], net: str) -> tuple[list, list]:
-        idx = range(self.n_layers)
-        return [p[f"{net}.{j}.weight"] for j in idx], [p[f"{net}.{j}.bias"] for j in idx]
+    def _net(
+        self, p: dict[str, np.ndarray], net: str
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Weights and biases of ``net`` ("actor" or "critic"), input layer first."""
+        layers = range(self.n_layers)
+        weights = [p[f"{net}.{j}.weight"] for j in layers]
+        return weights, [p[f"{net}.{j}.bias"] for j in layers]
 
     def value(self, theta: np.ndarray, obs: np.ndarray) -> np.ndarray:
         """Critic value of a batch of observations, shape ``[B]``."""
@@ -262,7 +278,10 @@ class ActorCritic:
         return logprob, entropy, {"log_p": log_p, "probs": probs, "onehot": onehot}
 
     def _head_backward(
-        self, cache: dict[str, np.ndarray], entropy: np.ndarray, g_logp: np.ndarray,
+        self,
+        cache: dict[str, np.ndarray],
+        entropy: np.ndarray,
+        g_logp: np.ndarray,
         g_ent: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray | None]:
         """Gradient w.r.t. the actor output (and ``logstd``) from ``dL/dlogp``."""
@@ -276,32 +295,57 @@ class ActorCritic:
         d_out = g_logp[:, None] * (cache["onehot"] - probs) + g_ent[:, None] * d_ent
         return d_out, None
 
-    def _forward_backward(
-        self, theta: np.ndarray, mb: dict[str, np.ndarray], loss_terms: Any
+    def _loss_and_grad(
+        self,
+        theta: np.ndarray,
+        mb: dict[str, np.ndarray],
+        vf_coef: float,
+        ent_coef: float,
+        policy_terms: PolicyTerms,
     ) -> tuple[float, np.ndarray, dict[str, float]]:
-        """Shared forward pass; ``loss_terms`` maps ``(logprob, entropy, value)``
-        to ``(loss, dL/dlogprob, dL/dentropy, dL/dvalue, stats)``."""
+        """Forward, loss and backward shared by PPO and A2C.
+
+        ``policy_terms`` maps the minibatch log-probs to the policy loss, its
+        gradient w.r.t. each log-prob and extra stats; the value loss
+        ``0.5 * mean((v - ret)**2)`` and the entropy bonus are added here.
+        """
         p = self.layout.views(theta)
         obs = np.asarray(mb["obs"], dtype=np.float64)
+        returns = np.asarray(mb["returns"], dtype=np.float64)
+        n = obs.shape[0]
         actor_w, actor_b = self._net(p, "actor")
         critic_w, critic_b = self._net(p, "critic")
         out, actor_in = _mlp_forward(actor_w, actor_b, obs)
         v_out, critic_in = _mlp_forward(critic_w, critic_b, obs)
         logprob, entropy, cache = self._head(p, out, mb["actions"])
-        loss, g_logp, g_ent, g_value, stats = loss_terms(logprob, entropy, v_out[:, 0])
+        pg_loss, g_logp, stats = policy_terms(logprob)
+        value_err = v_out[:, 0] - returns
+        v_loss = 0.5 * float((value_err**2).mean())
+        ent = float(entropy.mean())
+        loss = pg_loss - ent_coef * ent + vf_coef * v_loss
 
         grad = np.zeros(self.layout.size)
         g = self.layout.views(grad)
+        g_ent = np.full(n, -ent_coef / n)
         d_out, d_logstd = self._head_backward(cache, entropy, g_logp, g_ent)
         _mlp_backward(actor_w, actor_in, d_out, *self._net(g, "actor"))
-        _mlp_backward(critic_w, critic_in, g_value[:, None], *self._net(g, "critic"))
+        d_value = (vf_coef / n) * value_err[:, None]
+        _mlp_backward(critic_w, critic_in, d_value, *self._net(g, "critic"))
         if d_logstd is not None:
             g["actor.logstd"][...] = d_logstd
-        return float(loss), grad, stats
+        return (
+            loss,
+            grad,
+            {"pg_loss": pg_loss, "v_loss": v_loss, "entropy": ent, **stats},
+        )
 
     def loss_and_grad(
-        self, theta: np.ndarray, mb: dict[str, np.ndarray], clip_coef: float,
-        vf_coef: float, ent_coef: float,
+        self,
+        theta: np.ndarray,
+        mb: dict[str, np.ndarray],
+        clip_coef: float,
+        vf_coef: float,
+        ent_coef: float,
     ) -> tuple[float, np.ndarray, dict[str, float]]:
         """PPO clipped-surrogate loss and its gradient w.r.t. ``theta``.
 
@@ -325,35 +369,28 @@ class ActorCritic:
             ``pg_loss``, ``v_loss``, ``entropy``, ``approx_kl``, ``clipfrac``.
         """
         adv = _normalise(np.asarray(mb["advantages"], dtype=np.float64))
-        returns = np.asarray(mb["returns"], dtype=np.float64)
-        n = adv.shape[0]
+        old_logprob = np.asarray(mb["logprobs"], dtype=np.float64)
 
-        def terms(logprob: np.ndarray, entropy: np.ndarray, value: np.ndarray) -> Any:
-            logratio = logprob - mb["logprobs"]
+        def clipped_surrogate(logprob: np.ndarray) -> PolicyLoss:
+            logratio = logprob - old_logprob
             ratio = np.exp(logratio)
             pg1 = -adv * ratio
             pg2 = -adv * np.clip(ratio, 1.0 - clip_coef, 1.0 + clip_coef)
-            pg_loss = np.maximum(pg1, pg2).mean()
-            v_loss = 0.5 * ((value - returns) ** 2).mean()
-            ent = entropy.mean()
+            # d(-adv * ratio)/dlogprob = -adv * ratio; the clipped branch is flat
+            g_logp = np.where(pg1 >= pg2, pg1, 0.0) / adv.shape[0]
             stats = {
-                "pg_loss": float(pg_loss),
-                "v_loss": float(v_loss),
-                "entropy": float(ent),
                 "approx_kl": float(((ratio - 1.0) - logratio).mean()),
                 "clipfrac": float((np.abs(ratio - 1.0) > clip_coef).mean()),
             }
-            # d(-adv * ratio)/dlogprob = -adv * ratio; the clipped branch is flat
-            g_logp = np.where(pg1 >= pg2, pg1, 0.0) / n
-            g_ent = np.full(n, -ent_coef / n)
-            g_value = vf_coef * (value - returns) / n
-            loss = pg_loss - ent_coef * ent + vf_coef * v_loss
-            return loss, g_logp, g_ent, g_value, stats
+            return float(np.maximum(pg1, pg2).mean()), g_logp, stats
 
-        return self._forward_backward(theta, mb, terms)
+        return self._loss_and_grad(theta, mb, vf_coef, ent_coef, clipped_surrogate)
 
     def a2c_loss_and_grad(
-        self, theta: np.ndarray, mb: dict[str, np.ndarray], vf_coef: float,
+        self,
+        theta: np.ndarray,
+        mb: dict[str, np.ndarray],
+        vf_coef: float,
         ent_coef: float,
     ) -> tuple[float, np.ndarray, dict[str, float]]:
         """Policy-gradient (A2C) loss ``-mean(adv * logprob)`` plus value loss.
@@ -363,17 +400,8 @@ class ActorCritic:
         stats ``pg_loss``, ``v_loss`` and ``entropy``.
         """
         adv = _normalise(np.asarray(mb["advantages"], dtype=np.float64))
-        returns = np.asarray(mb["returns"], dtype=np.float64)
-        n = adv.shape[0]
 
-        def terms(logprob: np.ndarray, entropy: np.ndarray, value: np.ndarray) -> Any:
-            pg_loss = -(adv * logprob).mean()
-            v_loss = 0.5 * ((value - returns) ** 2).mean()
-            ent = entropy.mean()
-            stats = {"pg_loss": float(pg_loss), "v_loss": float(v_loss),
-                     "entropy": float(ent)}
-            loss = pg_loss - ent_coef * ent + vf_coef * v_loss
-            g_value = vf_coef * (value - returns) / n
-            return loss, -adv / n, np.full(n, -ent_coef / n), g_value, stats
+        def policy_gradient(logprob: np.ndarray) -> PolicyLoss:
+            return float(-(adv * logprob).mean()), -adv / adv.shape[0], {}
 
-        return self._forward_backward(theta, mb, terms)
+        return self._loss_and_grad(theta, mb, vf_coef, ent_coef, policy_gradient)

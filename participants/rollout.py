@@ -1,0 +1,373 @@
+"""Gymnasium vector-env rollouts and PPO data for one participant.
+
+Environments run in a :class:`gymnasium.vector.SyncVectorEnv` with
+``AutoresetMode.SAME_STEP``: a sub-env that ends is reset inside the same
+``step`` call and its last observation arrives in ``infos["final_obs"]``. So
+a truncated (time-limit) episode is bootstrapped from ``V(final_obs)``, a
+terminated one is not, and no transition needs masking.
+
+Episode statistics come from :class:`gymnasium.wrappers.vector.RecordEpisodeStatistics`
+(``infos["episode"]["r"]`` under the mask ``infos["_episode"]``) and are the raw
+environment returns; reward scaling and observation scaling are applied outside it
+and only affect learning. GAE follows Schulman et al. 2016, "High-Dimensional
+Continuous Control Using Generalized Advantage Estimation" (arXiv:1506.02438).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, NamedTuple, Protocol
+
+import gymnasium as gym
+import numpy as np
+from gymnasium.spaces import Box
+from gymnasium.utils import EzPickle
+from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv, VectorWrapper
+from gymnasium.wrappers.vector import RecordEpisodeStatistics
+
+MAX_SCALED_SPAN = 1e6
+"""Observation dims whose ``high - low`` is at least this pass through unscaled."""
+
+
+@dataclass(frozen=True)
+class PPOConfig:
+    """PPO hyperparameters of one participant (CleanRL names)."""
+
+    gamma: float = 0.99
+    """Discount factor."""
+    gae_lambda: float = 0.95
+    """GAE lambda."""
+    clip_coef: float = 0.2
+    """Surrogate clipping coefficient."""
+    vf_coef: float = 0.5
+    """Value-loss coefficient."""
+    ent_coef: float = 0.0
+    """Entropy-bonus coefficient."""
+    num_envs: int = 4
+    """Parallel sub-environments per participant."""
+    num_steps: int = 128
+    """Steps per sub-environment per rollout."""
+    update_epochs: int = 2
+    """Passes (epochs) over each rollout."""
+    num_minibatches: int = 2
+    """Minibatches per epoch; one gradient (one round) each."""
+    reward_scale: float = 0.1
+    """Factor applied to rewards for learning only (stats stay raw)."""
+
+    def __post_init__(self) -> None:
+        checks = {
+            "gamma": 0.0 <= self.gamma <= 1.0,
+            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
+            "clip_coef": self.clip_coef > 0.0,
+            "vf_coef": self.vf_coef >= 0.0,
+            "ent_coef": self.ent_coef >= 0.0,
+            "num_envs": self.num_envs >= 1,
+            "num_steps": self.num_steps >= 1,
+            "update_epochs": self.update_epochs >= 1,
+            "num_minibatches": 1 <= self.num_minibatches <= self.batch_size // 2,
+            "reward_scale": self.reward_scale > 0.0,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(
+                    f"PPOConfig.{name} out of range: {getattr(self, name)}"
+                )
+
+    @property
+    def batch_size(self) -> int:
+        """Transitions per rollout, ``num_envs * num_steps``."""
+        return self.num_envs * self.num_steps
+
+    @property
+    def rounds_per_rollout(self) -> int:
+        """Gradients computed from one rollout, ``update_epochs * num_minibatches``."""
+        return self.update_epochs * self.num_minibatches
+
+
+class Policy(Protocol):
+    """What a rollout needs from a policy, e.g. ``participants.policy.ActorCritic``."""
+
+    def act(
+        self, theta: np.ndarray, obs: np.ndarray, rng: np.random.Generator
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]: ...
+
+    def value(self, theta: np.ndarray, obs: np.ndarray) -> np.ndarray: ...
+
+
+class ScaleForLearning(VectorWrapper):
+    """Scale observations to [-1, 1] (finite-bound dims) and rewards by a constant.
+
+    Unlike gymnasium's ``VectorObservationWrapper`` (which refuses SAME_STEP
+    autoreset) this also scales ``infos["final_obs"]``, the observation that
+    truncated episodes bootstrap from.
+
+    Parameters
+    ----------
+    env : VectorEnv
+        Vector env whose single observation space is a ``Box``.
+    reward_scale : float
+        Rewards are multiplied by this.
+    obs_scaling : bool, default True
+        Map dims with finite bounds ``[low, high]`` affinely onto ``[-1, 1]``;
+        dims with an infinite bound pass through unchanged.
+    """
+
+    def __init__(self, env: VectorEnv, reward_scale: float, obs_scaling: bool = True):
+        super().__init__(env)
+        space = env.single_observation_space
+        if not isinstance(space, Box):
+            raise TypeError(f"expected a Box observation space, got {space}")
+        raw_low, raw_high = space.low.astype(np.float64), space.high.astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            span = raw_high - raw_low
+        # float32-max "bounds" (older CartPole) count as unbounded, not as scale 1e38
+        finite = np.isfinite(span) & (span > 0.0) & (span < MAX_SCALED_SPAN)
+        if not obs_scaling:
+            finite[...] = False
+        self.reward_scale = float(reward_scale)
+        low, high = np.where(finite, raw_low, -1.0), np.where(finite, raw_high, 1.0)
+        self._center = (high + low) / 2.0  # 0 where the dim passes through
+        self._half_range = (high - low) / 2.0  # 1 where the dim passes through
+        self.single_observation_space = Box(
+            np.where(finite, -1.0, raw_low),
+            np.where(finite, 1.0, raw_high),
+            dtype=np.float64,
+        )
+        self.observation_space = gym.vector.utils.batch_space(
+            self.single_observation_space, env.num_envs
+        )
+        self.last_obs: np.ndarray | None = None
+        """Most recent scaled observations from ``reset`` or ``step``."""
+
+    def scale_obs(self, obs: np.ndarray) -> np.ndarray:
+        """Map raw observations (any leading shape) to learning units."""
+        return (np.asarray(obs, dtype=np.float64) - self._center) / self._half_range
+
+    def reset(
+        self, *, seed: int | list[int] | None = None, options: dict | None = None
+    ) -> tuple[np.ndarray, dict[str, Any]]:
+        """Reset and scale the first observations."""
+        obs, infos = self.env.reset(seed=seed, options=options)
+        self.last_obs = self.scale_obs(obs)
+        return self.last_obs, infos
+
+    def step(
+        self, actions: Any
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
+        """Step, scaling observations, ``final_obs`` and rewards."""
+        obs, rewards, terminations, truncations, infos = self.env.step(actions)
+        if "final_obs" in infos:
+            final = np.empty_like(infos["final_obs"])
+            for i in np.flatnonzero(infos["_final_obs"]):
+                final[i] = self.scale_obs(infos["final_obs"][i])
+            infos = {**infos, "final_obs": final}
+        rewards = np.asarray(rewards, dtype=np.float64) * self.reward_scale
+        self.last_obs = self.scale_obs(obs)
+        return self.last_obs, rewards, terminations, truncations, infos
+
+
+def make_envs(
+    env_id: str, num_envs: int, seed: int, reward_scale: float, obs_scaling: bool = True
+) -> ScaleForLearning:
+    """Build ``SyncVectorEnv(SAME_STEP)``, ``RecordEpisodeStatistics``, scaling.
+
+    The wrappers nest in that order, so episode statistics are raw returns.
+
+    Parameters
+    ----------
+    env_id : str
+        Gymnasium id, e.g. ``"CartPole-v1"``.
+    num_envs : int
+        Number of sub-environments.
+    seed : int
+        Sub-env ``i`` is reset once with ``seed + i`` (gymnasium's vector rule).
+    reward_scale : float
+        Learning-only reward factor; episode statistics stay raw.
+    obs_scaling : bool, default True
+        Scale finite-bound observation dims to ``[-1, 1]``.
+
+    Returns
+    -------
+    ScaleForLearning
+        The wrapped env, already reset once with ``seed``; its first
+        observations are in ``last_obs``.
+    """
+    envs = SyncVectorEnv(
+        [partial(gym.make, env_id) for _ in range(num_envs)],
+        autoreset_mode=AutoresetMode.SAME_STEP,
+    )
+    wrapped = ScaleForLearning(RecordEpisodeStatistics(envs), reward_scale, obs_scaling)
+    wrapped.reset(seed=seed)
+    return wrapped
+
+
+def compute_gae(
+    rewards: np.ndarray,
+    values: np.ndarray,
+    next_values: np.ndarray,
+    dones: np.ndarray,
+    gamma: float,
+    gae_lambda: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Generalised advantage estimates over a ``[T, N]`` rollout.
+
+    Parameters
+    ----------
+    rewards, values : np.ndarray
+        ``r_t`` and ``V(s_t)``, shape ``[T, N]``.
+    next_values : np.ndarray
+        Bootstrap value of the state after step ``t``: ``V(s_{t+1})`` while the
+        episode goes on, ``V(final_obs)`` on truncation, 0 on termination.
+    dones : np.ndarray
+        ``terminated | truncated`` at step ``t``; stops the GAE recursion.
+    gamma, gae_lambda : float
+        Discount and GAE lambda.
+
+    Returns
+    -------
+    advantages, returns : np.ndarray
+        Shape ``[T, N]``; ``returns = advantages + values``.
+    """
+    deltas = rewards + gamma * next_values - values
+    advantages = np.zeros_like(deltas)
+    last = np.zeros(deltas.shape[1])
+    for t in reversed(range(deltas.shape[0])):
+        last = deltas[t] + gamma * gae_lambda * (1.0 - dones[t]) * last
+        advantages[t] = last
+    return advantages, advantages + values
+
+
+class Rollout(NamedTuple):
+    """Result of :meth:`RolloutWorker.collect` (unpacks as a 4-tuple)."""
+
+    batch: dict[str, np.ndarray]
+    episode_returns: list[float]
+    episode_lengths: list[int]
+    env_steps: int
+
+
+class RolloutWorker:
+    """A participant's envs and current observations; picklable between rounds.
+
+    Parameters
+    ----------
+    envs : ScaleForLearning
+        From :func:`make_envs`, already seeded; rollouts continue from its
+        ``last_obs``.
+    gamma, gae_lambda : float
+        Discount and GAE lambda.
+    """
+
+    def __init__(
+        self, envs: ScaleForLearning, *, gamma: float, gae_lambda: float
+    ) -> None:
+        if envs.last_obs is None:
+            raise ValueError("envs must be reset (seeded) before building a worker")
+        self.envs = envs
+        self.gamma = gamma
+        self.gae_lambda = gae_lambda
+        self.obs: np.ndarray = envs.last_obs
+        space = envs.single_action_space
+        self._bounds = (space.low, space.high) if isinstance(space, Box) else None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Refuse envs whose pickle does not carry their state (fail closed).
+
+        ``EzPickle`` envs (Box2D, MuJoCo) pickle only their constructor
+        arguments, so an unpickled copy would not continue the same episodes
+        (LunarLander even segfaults on the next step).
+        """
+        for env in self.envs.unwrapped.envs:  # type: ignore[attr-defined]
+            if isinstance(env.unwrapped, EzPickle):
+                raise TypeError(
+                    f"{env.spec.id if env.spec else env}: EzPickle env state does not "
+                    "survive pickling; keep this worker in process memory"
+                )
+        return self.__dict__.copy()
+
+    @classmethod
+    def create(
+        cls, env_id: str, seed: int, config: PPOConfig, obs_scaling: bool = True
+    ) -> RolloutWorker:
+        """Build envs with :func:`make_envs` from a :class:`PPOConfig`."""
+        envs = make_envs(
+            env_id, config.num_envs, seed, config.reward_scale, obs_scaling
+        )
+        return cls(envs, gamma=config.gamma, gae_lambda=config.gae_lambda)
+
+    def collect(
+        self,
+        policy: Policy,
+        theta: np.ndarray,
+        num_steps: int,
+        rng: np.random.Generator,
+    ) -> Rollout:
+        """Run ``num_steps`` vector steps with ``theta`` and compute GAE.
+
+        Returns
+        -------
+        Rollout
+            ``batch`` holds flat ``[num_steps * num_envs, ...]`` arrays ``obs``,
+            ``actions`` (unclipped), ``logprobs``, ``advantages``, ``returns``,
+            ``values``; then raw returns/lengths of the episodes that ended, and
+            the number of env steps taken.
+        """
+        n = self.obs.shape[0]
+        obs = np.zeros((num_steps, *self.obs.shape))
+        rewards, values, next_values, dones, logprobs = (
+            np.zeros((num_steps, n)) for _ in range(5)
+        )
+        actions: list[np.ndarray] = []
+        ep_returns: list[float] = []
+        ep_lengths: list[int] = []
+        for t in range(num_steps):
+            obs[t] = self.obs
+            action, logprobs[t], values[t] = policy.act(theta, self.obs, rng)
+            actions.append(action)
+            env_action = (
+                action if self._bounds is None else np.clip(action, *self._bounds)
+            )
+            self.obs, rewards[t], terminated, truncated, infos = self.envs.step(
+                env_action
+            )
+            dones[t] = terminated | truncated
+            bootstrap = np.flatnonzero(truncated & ~terminated)
+            if bootstrap.size:
+                final = np.stack([infos["final_obs"][i] for i in bootstrap])
+                next_values[t, bootstrap] = policy.value(theta, final)
+            if "_episode" in infos:
+                mask = infos["_episode"]
+                ep_returns += [float(r) for r in infos["episode"]["r"][mask]]
+                ep_lengths += [int(k) for k in infos["episode"]["l"][mask]]
+        following = np.concatenate([values[1:], policy.value(theta, self.obs)[None]])
+        next_values = np.where(dones > 0, next_values, following)
+        advantages, returns = compute_gae(
+            rewards, values, next_values, dones, self.gamma, self.gae_lambda
+        )
+        batch = {
+            "obs": obs.reshape(num_steps * n, -1),
+            "actions": np.stack(actions).reshape(num_steps * n, *actions[0].shape[1:]),
+            "logprobs": logprobs.reshape(-1),
+            "advantages": advantages.reshape(-1),
+            "returns": returns.reshape(-1),
+            "values": values.reshape(-1),
+        }
+        return Rollout(batch, ep_returns, ep_lengths, num_steps * n)
+
+
+def minibatches(
+    batch_size: int, num_minibatches: int, epoch_rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Split a random permutation of ``range(batch_size)`` into equal minibatches."""
+    if num_minibatches < 1 or batch_size % num_minibatches:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible into "
+            f"{num_minibatches} minibatches"
+        )
+    return np.split(epoch_rng.permutation(batch_size), num_minibatches)
+
+
+def take(batch: dict[str, np.ndarray], index: np.ndarray) -> dict[str, np.ndarray]:
+    """Select rows ``index`` of every array in ``batch``."""
+    return {key: value[index] for key, value in batch.items()}
