@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 
 
-def write_checkpoint(path: Path, meta: dict[str, Any], vectors: dict[str, list[bytes]]) -> None:
+def write_checkpoint(
+    path: Path, meta: dict[str, Any], vectors: dict[str, list[bytes]]
+) -> None:
     """Save serialized chunks of each vector plus JSON metadata to ``path``."""
     arrays: dict[str, np.ndarray] = {
         "meta": np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)

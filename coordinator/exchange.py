@@ -20,7 +20,9 @@ def exchange(
 ) -> dict[int, Message | None]:
     """Send ``messages``; return ``{dst_node_id: reply or None on timeout}``."""
     ids = list(grid.push_messages(messages))
-    by_id = {mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)}
+    by_id = {
+        mid: msg.metadata.dst_node_id for mid, msg in zip(ids, messages, strict=True)
+    }
     replies: dict[int, Message | None] = {n: None for n in by_id.values()}
     pending = set(i for i in ids if i)
     deadline = time.monotonic() + timeout

@@ -23,11 +23,12 @@ from flwr.serverapp import Grid
 from coordinator.checkpoint import write_checkpoint
 from coordinator.exchange import exchange, wait_for_nodes
 from coordinator.he_adam import ChunkState, step
-from protocol import keys, messages as msg
+from protocol import keys
+from protocol import messages as msg
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
-from protocol.errors import FingerprintMismatch, HedrlError, HeaderMismatch
+from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
 from protocol.params import get_param_set
 from protocol.wire import Expect
 
@@ -61,31 +62,62 @@ class Federation:
         self.history: list[dict[str, Any]] = []
 
     # ---- helpers ---------------------------------------------------------------
-    def _expect(self, kind: str, level: int, round_: int | None, name: str | None = None) -> Expect:
+    def _expect(
+        self, kind: str, level: int, round_: int | None, name: str | None = None
+    ) -> Expect:
         return Expect(
-            param_set=self.params.id, fingerprint=self.fingerprint, backend=self.cfg.backend,
-            run_id=self.run_id, layout_digest=self.layout_digest, slot_count=self.params.slots,
-            chunk_count=self.n_chunks, kind=kind, level=level, round=round_, name=name,
+            param_set=self.params.id,
+            fingerprint=self.fingerprint,
+            backend=self.cfg.backend,
+            run_id=self.run_id,
+            layout_digest=self.layout_digest,
+            slot_count=self.params.slots,
+            chunk_count=self.n_chunks,
+            kind=kind,
+            level=level,
+            round=round_,
+            name=name,
         )
 
-    def _message(self, node: int, mtype: str, content: RecordDict, round_: int) -> Message:
-        return Message(content=content, dst_node_id=node, message_type=mtype,
-                       group_id=str(round_))
+    def _message(
+        self, node: int, mtype: str, content: RecordDict, round_: int
+    ) -> Message:
+        return Message(
+            content=content, dst_node_id=node, message_type=mtype, group_id=str(round_)
+        )
 
     def _task(self, round_: int, **extra: Any) -> ConfigRecord:
-        return ConfigRecord({"round": round_, "fingerprint": self.fingerprint,
-                             "backend": self.cfg.backend, **extra})
+        return ConfigRecord(
+            {
+                "round": round_,
+                "fingerprint": self.fingerprint,
+                "backend": self.cfg.backend,
+                **extra,
+            }
+        )
 
     # ---- setup -----------------------------------------------------------------
     def setup(self) -> None:
         """Register participants, obtain the evaluation context and θ0."""
-        self.nodes = wait_for_nodes(self.grid, self.cfg.num_participants, self.cfg.node_wait)
-        log.info("hedrl: %d participants registered; backend=%s param-set=%s",
-                 len(self.nodes), self.cfg.backend, self.params.id)
+        self.nodes = wait_for_nodes(
+            self.grid, self.cfg.num_participants, self.cfg.node_wait
+        )
+        log.info(
+            "hedrl: %d participants registered; backend=%s param-set=%s",
+            len(self.nodes),
+            self.cfg.backend,
+            self.params.id,
+        )
         out = []
         for i, node in enumerate(self.nodes):
-            task = ConfigRecord({"round": 0, "backend": self.cfg.backend,
-                                 "send-context": int(i == 0), "participant-index": i})
+            task = ConfigRecord(
+                {
+                    "round": 0,
+                    "backend": self.cfg.backend,
+                    "send-context": int(i == 0),
+                    "participant-index": i,
+                }
+            )
             out.append(self._message(node, msg.SETUP, RecordDict({msg.TASK: task}), 0))
         replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
         infos = []
@@ -97,25 +129,41 @@ class Federation:
             infos.append(reply.content[msg.SETUP_REPLY])
         first = infos[0]
         ctx_bytes = bytes(first["context"])
-        self.be, self.fingerprint = keys.coordinator_backend(ctx_bytes, self.params, self.cfg.backend)
+        self.be, self.fingerprint = keys.coordinator_backend(
+            ctx_bytes, self.params, self.cfg.backend
+        )
         for node, info in zip(self.nodes, infos, strict=True):
             if info["fingerprint"] != self.fingerprint:
-                raise FingerprintMismatch(expected=self.fingerprint,
-                                          received=str(info["fingerprint"]),
-                                          where=f"participant {node}")
+                raise FingerprintMismatch(
+                    expected=self.fingerprint,
+                    received=str(info["fingerprint"]),
+                    where=f"participant {node}",
+                )
             if info["layout-digest"] != first["layout-digest"]:
-                raise HeaderMismatch(field="layout_digest", expected=first["layout-digest"],
-                                     received=info["layout-digest"])
+                raise HeaderMismatch(
+                    field="layout_digest",
+                    expected=first["layout-digest"],
+                    received=info["layout-digest"],
+                )
         self.layout_digest = str(first["layout-digest"])
         self.param_count = int(first["param-count"])
         self.n_chunks = -(-self.param_count // self.params.slots)
-        theta0 = receive_cts(self.be, replies[self.nodes[0]].content, msg.THETA,
-                             self._expect("theta", self.be.top_level, 0))
+        theta0 = receive_cts(
+            self.be,
+            replies[self.nodes[0]].content,
+            msg.THETA,
+            self._expect("theta", self.be.top_level, 0),
+        )
         self.theta = [self.be.to_bottom(c) for c in theta0]
         self.state: list[tuple[Ct, Ct, Ct]] | None = None
-        log.info("hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
-                 "%d parameters in %d chunks; results in %s",
-                 self.fingerprint[:16], self.param_count, self.n_chunks, self.out_dir)
+        log.info(
+            "hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
+            "%d parameters in %d chunks; results in %s",
+            self.fingerprint[:16],
+            self.param_count,
+            self.n_chunks,
+            self.out_dir,
+        )
 
     # ---- one round ---------------------------------------------------------------
     def _masked_state(self) -> tuple[RecordDict, list[np.ndarray], int]:
@@ -131,9 +179,15 @@ class Federation:
                 cts.append(self.be.add_plain(self.be.to_bottom(chunk[j]), mask))
             # every slot is refreshed, padding included: a padding slot left at
             # −mask after unmasking would overflow and corrupt the whole ciphertext
-            sent += send_cts(self.be, rd, msg.state_key("state", name), cts,
-                             self._expect("state", 0, None, name), self._round,
-                             self.n_chunks * self.params.slots)
+            sent += send_cts(
+                self.be,
+                rd,
+                msg.state_key("state", name),
+                cts,
+                self._expect("state", 0, None, name),
+                self._round,
+                self.n_chunks * self.params.slots,
+            )
         return rd, masks, sent
 
     def run_round(self, t: int) -> dict[str, Any]:
@@ -142,14 +196,28 @@ class Federation:
         t0 = time.perf_counter()
         refresher = self.nodes[t % len(self.nodes)]
         theta_rd = RecordDict()
-        theta_bytes = send_cts(self.be, theta_rd, msg.THETA, self.theta,
-                               self._expect("theta", 0, None), t, self.param_count)
+        theta_bytes = send_cts(
+            self.be,
+            theta_rd,
+            msg.THETA,
+            self.theta,
+            self._expect("theta", 0, None),
+            t,
+            self.param_count,
+        )
         masks: list[np.ndarray] = []
         out, down = [], 0
         for node in self.nodes:
-            content = RecordDict({msg.TASK: self._task(
-                t, refresher=int(node == refresher and self.state is not None),
-                init=int(self.state is None), **{"num-participants": len(self.nodes)})})
+            content = RecordDict(
+                {
+                    msg.TASK: self._task(
+                        t,
+                        refresher=int(node == refresher and self.state is not None),
+                        init=int(self.state is None),
+                        **{"num-participants": len(self.nodes)},
+                    )
+                }
+            )
             content[msg.THETA] = theta_rd[msg.THETA]
             content[msg.THETA + ".hdr"] = theta_rd[msg.THETA + ".hdr"]
             down += theta_bytes
@@ -169,22 +237,38 @@ class Federation:
             reply = replies[node]
             if reply is None or reply.has_error():
                 why = "timeout" if reply is None else reply.error.reason
-                log.warning("hedrl: round %d: participant %d missing (%s)", t, node, why)
+                log.warning(
+                    "hedrl: round %d: participant %d missing (%s)", t, node, why
+                )
                 missing.append(node)
                 continue
             up += _vector_bytes(reply.content)
-            grad_bytes.append(_vector_bytes(RecordDict({
-                k: reply.content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")
-                if k in reply.content})))
+            grad_bytes.append(
+                _vector_bytes(
+                    RecordDict(
+                        {
+                            k: reply.content[k]
+                            for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")
+                            if k in reply.content
+                        }
+                    )
+                )
+            )
             good.append((node, reply))
         episodes = sum(int(r.content[msg.METRICS]["episodes"]) for _, r in good)
         ret_sum = sum(float(r.content[msg.METRICS]["return-sum"]) for _, r in good)
         rec.update(
-            return_mean=(ret_sum / episodes) if episodes else None, episodes=episodes,
+            return_mean=(ret_sum / episodes) if episodes else None,
+            episodes=episodes,
             env_steps=sum(int(r.content[msg.METRICS]["env-steps"]) for _, r in good),
-            upload_bytes=up, broadcast_bytes=down, participants=len(good), missing=missing,
+            upload_bytes=up,
+            broadcast_bytes=down,
+            participants=len(good),
+            missing=missing,
         )
-        rec["crypto/gradient_bytes"] = statistics.median(grad_bytes) if grad_bytes else None
+        rec["crypto/gradient_bytes"] = (
+            statistics.median(grad_bytes) if grad_bytes else None
+        )
         t_c = time.perf_counter()
         stepped = False
         if not missing:
@@ -193,26 +277,50 @@ class Federation:
             except HedrlError as exc:
                 log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
         else:
-            log.warning("hedrl: round %d: %d participant(s) missing; step skipped, "
-                        "state kept", t, len(missing))
+            log.warning(
+                "hedrl: round %d: %d participant(s) missing; step skipped, state kept",
+                t,
+                len(missing),
+            )
         done = time.perf_counter()
-        rec.update(coordinator_s=(t_send - t0) + (done - t_c), round_s=done - t0,
-                   stepped=stepped, **{"time/exchange_s": t_recv - t_send})
+        rec.update(
+            coordinator_s=(t_send - t0) + (done - t_c),
+            round_s=done - t0,
+            stepped=stepped,
+            **{"time/exchange_s": t_recv - t_send},
+        )
         return rec
 
-    def _aggregate_and_step(self, t: int, good: list[tuple[int, Message]], refresher: int,
-                            masks: list[np.ndarray]) -> bool:
+    def _aggregate_and_step(
+        self,
+        t: int,
+        good: list[tuple[int, Message]],
+        refresher: int,
+        masks: list[np.ndarray],
+    ) -> bool:
         be, top = self.be, self.be.top_level
         xs: list[Ct] | None = None
         sq: list[Ct] | None = None
         for _, reply in good:
-            cts = receive_cts(be, reply.content, msg.GRADIENT, self._expect("gradient", top, t))
+            cts = receive_cts(
+                be, reply.content, msg.GRADIENT, self._expect("gradient", top, t)
+            )
             for c in cts:
                 c.factor = be.gradient_factor
-            xs = cts if xs is None else [be.add(a, b) for a, b in zip(xs, cts, strict=True)]
+            xs = (
+                cts
+                if xs is None
+                else [be.add(a, b) for a, b in zip(xs, cts, strict=True)]
+            )
             if self.state is None:
-                s = receive_cts(be, reply.content, msg.SQUARES, self._expect("squares", top, t))
-                sq = s if sq is None else [be.add(a, b) for a, b in zip(sq, s, strict=True)]
+                s = receive_cts(
+                    be, reply.content, msg.SQUARES, self._expect("squares", top, t)
+                )
+                sq = (
+                    s
+                    if sq is None
+                    else [be.add(a, b) for a, b in zip(sq, s, strict=True)]
+                )
         assert xs is not None
         if self.state is None:
             assert sq is not None
@@ -221,12 +329,20 @@ class Federation:
             rep = dict(good)[refresher]
             fresh = []
             for j, name in enumerate(msg.STATE_NAMES):
-                cts = receive_cts(be, rep.content, msg.state_key("refresh", name),
-                                  self._expect("refresh", top, t, name))
+                cts = receive_cts(
+                    be,
+                    rep.content,
+                    msg.state_key("refresh", name),
+                    self._expect("refresh", top, t, name),
+                )
                 n = len(cts)
-                fresh.append([be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)])
-        chunk_states = [ChunkState(theta=th, m=m, V=v, r=r)
-                        for th, m, v, r in zip(self.theta, *fresh, strict=True)]
+                fresh.append(
+                    [be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)]
+                )
+        chunk_states = [
+            ChunkState(theta=th, m=m, V=v, r=r)
+            for th, m, v, r in zip(self.theta, *fresh, strict=True)
+        ]
         new = step(be, chunk_states, xs, t, self.hp)
         self.theta = [c.theta for c in new]
         self.state = [(c.m, c.V, c.r) for c in new]
@@ -234,15 +350,31 @@ class Federation:
 
     def _initial_state(self, t: int, refresher: int, sq: list[Ct]) -> list[list[Ct]]:
         rd = RecordDict({msg.TASK: self._task(t, refresher=1)})
-        send_cts(self.be, rd, msg.SQUARES, sq, self._expect("squares", self.be.top_level, None),
-                 t, self.n_chunks * self.params.slots)
-        reply = exchange(self.grid, [self._message(refresher, msg.V0, rd, t)],
-                         timeout=self.cfg.round_timeout)[refresher]
+        send_cts(
+            self.be,
+            rd,
+            msg.SQUARES,
+            sq,
+            self._expect("squares", self.be.top_level, None),
+            t,
+            self.n_chunks * self.params.slots,
+        )
+        reply = exchange(
+            self.grid,
+            [self._message(refresher, msg.V0, rd, t)],
+            timeout=self.cfg.round_timeout,
+        )[refresher]
         if reply is None or reply.has_error():
             raise HedrlError(f"refresher {refresher} did not return V0")
-        return [receive_cts(self.be, reply.content, msg.state_key("v0", n),
-                            self._expect("v0", self.be.top_level, t, n))
-                for n in msg.STATE_NAMES]
+        return [
+            receive_cts(
+                self.be,
+                reply.content,
+                msg.state_key("v0", n),
+                self._expect("v0", self.be.top_level, t, n),
+            )
+            for n in msg.STATE_NAMES
+        ]
 
     # ---- outputs -------------------------------------------------------------------
     def checkpoint(self, t: int) -> Path:
@@ -254,10 +386,17 @@ class Federation:
             for j, name in enumerate(msg.STATE_NAMES):
                 vectors[name] = [self.be.dump(c[j]) for c in self.state]
                 levels[name] = self.state[0][j].level
-        meta = {"step": t, "run_id": self.run_id, "backend": self.cfg.backend,
-                "param_set": self.params.id, "fingerprint": self.fingerprint,
-                "layout_digest": self.layout_digest, "param_count": self.param_count,
-                "levels": levels, "env_id": self.cfg.env_id}
+        meta = {
+            "step": t,
+            "run_id": self.run_id,
+            "backend": self.cfg.backend,
+            "param_set": self.params.id,
+            "fingerprint": self.fingerprint,
+            "layout_digest": self.layout_digest,
+            "param_count": self.param_count,
+            "levels": levels,
+            "env_id": self.cfg.env_id,
+        }
         write_checkpoint(path, meta, vectors)
         return path
 
@@ -279,46 +418,89 @@ class Federation:
                     returns.append(rec["return_mean"])
                 last20 = statistics.fmean(returns[-20:]) if len(returns) >= 20 else None
                 for key in reached:
-                    if reached[key] is None and last20 is not None and last20 >= float(key):
+                    if (
+                        reached[key] is None
+                        and last20 is not None
+                        and last20 >= float(key)
+                    ):
                         reached[key] = t
                 rm = rec["return_mean"]
-                log.info("hedrl: round %d/%d %s return %s (%d episodes) last-20 %s | "
-                         "%.2f s/round, coordinator %.2f s | up %.1f kB, down %.1f kB",
-                         t, self.cfg.num_rounds, self.cfg.backend,
-                         "-" if rm is None else f"{rm:.1f}", rec["episodes"],
-                         "-" if last20 is None else f"{last20:.1f}", rec["round_s"],
-                         rec["coordinator_s"], rec["upload_bytes"] / 1e3,
-                         rec["broadcast_bytes"] / 1e3)
+                log.info(
+                    "hedrl: round %d/%d %s return %s (%d episodes) last-20 %s | "
+                    "%.2f s/round, coordinator %.2f s | up %.1f kB, down %.1f kB",
+                    t,
+                    self.cfg.num_rounds,
+                    self.cfg.backend,
+                    "-" if rm is None else f"{rm:.1f}",
+                    rec["episodes"],
+                    "-" if last20 is None else f"{last20:.1f}",
+                    rec["round_s"],
+                    rec["coordinator_s"],
+                    rec["upload_bytes"] / 1e3,
+                    rec["broadcast_bytes"] / 1e3,
+                )
                 if t % self.cfg.checkpoint_every == 0:
                     self.checkpoint(t)
-                if self.cfg.stop_return > 0 and last20 is not None and last20 >= self.cfg.stop_return:
-                    log.info("hedrl: mean return %.1f ≥ stop-return %.1f at round %d",
-                             last20, self.cfg.stop_return, t)
+                if (
+                    self.cfg.stop_return > 0
+                    and last20 is not None
+                    and last20 >= self.cfg.stop_return
+                ):
+                    log.info(
+                        "hedrl: mean return %.1f ≥ stop-return %.1f at round %d",
+                        last20,
+                        self.cfg.stop_return,
+                        t,
+                    )
                     break
         ckpt = self.checkpoint(t)
         summary = self._summary(t, returns, reached, time.perf_counter() - start, ckpt)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-        log.info("hedrl: done after %d rounds; metrics %s; checkpoint %s", t, metrics_path, ckpt)
+        log.info(
+            "hedrl: done after %d rounds; metrics %s; checkpoint %s",
+            t,
+            metrics_path,
+            ckpt,
+        )
         return summary
 
-    def _summary(self, t: int, returns: list[float], reached: dict[str, int | None],
-                 wall: float, ckpt: Path) -> dict[str, Any]:
+    def _summary(
+        self,
+        t: int,
+        returns: list[float],
+        reached: dict[str, int | None],
+        wall: float,
+        ckpt: Path,
+    ) -> dict[str, Any]:
         h = self.history
         ups = [r["crypto/gradient_bytes"] for r in h if r["crypto/gradient_bytes"]]
         slots = self.n_chunks * self.params.slots
         return {
-            "run_id": self.run_id, "backend": self.cfg.backend, "env_id": self.cfg.env_id,
-            "param_set": self.params.id, "rounds": t, "wall_s": wall,
+            "run_id": self.run_id,
+            "backend": self.cfg.backend,
+            "env_id": self.cfg.env_id,
+            "param_set": self.params.id,
+            "rounds": t,
+            "wall_s": wall,
             "config": dataclasses.asdict(self.cfg),
-            "param_count": self.param_count, "chunks": self.n_chunks,
-            "final_return_mean_last20": statistics.fmean(returns[-20:]) if returns else None,
-            "rounds_to_195": reached["195"], "rounds_to_475": reached["475"],
+            "param_count": self.param_count,
+            "chunks": self.n_chunks,
+            "final_return_mean_last20": statistics.fmean(returns[-20:])
+            if returns
+            else None,
+            "rounds_to_195": reached["195"],
+            "rounds_to_475": reached["475"],
             "median_round_s": statistics.median(r["round_s"] for r in h) if h else None,
-            "median_coordinator_s": statistics.median(r["coordinator_s"] for r in h) if h else None,
+            "median_coordinator_s": statistics.median(r["coordinator_s"] for r in h)
+            if h
+            else None,
             # one participant's gradient upload, per parameter and per filled slot
-            "upload_bytes_per_param": (statistics.median(ups) / self.param_count) if ups else None,
+            "upload_bytes_per_param": (statistics.median(ups) / self.param_count)
+            if ups
+            else None,
             "upload_bytes_per_slot": (statistics.median(ups) / slots) if ups else None,
             "env_steps": sum(r["env_steps"] for r in h),
             "skipped_steps": sum(1 for r in h if not r["stepped"]),
-            "checkpoint": str(ckpt), "fingerprint": self.fingerprint,
+            "checkpoint": str(ckpt),
+            "fingerprint": self.fingerprint,
         }

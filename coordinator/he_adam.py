@@ -74,8 +74,13 @@ def step(
 
 # ---- float64 references -------------------------------------------------------
 def circuit_reference(
-    theta: np.ndarray, m: np.ndarray, V: np.ndarray, r: np.ndarray,
-    x: np.ndarray, t: int, hp: AdamHyper,
+    theta: np.ndarray,
+    m: np.ndarray,
+    V: np.ndarray,
+    r: np.ndarray,
+    x: np.ndarray,
+    t: int,
+    hp: AdamHyper,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The same circuit in float64 numpy, written out independently."""
     c, s, d = hp.c, hp.s, hp.delta

@@ -66,7 +66,9 @@ class Learner:
         self.index = index
         obs_dim, act_dim, self.continuous = env_spec(cfg.env_id)
         self.layout = make_layout(obs_dim, act_dim, self.continuous)
-        self.layout_digest = layout_digest(zip(self.layout.names, self.layout.shapes, strict=True))
+        self.layout_digest = layout_digest(
+            zip(self.layout.names, self.layout.shapes, strict=True)
+        )
         self.policy = ActorCritic(self.layout, self.continuous)
 
     def initial_theta(self) -> np.ndarray:
@@ -74,35 +76,54 @@ class Learner:
         return init_params(self.layout, np.random.default_rng([self.cfg.seed, 0]))
 
     def _new_state(self) -> _NodeState:
-        env_seed = int(np.random.SeedSequence([self.cfg.seed, 1, self.index]).generate_state(1)[0])
-        envs = make_envs(self.cfg.env_id, self.cfg.num_envs, env_seed, self.cfg.reward_scale)
-        return _NodeState(worker=RolloutWorker(envs, gamma=self.cfg.gamma,
-                                               gae_lambda=self.cfg.gae_lambda))
+        env_seed = int(
+            np.random.SeedSequence([self.cfg.seed, 1, self.index]).generate_state(1)[0]
+        )
+        envs = make_envs(
+            self.cfg.env_id, self.cfg.num_envs, env_seed, self.cfg.reward_scale
+        )
+        return _NodeState(
+            worker=RolloutWorker(
+                envs, gamma=self.cfg.gamma, gae_lambda=self.cfg.gae_lambda
+            )
+        )
 
-    def step(self, theta: np.ndarray, saved: bytes | None) -> tuple[np.ndarray, dict[str, Any], bytes]:
-        """One round's gradient at ``theta``; returns (grad, env stats, new saved state)."""
+    def step(
+        self, theta: np.ndarray, saved: bytes | None
+    ) -> tuple[np.ndarray, dict[str, Any], bytes]:
+        """One round's gradient at ``theta``: (grad, env stats, new saved state)."""
         cfg = self.cfg
         st: _NodeState = pickle.loads(saved) if saved else self._new_state()
         stats: dict[str, Any] = {"episodes": 0, "return_sum": 0.0, "env_steps": 0}
         if st.batch is None or st.pos >= len(st.order):
             rng = np.random.default_rng([cfg.seed, 2, self.index, st.rollouts])
             batch, returns, _lengths, steps = st.worker.collect(
-                self.policy, theta, cfg.num_steps, rng)
+                self.policy, theta, cfg.num_steps, rng
+            )
             st.batch = batch
             size = len(batch["obs"])
             st.order = [
                 idx
                 for epoch in range(cfg.update_epochs)
-                for idx in minibatches(size, cfg.num_minibatches, np.random.default_rng(
-                    [cfg.seed, 3, self.index, st.rollouts, epoch]))
+                for idx in minibatches(
+                    size,
+                    cfg.num_minibatches,
+                    np.random.default_rng(
+                        [cfg.seed, 3, self.index, st.rollouts, epoch]
+                    ),
+                )
             ]
             st.pos, st.rollouts = 0, st.rollouts + 1
-            stats.update(episodes=len(returns), return_sum=float(np.sum(returns)),
-                         env_steps=int(steps))
+            stats.update(
+                episodes=len(returns),
+                return_sum=float(np.sum(returns)),
+                env_steps=int(steps),
+            )
         idx = st.order[st.pos]
         st.pos += 1
         mb = {k: st.batch[k][idx] for k in _BATCH_KEYS}
         _, grad, info = self.policy.loss_and_grad(
-            theta, mb, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef)
+            theta, mb, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef
+        )
         stats.update({f"train/{k}": float(v) for k, v in info.items()})
         return grad, stats, pickle.dumps(st)

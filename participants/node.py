@@ -11,7 +11,8 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from participants.learner import Learner, clip_and_scale
-from protocol import keys, messages as msg
+from protocol import keys
+from protocol import messages as msg
 from protocol.backend import Backend
 from protocol.codec import receive_plain, send_plain
 from protocol.config import RunConfig, expand_dir
@@ -43,61 +44,96 @@ class Node:
         explicit = self.context.node_config.get("secret-context")
         if explicit:
             return Path(str(explicit)).expanduser()
-        return expand_dir(self.cfg.keys_dir) / f"run-{self.run_id}" / keys.PARTICIPANT_FILE
+        return (
+            expand_dir(self.cfg.keys_dir) / f"run-{self.run_id}" / keys.PARTICIPANT_FILE
+        )
 
     def _backend(self, *, provision: bool = False) -> tuple[Backend, str]:
         path = self._key_path()
         if provision and not self.context.node_config.get("secret-context"):
             info = keys.provision(path.parent, self.params, self.cfg.backend)
             if info.created:
-                log.info("hedrl: participant %d created the run's key in %s",
-                         self.index, path.parent)
+                log.info(
+                    "hedrl: participant %d created the run's key in %s",
+                    self.index,
+                    path.parent,
+                )
         return keys.participant_backend(path, self.params, self.cfg.backend)
 
-    def _expect(self, fp: str, kind: str, level: int, round_: int | None,
-                name: str | None = None) -> Expect:
+    def _expect(
+        self,
+        fp: str,
+        kind: str,
+        level: int,
+        round_: int | None,
+        name: str | None = None,
+    ) -> Expect:
         layout = self.learner.layout
         return Expect(
-            param_set=self.params.id, fingerprint=fp, backend=self.cfg.backend,
-            run_id=self.run_id, layout_digest=self.learner.layout_digest,
-            slot_count=self.params.slots, chunk_count=n_chunks(layout.size, self.params.slots),
-            kind=kind, level=level, round=round_, name=name,
+            param_set=self.params.id,
+            fingerprint=fp,
+            backend=self.cfg.backend,
+            run_id=self.run_id,
+            layout_digest=self.learner.layout_digest,
+            slot_count=self.params.slots,
+            chunk_count=n_chunks(layout.size, self.params.slots),
+            kind=kind,
+            level=level,
+            round=round_,
+            name=name,
         )
 
     def _check_task(self, task: Any, fp: str | None) -> None:
         if task["backend"] != self.cfg.backend:
-            raise BackendMismatch(field="backend", expected=self.cfg.backend,
-                                  received=task["backend"])
+            raise BackendMismatch(
+                field="backend", expected=self.cfg.backend, received=task["backend"]
+            )
         if fp is not None and "fingerprint" in task and task["fingerprint"] != fp:
-            raise FingerprintMismatch(expected=fp, received=str(task["fingerprint"]),
-                                      where="task from coordinator")
+            raise FingerprintMismatch(
+                expected=fp,
+                received=str(task["fingerprint"]),
+                where="task from coordinator",
+            )
 
     # ---- handlers ------------------------------------------------------------
     def setup(self, content: RecordDict) -> RecordDict:
-        """Provision or load the key; report fingerprint, layout, maybe context and θ0."""
+        """Provision/load the key; report fingerprint, layout (maybe context, θ0)."""
         task = content[msg.TASK]
         self._check_task(task, None)
         be, fp = self._backend(provision=True)
         info: dict[str, Any] = {
-            "fingerprint": fp, "layout-digest": self.learner.layout_digest,
-            "param-count": int(self.learner.layout.size), "participant-index": self.index,
+            "fingerprint": fp,
+            "layout-digest": self.learner.layout_digest,
+            "param-count": int(self.learner.layout.size),
+            "participant-index": self.index,
         }
         out = RecordDict()
         if int(task["send-context"]):
-            info["context"] = keys.evaluation_context(self._key_path(), self.params,
-                                                      self.cfg.backend)
-            send_plain(be, out, msg.THETA, self.learner.initial_theta(),
-                       self._expect(fp, "theta", be.top_level, None), 0)
+            info["context"] = keys.evaluation_context(
+                self._key_path(), self.params, self.cfg.backend
+            )
+            send_plain(
+                be,
+                out,
+                msg.THETA,
+                self.learner.initial_theta(),
+                self._expect(fp, "theta", be.top_level, None),
+                0,
+            )
         out[msg.SETUP_REPLY] = ConfigRecord(info)
         return out
 
-    def _decrypt_theta(self, be: Backend, fp: str, content: RecordDict, t: int) -> np.ndarray:
+    def _decrypt_theta(
+        self, be: Backend, fp: str, content: RecordDict, t: int
+    ) -> np.ndarray:
         theta = receive_plain(be, content, msg.THETA, self._expect(fp, "theta", 0, t))
         if not np.all(np.isfinite(theta)):
             raise ThetaRejected(f"round {t}: decrypted θ holds non-finite values")
         peak = float(np.max(np.abs(theta)))
         if peak > THETA_ABS_LIMIT:
-            raise ThetaRejected(f"round {t}: |θ| up to {peak:.3g} > {THETA_ABS_LIMIT:.0g}")
+            raise ThetaRejected(
+                f"round {t}: |θ| up to {peak:.3g} > {THETA_ABS_LIMIT:.0g}"
+            )
         return theta
 
     def train(self, content: RecordDict) -> RecordDict:
@@ -109,27 +145,53 @@ class Node:
         theta = self._decrypt_theta(be, fp, content, t)
         saved = self.context.state.get(STATE_KEY)
         grad, stats, new_saved = self.learner.step(
-            theta, None if saved is None else bytes(saved["blob"]))
+            theta, None if saved is None else bytes(saved["blob"])
+        )
         self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
         weight = 1.0 / int(task["num-participants"])
         g_n = clip_and_scale(grad, self.learner.layout, self.cfg.clip_bound)
         hp = self.cfg.hyper
         out = RecordDict()
-        send_plain(be, out, msg.GRADIENT, hp.c * weight * be.gradient_factor * g_n,
-                   self._expect(fp, "gradient", be.top_level, None), t)
+        send_plain(
+            be,
+            out,
+            msg.GRADIENT,
+            hp.c * weight * be.gradient_factor * g_n,
+            self._expect(fp, "gradient", be.top_level, None),
+            t,
+        )
         if int(task["init"]):
-            send_plain(be, out, msg.SQUARES, weight * g_n * g_n,
-                       self._expect(fp, "squares", be.top_level, None), t)
+            send_plain(
+                be,
+                out,
+                msg.SQUARES,
+                weight * g_n * g_n,
+                self._expect(fp, "squares", be.top_level, None),
+                t,
+            )
         if int(task["refresher"]):
             for name in msg.STATE_NAMES:
-                values = receive_plain(be, content, msg.state_key("state", name),
-                                       self._expect(fp, "state", 0, t, name))
-                send_plain(be, out, msg.state_key("refresh", name), values,
-                           self._expect(fp, "refresh", be.top_level, None, name), t)
-        out[msg.METRICS] = MetricRecord({
-            "episodes": int(stats["episodes"]), "return-sum": float(stats["return_sum"]),
-            "env-steps": int(stats["env_steps"]),
-        })
+                values = receive_plain(
+                    be,
+                    content,
+                    msg.state_key("state", name),
+                    self._expect(fp, "state", 0, t, name),
+                )
+                send_plain(
+                    be,
+                    out,
+                    msg.state_key("refresh", name),
+                    values,
+                    self._expect(fp, "refresh", be.top_level, None, name),
+                    t,
+                )
+        out[msg.METRICS] = MetricRecord(
+            {
+                "episodes": int(stats["episodes"]),
+                "return-sum": float(stats["return_sum"]),
+                "env-steps": int(stats["env_steps"]),
+            }
+        )
         return out
 
     def initial_state(self, content: RecordDict) -> RecordDict:
@@ -138,16 +200,26 @@ class Node:
         t = int(task["round"])
         be, fp = self._backend()
         self._check_task(task, fp)
-        squares = receive_plain(be, content, msg.SQUARES,
-                                self._expect(fp, "squares", be.top_level, t))
+        squares = receive_plain(
+            be, content, msg.SQUARES, self._expect(fp, "squares", be.top_level, t)
+        )
         if not np.all(np.isfinite(squares)) or np.any(squares < -1e-3):
-            raise ThetaRejected(f"round {t}: squared-gradient sum is not a sum of squares")
+            raise ThetaRejected(
+                f"round {t}: squared-gradient sum is not a sum of squares"
+            )
         v0 = np.maximum(squares, 0.0) + self.cfg.hyper.delta
         out = RecordDict()
-        for name, values in zip(msg.STATE_NAMES,
-                                (np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)), strict=True):
-            send_plain(be, out, msg.state_key("v0", name), values,
-                       self._expect(fp, "v0", be.top_level, None, name), t)
+        for name, values in zip(
+            msg.STATE_NAMES, (np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)), strict=True
+        ):
+            send_plain(
+                be,
+                out,
+                msg.state_key("v0", name),
+                values,
+                self._expect(fp, "v0", be.top_level, None, name),
+                t,
+            )
         return out
 
 

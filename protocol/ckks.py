@@ -73,7 +73,9 @@ def serialize_public(ctx: ts.Context) -> bytes:
     """Bytes of the evaluation context: public + relinearisation keys only."""
     pub = ctx.copy()
     pub.make_context_public()
-    return pub.serialize(save_public_key=True, save_relin_keys=True, save_galois_keys=False)
+    return pub.serialize(
+        save_public_key=True, save_relin_keys=True, save_galois_keys=False
+    )
 
 
 def load_secret_context(data: bytes) -> ts.Context:
@@ -230,5 +232,7 @@ class CkksBackend(Backend):
         try:
             vec = self._vector_from_seal_bytes(chunk)
         except Exception as exc:
-            raise CiphertextError(f"cannot parse chunk of {len(chunk)} bytes: {exc}")
+            raise CiphertextError(
+                f"cannot parse chunk of {len(chunk)} bytes: {exc}"
+            ) from exc
         return np.asarray(vec.decrypt(), dtype=np.float64)

@@ -28,7 +28,12 @@ def _with(expect: Expect, **changes: object) -> Expect:
 
 
 def send_plain(
-    be: Backend, rd: RecordDict, key: str, values: np.ndarray, expect: Expect, round_: int
+    be: Backend,
+    rd: RecordDict,
+    key: str,
+    values: np.ndarray,
+    expect: Expect,
+    round_: int,
 ) -> int:
     """Encrypt ``values`` (flat) into ``rd[key]``; return the bytes added."""
     values = np.asarray(values, dtype=np.float64).ravel()
@@ -63,11 +68,17 @@ def receive_cts(be: Backend, rd: RecordDict, key: str, expect: Expect) -> list[C
 
 
 def send_cts(
-    be: Backend, rd: RecordDict, key: str, cts: list[Ct], expect: Expect,
-    round_: int, value_count: int,
+    be: Backend,
+    rd: RecordDict,
+    key: str,
+    cts: list[Ct],
+    expect: Expect,
+    round_: int,
+    value_count: int,
 ) -> int:
     """Serialise ciphertext handles into ``rd[key]``; return the bytes added."""
     chunks = [be.dump(c) for c in cts]
-    header = make_header(_with(expect, chunk_count=len(chunks)),
-                         value_count=value_count, round_=round_)
+    header = make_header(
+        _with(expect, chunk_count=len(chunks)), value_count=value_count, round_=round_
+    )
     return write_vector(rd, key, header, chunks)

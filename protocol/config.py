@@ -34,7 +34,7 @@ class RunConfig:
     num_rounds: int = 400
     """Rounds (= HE-Adam steps) to run at most."""
     stop_return: float = 0.0
-    """Stop once the mean of the last 20 non-null return_mean values reaches this (0: never)."""
+    """Stop when the last-20 non-null return_mean mean reaches this (0: never)."""
     seed: int = 0
     """Root seed: θ0 and every participant's environments derive from it."""
     lr: float = 2e-3
@@ -114,7 +114,9 @@ class RunConfig:
     def validate(self) -> None:
         """Raise :class:`ConfigError` naming the first impossible value."""
         if self.backend not in BACKENDS:
-            raise ConfigError(f"backend: expected one of {BACKENDS}, received {self.backend!r}")
+            raise ConfigError(
+                f"backend: expected one of {BACKENDS}, received {self.backend!r}"
+            )
         ps = get_param_set(self.param_set)
         if self.backend == "ckks" and ps.depth < HE_ADAM_DEPTH:
             raise ConfigError(
@@ -137,8 +139,12 @@ class RunConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}: must be > 0, received {value!r}")
-        for key, value in {"beta1": self.beta1, "beta2": self.beta2,
-                           "gamma": self.gamma, "gae-lambda": self.gae_lambda}.items():
+        for key, value in {
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "gamma": self.gamma,
+            "gae-lambda": self.gae_lambda,
+        }.items():
             if not 0.0 <= value < 1.0 + (key in ("gamma", "gae-lambda")):
                 raise ConfigError(f"{key}: must be in [0, 1), received {value!r}")
         if (self.num_envs * self.num_steps) % self.num_minibatches:
@@ -147,7 +153,9 @@ class RunConfig:
                 f"size {self.num_envs * self.num_steps}"
             )
         if not 1 <= self.mask_bits <= 22:
-            raise ConfigError(f"mask-bits: must be in [1, 22], received {self.mask_bits}")
+            raise ConfigError(
+                f"mask-bits: must be in [1, 22], received {self.mask_bits}"
+            )
 
 
 def expand_dir(value: str) -> Path:

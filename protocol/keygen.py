@@ -39,7 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true", help="overwrite existing key files")
     args = ap.parse_args(argv)
     try:
-        info = write_keys(args.out, get_param_set(args.param_set), args.backend, force=args.force)
+        info = write_keys(
+            args.out, get_param_set(args.param_set), args.backend, force=args.force
+        )
     except HedrlError as exc:
         print(f"hedrl-keygen: error: {exc}", file=sys.stderr)
         return 2

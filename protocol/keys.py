@@ -87,7 +87,9 @@ def generate(params: ParamSet, backend: str) -> tuple[bytes, bytes, str]:
     )
 
 
-def write_keys(directory: Path, params: ParamSet, backend: str, *, force: bool) -> KeyInfo:
+def write_keys(
+    directory: Path, params: ParamSet, backend: str, *, force: bool
+) -> KeyInfo:
     """Generate and write a key directory (the ``hedrl-keygen`` command)."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     targets = [directory / PARTICIPANT_FILE, directory / COORDINATOR_FILE]
@@ -132,7 +134,9 @@ def _plain_body(data: bytes) -> dict[str, object]:
     return dict(body)
 
 
-def participant_backend(path: Path, params: ParamSet, backend: str) -> tuple[Backend, str]:
+def participant_backend(
+    path: Path, params: ParamSet, backend: str
+) -> tuple[Backend, str]:
     """Load the secret context at ``path`` once per process: (backend, fingerprint)."""
     key = (str(path), params.id, backend)
     with _cache_lock:
@@ -152,7 +156,9 @@ def participant_backend(path: Path, params: ParamSet, backend: str) -> tuple[Bac
             )
         else:
             if data.startswith(_PLAIN_MAGIC):
-                raise KeyMaterialError("expected a CKKS context, got a plaintext twin's")
+                raise KeyMaterialError(
+                    "expected a CKKS context, got a plaintext twin's"
+                )
             from protocol import ckks
 
             ctx = ckks.load_secret_context(data)
@@ -161,7 +167,9 @@ def participant_backend(path: Path, params: ParamSet, backend: str) -> tuple[Bac
         return out
 
 
-def coordinator_backend(data: bytes, params: ParamSet, backend: str) -> tuple[Backend, str]:
+def coordinator_backend(
+    data: bytes, params: ParamSet, backend: str
+) -> tuple[Backend, str]:
     """Load an evaluation context (refusing any secret key): (backend, fingerprint)."""
     if backend == "plain":
         if not data.startswith(_PLAIN_MAGIC):

@@ -66,7 +66,10 @@ def _toml_value(v: object) -> str:
 
 
 def flwr_run(
-    tmp: Path, run_config: dict[str, object], *, num_supernodes: int = 4,
+    tmp: Path,
+    run_config: dict[str, object],
+    *,
+    num_supernodes: int = 4,
     timeout: float = 900.0,
 ) -> subprocess.CompletedProcess:
     """``flwr run . --stream`` with the given run config; processes stopped after."""
@@ -84,11 +87,18 @@ def flwr_run(
     (tmp / "home").mkdir(exist_ok=True)
     cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
     cmd = [
-        "flwr", "run", ".", "--stream", "--run-config", cfg, "--federation-config",
+        "flwr",
+        "run",
+        ".",
+        "--stream",
+        "--run-config",
+        cfg,
+        "--federation-config",
         f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
     ]
     try:
-        return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=timeout)
+        return subprocess.run(
+            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+        )
     finally:
         stop_processes(flwr_home)

@@ -28,7 +28,9 @@ def ckks_circuit_tol(ps: ParamSet) -> float:
     return 2.0 ** (31 - ps.scale_bits) / (2e-3 * 50) * 4
 
 
-def assert_close(actual: np.ndarray, expected: np.ndarray, atol: float, what: str) -> None:
+def assert_close(
+    actual: np.ndarray, expected: np.ndarray, atol: float, what: str
+) -> None:
     """Max-abs comparison with a message naming what was compared."""
     err = float(np.max(np.abs(np.asarray(actual) - np.asarray(expected))))
     assert err <= atol, f"{what}: max abs error {err:.3e} > tolerance {atol:.3e}"

@@ -24,7 +24,10 @@ class LocalGrid(Grid):
     """Routes pushed messages synchronously to in-process participants."""
 
     def __init__(
-        self, run_id: int, run_config: dict[str, Any], num_nodes: int,
+        self,
+        run_id: int,
+        run_config: dict[str, Any],
+        num_nodes: int,
         node_configs: dict[int, dict[str, Any]] | None = None,
         tamper: Callable[[Message, Message], Message | None] | None = None,
     ) -> None:
@@ -33,10 +36,15 @@ class LocalGrid(Grid):
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
         self.contexts = {
             1000 + i: Context(
-                run_id=run_id, node_id=1000 + i,
-                node_config={"partition-id": i, "num-partitions": num_nodes,
-                             **(node_configs or {}).get(i, {})},
-                state=RecordDict(), run_config=dict(run_config),
+                run_id=run_id,
+                node_id=1000 + i,
+                node_config={
+                    "partition-id": i,
+                    "num-partitions": num_nodes,
+                    **(node_configs or {}).get(i, {}),
+                },
+                state=RecordDict(),
+                run_config=dict(run_config),
             )
             for i in range(num_nodes)
         }
@@ -54,8 +62,12 @@ class LocalGrid(Grid):
         return None
 
     def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content=content, dst_node_id=dst_node_id,
-                       message_type=message_type, group_id=group_id)
+        return Message(
+            content=content,
+            dst_node_id=dst_node_id,
+            message_type=message_type,
+            group_id=group_id,
+        )
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -70,8 +82,10 @@ class LocalGrid(Grid):
             try:
                 reply = client_app(message, ctx)
             except Exception as exc:  # Flower turns ClientApp exceptions into errors
-                reply = Message(Error(code=0, reason=f"{type(exc).__name__}: {exc}"),
-                                reply_to=message)
+                reply = Message(
+                    Error(code=0, reason=f"{type(exc).__name__}: {exc}"),
+                    reply_to=message,
+                )
             if self.tamper is not None:
                 reply = self.tamper(message, reply)
             if reply is not None:

@@ -18,15 +18,27 @@ ROUND_BUDGET = 400
 
 def _run(tmp_path: Path, backend: str) -> tuple[list[dict], dict, str]:
     results = tmp_path / "results"
-    proc = flwr_run(tmp_path, {
-        "backend": backend, "num-rounds": ROUND_BUDGET, "stop-return": 195.0,
-        "results-dir": str(results), "run-name": "e2e", "seed": 1,
-        "checkpoint-every": 100,
-    })
+    proc = flwr_run(
+        tmp_path,
+        {
+            "backend": backend,
+            "num-rounds": ROUND_BUDGET,
+            "stop-return": 195.0,
+            "results-dir": str(results),
+            "run-name": "e2e",
+            "seed": 1,
+            "checkpoint-every": 100,
+        },
+    )
     out = proc.stdout + proc.stderr
     run_dir = results / "e2e"
-    assert (run_dir / "summary.json").exists(), f"no summary; flwr output:\n{out[-6000:]}"
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert (run_dir / "summary.json").exists(), (
+        f"no summary; flwr output:\n{out[-6000:]}"
+    )
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     return rows, json.loads((run_dir / "summary.json").read_text()), out
 
 
@@ -38,12 +50,24 @@ def test_cartpole_federation_reaches_195(tmp_path, backend):
     assert summary["backend"] == backend
     assert summary["rounds_to_195"] is not None, (
         f"{backend}: last-20 mean {summary['final_return_mean_last20']} after "
-        f"{summary['rounds']} rounds\n{out[-3000:]}")
+        f"{summary['rounds']} rounds\n{out[-3000:]}"
+    )
     assert summary["rounds"] <= ROUND_BUDGET
     assert all(r["participants"] == 4 and r["missing"] == [] for r in rows)
     assert summary["skipped_steps"] == 0
-    required = {"round", "backend", "return_mean", "episodes", "env_steps", "upload_bytes",
-                "broadcast_bytes", "coordinator_s", "round_s", "participants", "missing"}
+    required = {
+        "round",
+        "backend",
+        "return_mean",
+        "episodes",
+        "env_steps",
+        "upload_bytes",
+        "broadcast_bytes",
+        "coordinator_s",
+        "round_s",
+        "participants",
+        "missing",
+    }
     assert all(required <= set(r) for r in rows)
     if backend == "ckks":
         # seeded symmetric upload: ~49.5 bytes per parameter (3 chunks of 4096 slots)

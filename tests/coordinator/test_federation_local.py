@@ -24,9 +24,18 @@ RUN_ID = 4242
 
 
 def _config(tmp_path: Path, backend: str, **extra) -> dict:
-    return {"backend": backend, "num-rounds": 4, "num-participants": 3, "seed": 3,
-            "results-dir": str(tmp_path / "results"), "keys-dir": str(tmp_path / "keys"),
-            "run-name": backend, "checkpoint-every": 2, "node-wait": 5.0, **extra}
+    return {
+        "backend": backend,
+        "num-rounds": 4,
+        "num-participants": 3,
+        "seed": 3,
+        "results-dir": str(tmp_path / "results"),
+        "keys-dir": str(tmp_path / "keys"),
+        "run-name": backend,
+        "checkpoint-every": 2,
+        "node-wait": 5.0,
+        **extra,
+    }
 
 
 def _run(tmp_path: Path, backend: str, **grid_kw) -> tuple[Federation, LocalGrid]:
@@ -40,9 +49,11 @@ def _run(tmp_path: Path, backend: str, **grid_kw) -> tuple[Federation, LocalGrid
 def _decrypt_theta(tmp_path: Path, fed: Federation, backend: str) -> np.ndarray:
     ps = get_param_set("8k-35x3")
     part, _ = keys.participant_backend(
-        tmp_path / "keys" / f"run-{RUN_ID}" / "participant.ctx", ps, backend)
+        tmp_path / "keys" / f"run-{RUN_ID}" / "participant.ctx", ps, backend
+    )
     return np.concatenate([part.decrypt(fed.be.dump(c)) for c in fed.theta])[
-        : fed.param_count]
+        : fed.param_count
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +63,12 @@ def runs(tmp_path_factory):
     out = {}
     for backend in ("ckks", "plain"):
         fed, grid = _run(tmp / backend, backend)
-        out[backend] = (fed, grid, _decrypt_theta(tmp / backend, fed, backend), tmp / backend)
+        out[backend] = (
+            fed,
+            grid,
+            _decrypt_theta(tmp / backend, fed, backend),
+            tmp / backend,
+        )
     return out
 
 
@@ -64,7 +80,10 @@ def test_coordinator_never_holds_a_secret_key(runs):
         fed.theta[0].data.decrypt()
     # nothing under the coordinator's results directory holds key material
     assert {p.name for p in fed.out_dir.iterdir()} == {
-        "metrics.jsonl", "summary.json", "checkpoint.npz"}
+        "metrics.jsonl",
+        "summary.json",
+        "checkpoint.npz",
+    }
 
 
 def test_participants_never_send_decrypted_values(runs):
@@ -76,19 +95,28 @@ def test_participants_never_send_decrypted_values(runs):
             if key == "metrics":
                 assert set(record) == allowed_metrics
             elif key == "setup":
-                assert set(record) <= {"fingerprint", "layout-digest", "param-count",
-                                       "participant-index", "context"}
+                assert set(record) <= {
+                    "fingerprint",
+                    "layout-digest",
+                    "param-count",
+                    "participant-index",
+                    "context",
+                }
             elif key.endswith(".hdr"):
                 assert set(record) == {"header"}
             else:
-                assert all(a.stype == "raw" and a.dtype == "uint8" for a in record.values())
+                assert all(
+                    a.stype == "raw" and a.dtype == "uint8" for a in record.values()
+                )
 
 
 def test_encrypted_run_tracks_plaintext_twin(runs):
     """Same seeds, 4 rounds on one rollout: decrypted θ matches the twin's closely."""
     theta_c = runs["ckks"][2]
     theta_p = runs["plain"][2]
-    theta0 = Learner(RunConfig.from_mapping(_config(Path("/"), "plain")), 0).initial_theta()
+    theta0 = Learner(
+        RunConfig.from_mapping(_config(Path("/"), "plain")), 0
+    ).initial_theta()
     rel = np.max(np.abs(theta_c - theta_p)) / np.max(np.abs(theta_p - theta0))
     assert np.max(np.abs(theta_p - theta0)) > 1e-3  # it learned something
     assert rel < 1e-2, rel
@@ -97,9 +125,13 @@ def test_encrypted_run_tracks_plaintext_twin(runs):
 def test_metrics_schema_and_bytes(runs):
     """metrics.jsonl has the required fields; upload ≈ 49.5 bytes per filled slot."""
     fed, _, _, _ = runs["ckks"]
-    rows = [json.loads(x) for x in (fed.out_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(x) for x in (fed.out_dir / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["participants"] == 3 and r["missing"] == [] and r["stepped"] for r in rows)
+    assert all(
+        r["participants"] == 3 and r["missing"] == [] and r["stepped"] for r in rows
+    )
     assert rows[0]["episodes"] > 0 and rows[0]["return_mean"] is not None
     assert rows[1]["return_mean"] is None and rows[1]["episodes"] == 0
     summary = json.loads((fed.out_dir / "summary.json").read_text())
@@ -108,6 +140,7 @@ def test_metrics_schema_and_bytes(runs):
 
 def test_coordinator_refuses_secret_context_from_participant(tmp_path, monkeypatch):
     """If a participant hands over its secret context, setup fails: SecretKeyRefused."""
+
     def leak(path, params, backend):
         return Path(path).read_bytes()
 
@@ -121,5 +154,8 @@ def test_fingerprint_mismatch_refused_at_setup(tmp_path):
     other = tmp_path / "other"
     keys.write_keys(other, get_param_set("8k-35x3"), "ckks", force=False)
     with pytest.raises(FingerprintMismatch, match="participant 1002"):
-        _run(tmp_path, "ckks",
-             node_configs={2: {"secret-context": str(other / "participant.ctx")}})
+        _run(
+            tmp_path,
+            "ckks",
+            node_configs={2: {"secret-context": str(other / "participant.ctx")}},
+        )

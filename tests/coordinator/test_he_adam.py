@@ -11,7 +11,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from coordinator.he_adam import ChunkState, circuit_reference, exact_adam, initial_state, step_chunk
+from coordinator.he_adam import (
+    ChunkState,
+    circuit_reference,
+    exact_adam,
+    initial_state,
+    step_chunk,
+)
 from protocol.adam import AdamHyper
 from protocol.backend import Ct, DepthExceeded
 from tests.helpers import ckks_circuit_tol
@@ -62,7 +68,9 @@ def test_encrypted_circuit_tracks_float64_circuit(ckks_pair, ps):
         new = step_chunk(coord, st, xc, t, HP)
         assert (new.theta.level, new.r.level) == (0, 0)
         # the refresher's job: decrypt and re-encrypt m, V, r at the top level
-        st = ChunkState(theta=new.theta, m=enc(dec(new.m)), V=enc(dec(new.V)), r=enc(dec(new.r)))
+        st = ChunkState(
+            theta=new.theta, m=enc(dec(new.m)), V=enc(dec(new.V)), r=enc(dec(new.r))
+        )
     err = _rel(dec(st.theta), ref[0], theta0)
     assert err < ckks_circuit_tol(ps), f"relative θ error {err:.2e}"
     assert np.max(np.abs(dec(st.r) / ref[3] - 1)) < 1e-3
@@ -80,12 +88,14 @@ def test_plain_backend_is_the_float64_circuit(plain, ps):
     for t, g in enumerate(grads, start=1):
         ref = circuit_reference(*ref, HP.c * g, t, HP)
         new = step_chunk(plain, st, Ct(HP.c * g, 3), t, HP)
-        st = ChunkState(new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3))
+        st = ChunkState(
+            new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3)
+        )
     np.testing.assert_allclose(st.theta.data, ref[0], rtol=0, atol=1e-12)
 
 
 def test_float64_circuit_tracks_exact_adam():
-    """4000 spiky steps: circuit θ vs exact Adam (same δ, same V0) within 1e-2 relative."""
+    """4000 spiky steps: circuit θ vs exact Adam (same δ, V0) within 1e-2 relative."""
     n, steps = 512, 4000
     theta0 = np.random.default_rng(5).normal(0, 0.5, n)
     grads = _grads(n, steps, seed=6)

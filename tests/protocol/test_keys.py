@@ -1,4 +1,4 @@
-"""Key material: keygen files, the keyless coordinator, fingerprints, one key per run."""
+"""Key material: keygen files, keyless coordinator, fingerprints, one key per run."""
 
 from __future__ import annotations
 
@@ -31,7 +31,9 @@ def test_keygen_writes_secret_0600_and_keyless_coordinator(tmp_path):
     assert mode == 0o600
     fp = res.stdout.split("fingerprint:")[1].strip()
     ps = get_param_set("8k-35x3")
-    coord, fp_c = keys.coordinator_backend((out / "coordinator.ctx").read_bytes(), ps, "ckks")
+    coord, fp_c = keys.coordinator_backend(
+        (out / "coordinator.ctx").read_bytes(), ps, "ckks"
+    )
     assert fp_c == fp
     assert not coord.ctx.is_private() and not coord.ctx.has_secret_key()
     assert not coord.ctx.has_galois_keys()

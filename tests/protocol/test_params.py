@@ -16,7 +16,11 @@ def test_param_sets_within_he_standard_bound(name):
 
 def test_depths_match_architecture():
     """8k-35x3 has depth 3, 16k-50x6 depth 6, 8k-40x2 depth 2."""
-    assert [PARAM_SETS[n].depth for n in ("8k-35x3", "16k-50x6", "8k-40x2")] == [3, 6, 2]
+    assert [PARAM_SETS[n].depth for n in ("8k-35x3", "16k-50x6", "8k-40x2")] == [
+        3,
+        6,
+        2,
+    ]
 
 
 def test_insecure_param_set_rejected():

@@ -20,7 +20,12 @@ def test_only_protocol_ckks_imports_tenseal():
 
 def test_packages_do_not_import_each_other():
     """The coordinator never imports participants, nor the reverse."""
-    for pkg, other in (("coordinator", "participants"), ("participants", "coordinator")):
+    for pkg, other in (
+        ("coordinator", "participants"),
+        ("participants", "coordinator"),
+    ):
         for p in (ROOT / pkg).rglob("*.py"):
             text = p.read_text()
-            assert not re.search(rf"^\s*(from|import)\s+{other}\b", text, re.MULTILINE), p
+            assert not re.search(
+                rf"^\s*(from|import)\s+{other}\b", text, re.MULTILINE
+            ), p

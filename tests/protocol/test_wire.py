@@ -22,16 +22,32 @@ from protocol.errors import (
     WireFormatError,
 )
 from protocol.records import read_vector, write_vector
-from protocol.wire import HEADER_FIELDS, KINDS, Expect, VectorHeader, make_header, parse_header
+from protocol.wire import (
+    HEADER_FIELDS,
+    KINDS,
+    Expect,
+    VectorHeader,
+    make_header,
+    parse_header,
+)
 from tests.helpers import assert_close, ckks_abs_tol
 
 N_VALUES = 9155  # CartPole actor-critic: three chunks at 4096 slots
 
 
 def _expect(ps, fp, backend, kind, level, **kw) -> Expect:
-    base = dict(param_set=ps.id, fingerprint=fp, backend=backend, run_id=7,
-                layout_digest="ab" * 32, slot_count=ps.slots, chunk_count=3,
-                kind=kind, level=level, round=5)
+    base = dict(
+        param_set=ps.id,
+        fingerprint=fp,
+        backend=backend,
+        run_id=7,
+        layout_digest="ab" * 32,
+        slot_count=ps.slots,
+        chunk_count=3,
+        kind=kind,
+        level=level,
+        round=5,
+    )
     base.update(kw)
     return Expect(**base)
 
@@ -40,21 +56,30 @@ def _expect(ps, fp, backend, kind, level, **kw) -> Expect:
 @pytest.mark.parametrize("backend", ["ckks", "plain"])
 def test_every_kind_round_trips(kind, backend, ckks_pair, plain, ps):
     """serialize → parse → decrypt for each message kind (participant → participant)."""
-    part, coord, fp = (ckks_pair[0], ckks_pair[1], ckks_pair[2]) if backend == "ckks" \
+    part, coord, fp = (
+        (ckks_pair[0], ckks_pair[1], ckks_pair[2])
+        if backend == "ckks"
         else (plain, plain, "f" * 64)
+    )
     values = np.random.default_rng(1).normal(size=N_VALUES)
     exp = _expect(ps, fp, backend, kind, ps.depth)
     rd = RecordDict()
     nbytes = send_plain(part, rd, kind, values, exp, 5)
     assert nbytes > 0
     back = receive_plain(part, rd, kind, exp)
-    assert_close(back, values, ckks_abs_tol(ps, 4.0) if backend == "ckks" else 0.0, kind)
+    assert_close(
+        back, values, ckks_abs_tol(ps, 4.0) if backend == "ckks" else 0.0, kind
+    )
     # the coordinator parses the same bytes as ciphertexts and re-serialises them
     cts = receive_cts(coord, rd, kind, exp)
     rd2 = RecordDict()
     send_cts(coord, rd2, kind, cts, exp, 5, N_VALUES)
-    assert_close(receive_plain(part, rd2, kind, exp), values,
-                 ckks_abs_tol(ps, 4.0) if backend == "ckks" else 0.0, kind + " re-sent")
+    assert_close(
+        receive_plain(part, rd2, kind, exp),
+        values,
+        ckks_abs_tol(ps, 4.0) if backend == "ckks" else 0.0,
+        kind + " re-sent",
+    )
 
 
 def test_bottom_level_theta_round_trips(ckks_pair, ps):
@@ -62,11 +87,19 @@ def test_bottom_level_theta_round_trips(ckks_pair, ps):
     part, coord, fp, _ = ckks_pair
     values = np.random.default_rng(2).normal(size=N_VALUES)
     rd = RecordDict()
-    top = send_plain(part, rd, "theta", values, _expect(ps, fp, "ckks", "theta", ps.depth), 5)
-    cts = [coord.to_bottom(c) for c in receive_cts(
-        coord, rd, "theta", _expect(ps, fp, "ckks", "theta", ps.depth))]
+    top = send_plain(
+        part, rd, "theta", values, _expect(ps, fp, "ckks", "theta", ps.depth), 5
+    )
+    cts = [
+        coord.to_bottom(c)
+        for c in receive_cts(
+            coord, rd, "theta", _expect(ps, fp, "ckks", "theta", ps.depth)
+        )
+    ]
     rd2 = RecordDict()
-    bottom = send_cts(coord, rd2, "theta", cts, _expect(ps, fp, "ckks", "theta", 0), 5, N_VALUES)
+    bottom = send_cts(
+        coord, rd2, "theta", cts, _expect(ps, fp, "ckks", "theta", 0), 5, N_VALUES
+    )
     assert bottom < 0.75 * top
     back = receive_plain(part, rd2, "theta", _expect(ps, fp, "ckks", "theta", 0))
     assert_close(back, values, ckks_abs_tol(ps, 4.0), "theta at bottom")
@@ -79,25 +112,34 @@ def _garbage_vector(ps, fp, backend="ckks", **hdr_changes) -> RecordDict:
     for k, v in hdr_changes.items():
         setattr(hdr, k, v)
     rd = RecordDict()
-    chunks = [bytes(np.random.default_rng(i).integers(0, 256, 1000, dtype=np.uint8))
-              for i in range(hdr.chunk_count)]
+    chunks = [
+        bytes(np.random.default_rng(i).integers(0, 256, 1000, dtype=np.uint8))
+        for i in range(hdr.chunk_count)
+    ]
     write_vector(rd, "gradient", hdr, chunks)
     return rd
 
 
 @pytest.mark.parametrize(
     ("change", "field"),
-    [({"fingerprint": "0" * 64}, "fingerprint"), ({"chunk_count": 2}, "chunk_count"),
-     ({"param_set": "16k-50x6"}, "param_set"), ({"round": 4}, "round"),
-     ({"layout_digest": "cd" * 32}, "layout_digest"), ({"level": 0}, "level"),
-     ({"run_id": 8}, "run_id")],
+    [
+        ({"fingerprint": "0" * 64}, "fingerprint"),
+        ({"chunk_count": 2}, "chunk_count"),
+        ({"param_set": "16k-50x6"}, "param_set"),
+        ({"round": 4}, "round"),
+        ({"layout_digest": "cd" * 32}, "layout_digest"),
+        ({"level": 0}, "level"),
+        ({"run_id": 8}, "run_id"),
+    ],
 )
 def test_bad_header_rejected_before_any_chunk_is_parsed(change, field, ckks_pair, ps):
-    """A header mismatch raises HeaderMismatch naming the field, not a ciphertext error."""
+    """A header mismatch raises HeaderMismatch naming the field (no chunk parsed)."""
     part, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp, **change)
     with pytest.raises(HeaderMismatch, match=field) as info:
-        receive_cts(coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth))
+        receive_cts(
+            coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth)
+        )
     assert info.value.field == field
 
 
@@ -106,7 +148,9 @@ def test_unknown_protocol_version_rejected(ckks_pair, ps):
     _, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp, protocol_version=99)
     with pytest.raises(HeaderMismatch, match="protocol_version.*99"):
-        receive_cts(coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth))
+        receive_cts(
+            coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth)
+        )
 
 
 def test_other_backend_refused(ckks_pair, ps):
@@ -114,7 +158,9 @@ def test_other_backend_refused(ckks_pair, ps):
     _, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp, backend="plain")
     with pytest.raises(BackendMismatch, match="backend"):
-        receive_cts(coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth))
+        receive_cts(
+            coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth)
+        )
 
 
 def test_chunk_count_mismatch_with_header_rejected(ckks_pair, ps):
@@ -131,7 +177,9 @@ def test_random_bytes_as_ciphertext_raise_ciphertext_error(ckks_pair, ps):
     _, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp)
     with pytest.raises(CiphertextError, match="not a ciphertext"):
-        receive_cts(coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth))
+        receive_cts(
+            coord, rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth)
+        )
 
 
 def test_non_finite_update_refused_before_encryption(plain, ps):
@@ -139,29 +187,40 @@ def test_non_finite_update_refused_before_encryption(plain, ps):
     values = np.zeros(N_VALUES)
     values[10] = np.nan
     with pytest.raises(UpdateRejected, match="non-finite"):
-        send_plain(plain, RecordDict(), "gradient", values,
-                   _expect(ps, "f" * 64, "plain", "gradient", ps.depth), 5)
+        send_plain(
+            plain,
+            RecordDict(),
+            "gradient",
+            values,
+            _expect(ps, "f" * 64, "plain", "gradient", ps.depth),
+            5,
+        )
 
 
 def test_missing_header_record(ps):
     """A vector without its header record is a WireFormatError."""
     with pytest.raises(WireFormatError, match="no header"):
-        read_vector(RecordDict({"x": ConfigRecord({})}), "gradient",
-                    _expect(ps, "f" * 64, "plain", "gradient", ps.depth))
+        read_vector(
+            RecordDict({"x": ConfigRecord({})}),
+            "gradient",
+            _expect(ps, "f" * 64, "plain", "gradient", ps.depth),
+        )
 
 
 def test_proto_file_matches_descriptor():
     """protocol/wire.proto documents exactly the fields wire.py builds."""
     text = (Path(__file__).resolve().parents[2] / "protocol" / "wire.proto").read_text()
     body = text.split("message VectorHeader {")[1].split("}")[0]
-    declared = [(m[2], int(m[3])) for m in re.finditer(r"(\w+)\s+(\w+)\s*=\s*(\d+);", body)]
+    declared = [
+        (m[2], int(m[3])) for m in re.finditer(r"(\w+)\s+(\w+)\s*=\s*(\d+);", body)
+    ]
     assert declared == [(n, num) for n, num, _ in HEADER_FIELDS]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=600))
 def test_header_parser_fuzz(data):
-    """Arbitrary bytes either parse to a valid-version header or raise WireFormatError."""
+    """Arbitrary bytes parse to a valid-version header or raise WireFormatError."""
     try:
         hdr = parse_header(data)
     except WireFormatError:
@@ -173,9 +232,18 @@ def test_header_parser_fuzz(data):
 @given(st.integers(0, 2**32 - 1), st.sampled_from(KINDS), st.text(max_size=20))
 def test_header_round_trip_property(round_, kind, name):
     """Any well-formed header survives serialize → parse unchanged."""
-    exp = Expect(param_set="8k-35x3", fingerprint="a" * 64, backend="ckks", run_id=3,
-                 layout_digest="b" * 64, slot_count=4096, chunk_count=3, kind=kind,
-                 level=2, name=name)
+    exp = Expect(
+        param_set="8k-35x3",
+        fingerprint="a" * 64,
+        backend="ckks",
+        run_id=3,
+        layout_digest="b" * 64,
+        slot_count=4096,
+        chunk_count=3,
+        kind=kind,
+        level=2,
+        name=name,
+    )
     hdr = make_header(exp, value_count=11, round_=round_)
     back = parse_header(hdr.SerializeToString())
     assert back == hdr
