@@ -343,7 +343,7 @@ class Federation:
             ChunkState(theta=th, m=m, V=v, r=r)
             for th, m, v, r in zip(self.theta, *fresh, strict=True)
         ]
-        new = step(be, chunk_states, xs, t, self.hp)
+        new = step(be, chunk_states, xs, t, self.hp, self.cfg.optimizer)
         self.theta = [c.theta for c in new]
         self.state = [(c.m, c.V, c.r) for c in new]
         return True

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from protocol.adam import AdamHyper
-from protocol.backend import Backend, Ct
+from protocol.backend import Backend, Ct, PlainBackend
+from protocol.errors import ConfigError
 
 __all__ = ["AdamHyper", "ChunkState", "step", "step_chunk"]
 
@@ -65,11 +66,44 @@ def step_chunk(be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper) -> Chu
     return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
 
 
+def exact_step_chunk(
+    be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper
+) -> ChunkState:
+    """Exact Adam on the plaintext twin's arrays (the "unencrypted counterpart").
+
+    Same state convention (V = v + δ, r = V^(−1/2)) and output levels as
+    :func:`step_chunk`, so the refresh path is shared; only the update differs:
+    θ' = θ − a_t·m'/sqrt(v' + δ) with an exact square root.
+    """
+    if not isinstance(be, PlainBackend):
+        raise ConfigError("optimizer 'exact-adam' needs backend 'plain'")
+    g = x.data * x.factor / hp.c
+    m = hp.beta1 * st.m.data + (1 - hp.beta1) * g
+    v = hp.beta2 * st.V.data + (1 - hp.beta2) * (g * g + hp.delta)
+    theta = st.theta.data - hp.a(t) * m / np.sqrt(v)
+    top = be.top_level
+    return ChunkState(
+        theta=Ct(theta, 0),
+        m=Ct(m, top - 1),
+        V=Ct(v, top - 2),
+        r=Ct(1.0 / np.sqrt(v), 0),
+    )
+
+
+OPTIMIZERS = {"he-adam": step_chunk, "exact-adam": exact_step_chunk}
+
+
 def step(
-    be: Backend, state: list[ChunkState], xs: list[Ct], t: int, hp: AdamHyper
+    be: Backend,
+    state: list[ChunkState],
+    xs: list[Ct],
+    t: int,
+    hp: AdamHyper,
+    optimizer: str = "he-adam",
 ) -> list[ChunkState]:
-    """HE-Adam over all chunks."""
-    return [step_chunk(be, st, x, t, hp) for st, x in zip(state, xs, strict=True)]
+    """One optimiser step over all chunks."""
+    fn = OPTIMIZERS[optimizer]
+    return [fn(be, st, x, t, hp) for st, x in zip(state, xs, strict=True)]
 
 
 # ---- float64 references -------------------------------------------------------

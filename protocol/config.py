@@ -37,6 +37,8 @@ class RunConfig:
     """Stop when the last-20 non-null return_mean mean reaches this (0: never)."""
     seed: int = 0
     """Root seed: θ0 and every participant's environments derive from it."""
+    optimizer: str = "he-adam"
+    """he-adam (the circuit), or exact-adam (exact √; backend plain only)."""
     lr: float = 2e-3
     """HE-Adam learning rate."""
     beta1: float = 0.9
@@ -118,6 +120,13 @@ class RunConfig:
                 f"backend: expected one of {BACKENDS}, received {self.backend!r}"
             )
         ps = get_param_set(self.param_set)
+        if self.optimizer not in ("he-adam", "exact-adam"):
+            raise ConfigError(
+                f"optimizer: expected 'he-adam' or 'exact-adam', "
+                f"received {self.optimizer!r}"
+            )
+        if self.optimizer == "exact-adam" and self.backend != "plain":
+            raise ConfigError("optimizer 'exact-adam' runs only with backend 'plain'")
         if self.backend == "ckks" and ps.depth < HE_ADAM_DEPTH:
             raise ConfigError(
                 f"param-set {self.param_set!r} has depth {ps.depth}; HE-Adam needs "

@@ -144,3 +144,31 @@ def test_depth_is_enforced_by_both_backends(plain, ckks_pair, ps):
         a = plain.mul(a, a)
     with pytest.raises(DepthExceeded):
         plain.mul(a, a)
+
+
+def test_exact_adam_optimizer_matches_reference(plain, ps):
+    """optimizer='exact-adam' on the twin equals exact Adam with the same V0."""
+    from coordinator.he_adam import exact_step_chunk
+
+    n = ps.slots
+    theta0 = np.random.default_rng(7).normal(0, 0.5, n)
+    grads = _grads(n, 40, seed=8)
+    v0 = grads[0] ** 2
+    m, v, r = initial_state(v0, HP)
+    st = ChunkState(*(Ct(a, lvl) for a, lvl in ((theta0, 0), (m, 3), (v, 3), (r, 3))))
+    for t, g in enumerate(grads, start=1):
+        new = exact_step_chunk(plain, st, Ct(HP.c * g, 3), t, HP)
+        st = ChunkState(new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3))
+    np.testing.assert_allclose(
+        st.theta.data, exact_adam(theta0, grads, v0, HP), rtol=0, atol=1e-12
+    )
+
+
+def test_exact_adam_refused_with_ckks(ckks_pair):
+    """exact-adam is a plaintext reference: the CKKS backend refuses it."""
+    from coordinator.he_adam import exact_step_chunk
+    from protocol.errors import ConfigError
+
+    _, coord, _, _ = ckks_pair
+    with pytest.raises(ConfigError, match="backend 'plain'"):
+        exact_step_chunk(coord, None, None, 1, HP)  # type: ignore[arg-type]
