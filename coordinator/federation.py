@@ -13,6 +13,7 @@ import logging
 import secrets
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +49,16 @@ def _vector_bytes(rd: RecordDict) -> int:
 class Federation:
     """One training run driven through a Flower ``Grid``."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_id: int) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        run_id: int,
+        on_round: Callable[[int, Federation], None] | None = None,
+    ) -> None:
+        """``on_round(t, self)`` runs after each round (benchmarks, tests)."""
+        self.on_round = on_round
+        self.last_aggregate: list[Ct] | None = None
         self.grid = grid
         self.cfg = cfg
         self.run_id = run_id
@@ -322,6 +332,7 @@ class Federation:
                     else [be.add(a, b) for a, b in zip(sq, s, strict=True)]
                 )
         assert xs is not None
+        self.last_aggregate = xs
         if self.state is None:
             assert sq is not None
             fresh = self._initial_state(t, refresher, sq)
@@ -414,6 +425,8 @@ class Federation:
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 self.history.append(rec)
+                if self.on_round is not None:
+                    self.on_round(t, self)
                 if rec["return_mean"] is not None:
                     returns.append(rec["return_mean"])
                 last20 = statistics.fmean(returns[-20:]) if len(returns) >= 20 else None

@@ -18,7 +18,7 @@ from protocol import keys
 from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, SecretKeyRefused
 from protocol.params import get_param_set
-from tests.local_grid import LocalGrid
+from benchmarks.local_grid import LocalGrid
 
 RUN_ID = 4242
 

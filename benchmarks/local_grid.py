@@ -1,6 +1,7 @@
 """An in-process Flower ``Grid`` that delivers messages to the real ClientApp.
 
-Used for fast integration tests of the coordinator's round loop without Ray:
+Used by the fidelity benchmark and by fast integration tests of the
+coordinator's round loop without Ray (the transport is the only difference):
 every participant gets a real ``Context`` (its own node id, node config and
 persistent state) and the real ``participants.client_app.app`` handles each
 message, exactly as a SuperNode would call it. Exceptions become error

@@ -1,0 +1,266 @@
+"""Fidelity benchmark: encrypted federation vs plaintext twin vs exact Adam.
+
+    python -m benchmarks.fidelity --envs cartpole --seeds 5      # closed loop
+    python -m benchmarks.fidelity --quick                        # open loop, CI
+    python -m benchmarks.fidelity --report                       # JSON, PNG, table
+
+Each (env, seed, variant) runs the real coordinator (``Federation``) and the
+real ClientApp through an in-process grid (:mod:`benchmarks.local_grid`; the
+Flower transport is the only thing left out) and writes its own result file
+under ``benchmarks/results/fidelity/`` as soon as it finishes; finished ones are
+skipped, so a long sweep survives being stopped. Variants: ``ckks`` (CKKS +
+HE-Adam), ``plain`` (the twin: same circuit in float64) and ``exact`` (twin
+with exact Adam — the paper's "unencrypted counterpart").
+
+Gap (per env): |mean final return encrypted − mean final return reference| over
+the seeds, divided by |solve threshold − random-policy return|; final return =
+mean over the last 100 episodes. ``gap`` uses exact Adam as the reference,
+``gap_twin`` the plaintext twin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.local_grid import LocalGrid
+from coordinator.federation import Federation
+from protocol import keys
+from protocol.backend import Ct
+from protocol.config import RunConfig
+
+ROOT = Path(__file__).resolve().parent
+PRESETS = ROOT / "presets"
+RESULTS = ROOT / "results"
+VARIANTS = {
+    "ckks": {"backend": "ckks", "optimizer": "he-adam"},
+    "plain": {"backend": "plain", "optimizer": "he-adam"},
+    "exact": {"backend": "plain", "optimizer": "exact-adam"},
+}
+TRACE_ROUNDS = 20
+log = logging.getLogger("hedrl.fidelity")
+
+
+def load_preset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config overrides, benchmark settings) of a preset."""
+    data = tomllib.loads((PRESETS / f"{name}.toml").read_text())
+    bench = data.pop("benchmark")
+    return data, bench
+
+
+def final_return(rows: list[dict[str, Any]], episodes: int = 100) -> float | None:
+    """Mean return over the last ``episodes`` episodes (whole rounds, from the end)."""
+    total, count = 0.0, 0
+    for r in reversed(rows):
+        if r["episodes"]:
+            total += r["return_mean"] * r["episodes"]
+            count += r["episodes"]
+            if count >= episodes:
+                break
+    return total / count if count else None
+
+
+def rounds_to_solve(
+    rows: list[dict[str, Any]], threshold: float
+) -> tuple[int, int] | None:
+    """First (round, env steps) at which the last-100-episode mean reaches threshold."""
+    steps = 0
+    for i, r in enumerate(rows):
+        steps += r["env_steps"]
+        if r["episodes"]:
+            fr = final_return(rows[: i + 1])
+            window = sum(x["episodes"] for x in rows[: i + 1])
+            if window >= 100 and fr is not None and fr >= threshold:
+                return r["round"], steps
+    return None
+
+
+class ThetaTrace:
+    """Participant-side decryption of θ and of the aggregate for the first rounds."""
+
+    def __init__(self, key_path: Path, backend: str, rounds: int) -> None:
+        self.key_path, self.backend, self.rounds = key_path, backend, rounds
+        self.theta: list[np.ndarray] = []
+        self.aggregate: list[np.ndarray] = []
+
+    def __call__(self, t: int, fed: Federation) -> None:
+        if t > self.rounds:
+            return
+        part, _ = keys.participant_backend(self.key_path, fed.params, self.backend)
+
+        def dec(cts: list[Any]) -> np.ndarray:
+            return np.concatenate([part.decrypt(fed.be.dump(c)) for c in cts])[
+                : fed.param_count
+            ]
+
+        self.theta.append(dec(fed.theta))
+        if fed.last_aggregate is not None:
+            # the sum carries the participants' pre-factor; decrypt and divide it out
+            agg = [Ct(c.data, c.level) for c in fed.last_aggregate]
+            self.aggregate.append(dec(agg) / fed.be.gradient_factor)
+
+
+def run_one(
+    env: str,
+    seed: int,
+    variant: str,
+    work: Path,
+    *,
+    max_rounds: int | None = None,
+    participants: int = 4,
+) -> dict[str, Any]:
+    """One closed-loop federation; returns its result record."""
+    overrides, bench = load_preset(env)
+    raw = {
+        **overrides,
+        **VARIANTS[variant],
+        "seed": seed,
+        "num-rounds": max_rounds or int(bench["max-rounds"]),
+        "num-participants": participants,
+        "stop-return": 0.0,
+        "results-dir": str(work / "results"),
+        "keys-dir": str(work / "keys"),
+        "run-name": f"{env}-{variant}-{seed}",
+        "checkpoint-every": 10**6,
+        "node-wait": 5.0,
+    }
+    run_id = 1000 + seed
+    cfg = RunConfig.from_mapping(raw)
+    trace = ThetaTrace(
+        work / "keys" / f"run-{run_id}" / keys.PARTICIPANT_FILE,
+        cfg.backend,
+        TRACE_ROUNDS,
+    )
+    grid = LocalGrid(run_id, raw, participants)
+    start = time.perf_counter()
+    fed = Federation(grid, cfg, run_id, on_round=trace)
+    summary = fed.run()
+    wall = time.perf_counter() - start
+    rows = fed.history
+    solved = rounds_to_solve(rows, float(bench["solve-threshold"]))
+    return {
+        "env": env,
+        "env_id": cfg.env_id,
+        "seed": seed,
+        "variant": variant,
+        "final_return": final_return(rows),
+        "rounds": len(rows),
+        "rounds_to_solve": solved[0] if solved else None,
+        "env_steps_to_solve": solved[1] if solved else None,
+        "wall_s": wall,
+        "median_round_s": summary["median_round_s"],
+        "curve": [
+            [r["round"], r["return_mean"], r["episodes"]] for r in rows if r["episodes"]
+        ],
+        "theta_trace": [t.tolist() for t in trace.theta],
+        "aggregate_trace": [a.tolist() for a in trace.aggregate],
+        "solve_threshold": bench["solve-threshold"],
+        "random_return": bench["random-return"],
+    }
+
+
+def result_path(out: Path, env: str, variant: str, seed: int) -> Path:
+    return out / "fidelity" / env / f"{variant}-seed{seed}.json"
+
+
+def sweep(
+    envs: list[str],
+    seeds: list[int],
+    variants: list[str],
+    out: Path,
+    max_rounds: int | None,
+) -> None:
+    """Run every missing (env, seed, variant); each result is written on finish."""
+    for env in envs:
+        for seed in seeds:
+            for variant in variants:
+                path = result_path(out, env, variant, seed)
+                if path.exists():
+                    log.info("skip %s (done)", path)
+                    continue
+                with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
+                    log.info("run %s seed %d %s", env, seed, variant)
+                    res = run_one(env, seed, variant, Path(tmp), max_rounds=max_rounds)
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp_path = path.with_suffix(".tmp")
+                tmp_path.write_text(json.dumps(res))
+                tmp_path.replace(path)
+                log.info(
+                    "%s seed %d %s: final return %s, solved at %s, %.0f s",
+                    env,
+                    seed,
+                    variant,
+                    res["final_return"],
+                    res["rounds_to_solve"],
+                    res["wall_s"],
+                )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point."""
+    from benchmarks import fidelity_quick, fidelity_report
+
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks.fidelity",
+        description="Encrypted vs plaintext-twin vs exact-Adam federations "
+        "(closed loop, resumable), an open-loop CKKS check (--quick) and the report.",
+    )
+    ap.add_argument(
+        "--envs",
+        default="cartpole",
+        help="comma-separated presets from benchmarks/presets "
+        "(cartpole, acrobot, pendulum, mountaincar, lunarlander)",
+    )
+    ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
+    ap.add_argument(
+        "--variants",
+        default="ckks,plain,exact",
+        help="comma-separated subset of ckks,plain,exact",
+    )
+    ap.add_argument(
+        "--max-rounds",
+        type=int,
+        default=None,
+        help="override the preset's round budget (smoke runs)",
+    )
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="open-loop check: replay the twin's gradients into the "
+        "encrypted pipeline for 20 rounds and assert the CKKS tolerance",
+    )
+    ap.add_argument(
+        "--report",
+        action="store_true",
+        help="aggregate result files into fidelity.json, fidelity.png "
+        "and the README table",
+    )
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.quick:
+        return fidelity_quick.main(args.out)
+    if args.report:
+        fidelity_report.main(args.out)
+        return 0
+    sweep(
+        args.envs.split(","),
+        list(range(args.seeds)),
+        args.variants.split(","),
+        args.out,
+        args.max_rounds,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

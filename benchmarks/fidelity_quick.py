@@ -1,0 +1,134 @@
+"""Open-loop fidelity: the same gradients through the encrypted pipeline and the twin.
+
+Closed-loop runs drift apart as soon as one sampled action differs, so this
+replays the plaintext twin's per-participant gradients (recorded round by
+round) into the encrypted federation — summed in the same fixed participant
+order — and compares θ decrypted on the participant side after every round.
+Deterministic up to CKKS noise; asserted against the parameter set's tolerance.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.fidelity import ThetaTrace, load_preset
+from benchmarks.local_grid import LocalGrid
+from coordinator.federation import Federation
+from participants import learner as learner_mod
+from protocol import keys
+from protocol.config import RunConfig
+from protocol.params import get_param_set
+from protocol.tolerance import ckks_theta_rel_tol
+
+ROUNDS = 20
+
+
+@contextlib.contextmanager
+def _gradients(record: dict | None, replay: dict | None) -> Iterator[None]:
+    """Patch Learner.step to record (twin) or replay (encrypted) gradients."""
+    original = learner_mod.Learner.step
+    calls: dict[int, int] = {}
+
+    def step(self: Any, theta: np.ndarray, saved: bytes | None) -> Any:
+        n = calls.get(self.index, 0)
+        calls[self.index] = n + 1
+        if replay is not None:
+            return replay[(self.index, n)]
+        out = original(self, theta, saved)
+        assert record is not None
+        record[(self.index, n)] = (out[0].copy(), out[1], b"")
+        return out
+
+    learner_mod.Learner.step = step  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        learner_mod.Learner.step = original  # type: ignore[method-assign]
+
+
+def _run(
+    backend: str,
+    work: Path,
+    rounds: int,
+    env: str,
+    seed: int,
+    record: dict | None,
+    replay: dict | None,
+) -> ThetaTrace:
+    overrides, _ = load_preset(env)
+    raw = {
+        **overrides,
+        "backend": backend,
+        "seed": seed,
+        "num-rounds": rounds,
+        "num-participants": 4,
+        "results-dir": str(work / "results"),
+        "keys-dir": str(work / "keys"),
+        "run-name": backend,
+        "checkpoint-every": 10**6,
+        "node-wait": 5.0,
+    }
+    run_id = 77
+    cfg = RunConfig.from_mapping(raw)
+    trace = ThetaTrace(
+        work / "keys" / f"run-{run_id}" / keys.PARTICIPANT_FILE, backend, rounds
+    )
+    with _gradients(record, replay):
+        Federation(LocalGrid(run_id, raw, 4), cfg, run_id, on_round=trace).run()
+    return trace
+
+
+def open_loop(
+    rounds: int = ROUNDS,
+    env: str = "cartpole",
+    seed: int = 0,
+    param_set: str = "8k-35x3",
+) -> dict[str, Any]:
+    """Run twin then encrypted replay; per-round relative θ and aggregate errors."""
+    recorded: dict = {}
+    with tempfile.TemporaryDirectory(prefix="hedrl-quick-") as tmp:
+        twin = _run("plain", Path(tmp) / "plain", rounds, env, seed, recorded, None)
+        enc = _run("ckks", Path(tmp) / "ckks", rounds, env, seed, None, recorded)
+    overrides, _ = load_preset(env)
+    ps = get_param_set(param_set)
+    cfg = RunConfig.from_mapping({**overrides, "seed": seed})
+    theta0 = learner_mod.Learner(cfg, 0).initial_theta()
+    theta_err, agg_err = [], []
+    for tp, tc, ap, ac in zip(
+        twin.theta, enc.theta, twin.aggregate, enc.aggregate, strict=True
+    ):
+        theta_err.append(float(np.max(np.abs(tc - tp)) / np.max(np.abs(tp - theta0))))
+        agg_err.append(float(np.max(np.abs(ac - ap)) / np.max(np.abs(ap))))
+    tol = ckks_theta_rel_tol(ps)
+    return {
+        "env": env,
+        "seed": seed,
+        "param_set": ps.id,
+        "rounds": rounds,
+        "theta_rel_err": theta_err,
+        "aggregate_rel_err": agg_err,
+        "theta_tolerance": tol,
+        "max_theta_rel_err": max(theta_err),
+        "max_aggregate_rel_err": max(agg_err),
+        "within_tolerance": max(theta_err) <= tol,
+    }
+
+
+def main(out: Path) -> int:
+    """Write results/fidelity_quick.json; exit 1 when outside the tolerance."""
+    res = open_loop()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fidelity_quick.json").write_text(json.dumps(res, indent=2))
+    print(
+        f"open loop, {res['rounds']} rounds: max relative θ error "
+        f"{res['max_theta_rel_err']:.2e} (tolerance {res['theta_tolerance']:.2e}); "
+        f"max relative aggregate error {res['max_aggregate_rel_err']:.2e}"
+    )
+    return 0 if res["within_tolerance"] else 1

@@ -1,0 +1,185 @@
+"""Aggregate fidelity result files: fidelity.json, fidelity.png, README table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BEGIN, END = "<!-- fidelity-table:begin -->", "<!-- fidelity-table:end -->"
+BOOTSTRAP = 10_000
+
+
+def _load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    data: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
+    for path in sorted((out / "fidelity").glob("*/*-seed*.json")):
+        res = json.loads(path.read_text())
+        data.setdefault(res["env"], {}).setdefault(res["variant"], {})[res["seed"]] = (
+            res
+        )
+    return data
+
+
+def _gap(
+    enc: dict[int, Any], ref: dict[int, Any], scale: float, rng: np.random.Generator
+) -> dict[str, Any] | None:
+    seeds = sorted(set(enc) & set(ref))
+    pairs = [(enc[s]["final_return"], ref[s]["final_return"]) for s in seeds]
+    pairs = [(a, b) for a, b in pairs if a is not None and b is not None]
+    if not pairs:
+        return None
+    diff = np.array([a - b for a, b in pairs])
+    boot = rng.choice(diff, size=(BOOTSTRAP, len(diff)), replace=True).mean(axis=1)
+    lo, hi = np.percentile(boot, [2.5, 97.5])
+    return {
+        "gap": float(abs(diff.mean()) / scale),
+        "seeds": [s for s in seeds],
+        "mean_diff": float(diff.mean()),
+        "ci95_diff": [float(lo), float(hi)],
+        "ci95_gap": [float(lo / scale), float(hi / scale)],
+    }
+
+
+def summarise(out: Path) -> dict[str, Any]:
+    """Per env: per-seed numbers, success counts, gap, gap_twin with bootstrap CIs."""
+    rng = np.random.default_rng(0)
+    summary: dict[str, Any] = {}
+    for env, variants in _load(out).items():
+        any_res = next(iter(next(iter(variants.values())).values()))
+        scale = abs(any_res["solve_threshold"] - any_res["random_return"])
+        entry: dict[str, Any] = {
+            "solve_threshold": any_res["solve_threshold"],
+            "random_return": any_res["random_return"],
+            "env_id": any_res["env_id"],
+            "variants": {},
+        }
+        for variant, seeds in variants.items():
+            finals = [r["final_return"] for r in seeds.values()]
+            entry["variants"][variant] = {
+                "per_seed": {
+                    str(s): {
+                        k: r[k]
+                        for k in (
+                            "final_return",
+                            "rounds",
+                            "rounds_to_solve",
+                            "env_steps_to_solve",
+                            "wall_s",
+                            "median_round_s",
+                        )
+                    }
+                    for s, r in sorted(seeds.items())
+                },
+                "mean_final_return": float(
+                    np.mean([f for f in finals if f is not None])
+                )
+                if any(f is not None for f in finals)
+                else None,
+                "solved": sum(r["rounds_to_solve"] is not None for r in seeds.values()),
+                "seeds": len(seeds),
+            }
+        if "ckks" in variants:
+            for key, ref in (("gap", "exact"), ("gap_twin", "plain")):
+                if ref in variants:
+                    g = _gap(variants["ckks"], variants[ref], scale, rng)
+                    entry[key] = None if g is None else g["gap"]
+                    entry[key + "_detail"] = g
+            # closed-loop drift: max relative θ difference per round, first rounds
+            if "plain" in variants:
+                drift = []
+                for s in sorted(set(variants["ckks"]) & set(variants["plain"])):
+                    a = variants["ckks"][s]["theta_trace"]
+                    b = variants["plain"][s]["theta_trace"]
+                    drift.append(
+                        [
+                            float(
+                                np.max(np.abs(np.subtract(x, y)))
+                                / max(1e-12, float(np.max(np.abs(y))))
+                            )
+                            for x, y in zip(a, b, strict=False)
+                        ]
+                    )
+                entry["closed_loop_theta_rel_diff"] = drift
+        summary[env] = entry
+    return summary
+
+
+def plot(out: Path, data: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> Path:
+    """Learning curves, one panel per env, encrypted vs twin vs exact Adam."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    envs = sorted(data)
+    fig, axes = plt.subplots(1, len(envs), figsize=(5 * len(envs), 3.6), squeeze=False)
+    colours = {"ckks": "tab:red", "plain": "tab:blue", "exact": "tab:green"}
+    for ax, env in zip(axes[0], envs, strict=True):
+        for variant, seeds in sorted(data[env].items()):
+            for i, res in enumerate(seeds.values()):
+                curve = np.array([[r, m] for r, m, _ in res["curve"]])
+                if curve.size:
+                    ax.plot(
+                        curve[:, 0],
+                        curve[:, 1],
+                        color=colours.get(variant, "k"),
+                        alpha=0.5,
+                        lw=0.8,
+                        label=variant if i == 0 else None,
+                    )
+        any_res = next(iter(next(iter(data[env].values())).values()))
+        ax.axhline(any_res["solve_threshold"], color="k", ls="--", lw=0.8)
+        ax.set_title(any_res["env_id"])
+        ax.set_xlabel("round (HE-Adam step)")
+        ax.set_ylabel("mean episode return")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "fidelity.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _fmt(variants: dict[str, Any], key: str, field: str) -> str:
+    x = variants.get(key, {}).get(field)
+    if x is None:
+        return "–"
+    return f"{x:.1f}" if isinstance(x, float) else str(x)
+
+
+def table(summary: dict[str, Any]) -> str:
+    """Markdown table for the README."""
+    lines = [
+        "| env | seeds | final return: CKKS / twin / exact Adam "
+        "| solved: CKKS/twin/exact | gap | gap_twin |",
+        "|---|---|---|---|---|---|",
+    ]
+    for _, e in sorted(summary.items()):
+        v = e["variants"]
+        seeds = max(x["seeds"] for x in v.values())
+        gap = "–" if e.get("gap") is None else f"{e['gap']:.3f}"
+        gap_twin = "–" if e.get("gap_twin") is None else f"{e['gap_twin']:.3f}"
+        finals = " / ".join(
+            _fmt(v, k, "mean_final_return") for k in ("ckks", "plain", "exact")
+        )
+        solved = "/".join(_fmt(v, k, "solved") for k in ("ckks", "plain", "exact"))
+        lines.append(
+            f"| {e['env_id']} | {seeds} | {finals} | {solved} | {gap} | {gap_twin} |"
+        )
+    return "\n".join(lines)
+
+
+def main(out: Path) -> None:
+    """Write fidelity.json and fidelity.png under ``out``; update the README table."""
+    summary = summarise(out)
+    (out / "fidelity.json").write_text(json.dumps(summary, indent=2))
+    if summary:
+        plot(out, _load(out))
+    text = README.read_text()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        _, tail = rest.split(END, 1)
+        README.write_text(f"{head}{BEGIN}\n{table(summary)}\n{END}{tail}")
+    print(table(summary))
