@@ -14,6 +14,7 @@ import secrets
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,12 @@ from protocol import messages as msg
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
-from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
+from protocol.errors import (
+    FingerprintMismatch,
+    HeaderMismatch,
+    HedrlError,
+    WireFormatError,
+)
 from protocol.params import get_param_set
 from protocol.wire import Expect
 
@@ -44,6 +50,20 @@ def _vector_bytes(rd: RecordDict) -> int:
         elif hasattr(value, "values"):
             total += sum(len(a.data) for a in value.values() if hasattr(a, "data"))
     return total
+
+
+@dataclass
+class _Reply:
+    """One participant's validated reply."""
+
+    node: int
+    gradient: list[Ct]
+    squares: list[Ct] | None
+    refresh: list[list[Ct]] | None
+    episodes: int
+    return_sum: float
+    env_steps: int
+    gradient_bytes: int
 
 
 class Federation:
@@ -200,11 +220,19 @@ class Federation:
             )
         return rd, masks, sent
 
+    def _refreshers(self, t: int) -> list[int]:
+        """This round's refresher and, if configured, a spare (rotating)."""
+        if self.state is None:
+            return []
+        k = len(self.nodes)
+        count = 2 if self.cfg.spare_refresher and k > 1 else 1
+        return [self.nodes[(t + i) % k] for i in range(count)]
+
     def run_round(self, t: int) -> dict[str, Any]:
         """Exchange with every participant, refresh, and take HE-Adam step t."""
         self._round = t
         t0 = time.perf_counter()
-        refresher = self.nodes[t % len(self.nodes)]
+        refreshers = self._refreshers(t)
         theta_rd = RecordDict()
         theta_bytes = send_cts(
             self.be,
@@ -215,34 +243,32 @@ class Federation:
             t,
             self.param_count,
         )
-        masks: list[np.ndarray] = []
+        masks: dict[int, list[np.ndarray]] = {}
         out, down = [], 0
         for node in self.nodes:
-            content = RecordDict(
-                {
-                    msg.TASK: self._task(
-                        t,
-                        refresher=int(node == refresher and self.state is not None),
-                        init=int(self.state is None),
-                        **{"num-participants": len(self.nodes)},
-                    )
-                }
+            task = self._task(
+                t,
+                refresher=int(node in refreshers),
+                init=int(self.state is None),
+                **{"num-participants": len(self.nodes)},
             )
+            content = RecordDict({msg.TASK: task})
             content[msg.THETA] = theta_rd[msg.THETA]
             content[msg.THETA + ".hdr"] = theta_rd[msg.THETA + ".hdr"]
             down += theta_bytes
-            if node == refresher and self.state is not None:
-                srd, masks, sent = self._masked_state()
-                for k, v in srd.items():
-                    content[k] = v
+            if node in refreshers:
+                srd, masks[node], sent = self._masked_state()
+                for key, value in srd.items():
+                    content[key] = value
                 down += sent
             out.append(self._message(node, msg.TRAIN, content, t))
         t_send = time.perf_counter()
         replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
         t_recv = time.perf_counter()
-        rec: dict[str, Any] = {"round": t, "backend": self.cfg.backend}
-        good, missing, up = [], [], 0
-        grad_bytes: list[int] = []
+        accepted: list[_Reply] = []
+        missing: list[int] = []
+        rejected: dict[str, str] = {}
+        up = 0
         for node in self.nodes:
             reply = replies[node]
             if reply is None or reply.has_error():
@@ -253,45 +279,54 @@ class Federation:
                 missing.append(node)
                 continue
             up += _vector_bytes(reply.content)
-            grad_bytes.append(
-                _vector_bytes(
-                    RecordDict(
-                        {
-                            k: reply.content[k]
-                            for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")
-                            if k in reply.content
-                        }
-                    )
+            try:
+                accepted.append(self._parse_reply(t, node, reply, masks.get(node)))
+            except HedrlError as exc:
+                log.warning(
+                    "hedrl: round %d: reply of participant %d rejected: %s: %s",
+                    t,
+                    node,
+                    type(exc).__name__,
+                    exc,
                 )
-            )
-            good.append((node, reply))
-        episodes = sum(int(r.content[msg.METRICS]["episodes"]) for _, r in good)
-        ret_sum = sum(float(r.content[msg.METRICS]["return-sum"]) for _, r in good)
-        rec.update(
-            return_mean=(ret_sum / episodes) if episodes else None,
-            episodes=episodes,
-            env_steps=sum(int(r.content[msg.METRICS]["env-steps"]) for _, r in good),
-            upload_bytes=up,
-            broadcast_bytes=down,
-            participants=len(good),
-            missing=missing,
-        )
-        rec["crypto/gradient_bytes"] = (
-            statistics.median(grad_bytes) if grad_bytes else None
-        )
+                rejected[str(node)] = f"{type(exc).__name__}: {exc}"
+                missing.append(node)
+        episodes = sum(r.episodes for r in accepted)
+        ret_sum = sum(r.return_sum for r in accepted)
+        rec: dict[str, Any] = {
+            "round": t,
+            "backend": self.cfg.backend,
+            "return_mean": (ret_sum / episodes) if episodes else None,
+            "episodes": episodes,
+            "env_steps": sum(r.env_steps for r in accepted),
+            "upload_bytes": up,
+            "broadcast_bytes": down,
+            "participants": len(accepted),
+            "missing": missing,
+            "rejected": rejected,
+            "crypto/gradient_bytes": (
+                statistics.median(r.gradient_bytes for r in accepted)
+                if accepted
+                else None
+            ),
+        }
         t_c = time.perf_counter()
         stepped = False
-        if not missing:
+        need = self.cfg.min_participants_for(len(self.nodes))
+        if len(accepted) < need:
+            log.warning(
+                "hedrl: round %d: %d of %d participants usable (< min-participants "
+                "%d); step skipped, state kept",
+                t,
+                len(accepted),
+                len(self.nodes),
+                need,
+            )
+        else:
             try:
-                stepped = self._aggregate_and_step(t, good, refresher, masks)
+                stepped = self._aggregate_and_step(t, accepted, refreshers)
             except HedrlError as exc:
                 log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
-        else:
-            log.warning(
-                "hedrl: round %d: %d participant(s) missing; step skipped, state kept",
-                t,
-                len(missing),
-            )
         done = time.perf_counter()
         rec.update(
             coordinator_s=(t_send - t0) + (done - t_c),
@@ -301,66 +336,111 @@ class Federation:
         )
         return rec
 
-    def _aggregate_and_step(
-        self,
-        t: int,
-        good: list[tuple[int, Message]],
-        refresher: int,
-        masks: list[np.ndarray],
-    ) -> bool:
+    def _parse_reply(
+        self, t: int, node: int, reply: Message, masks: list[np.ndarray] | None
+    ) -> _Reply:
+        """Validate one reply completely (headers before ciphertexts) or raise.
+
+        Nothing here touches the coordinator's state, so a rejected reply leaves
+        it unchanged; the round continues without it.
+        """
         be, top = self.be, self.be.top_level
-        xs: list[Ct] | None = None
-        sq: list[Ct] | None = None
-        for _, reply in good:
-            cts = receive_cts(
-                be, reply.content, msg.GRADIENT, self._expect("gradient", top, t)
+        content = reply.content
+        metrics = content.get(msg.METRICS)
+        if metrics is None:
+            raise WireFormatError("reply carries no metrics record")
+        try:
+            episodes = int(metrics["episodes"])
+            return_sum = float(metrics["return-sum"])
+            env_steps = int(metrics["env-steps"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise WireFormatError(f"metrics record malformed: {exc}") from exc
+        if episodes < 0 or env_steps < 0 or not np.isfinite(return_sum):
+            raise WireFormatError(
+                f"metrics out of range: episodes={episodes}, env-steps={env_steps}, "
+                f"return-sum={return_sum}"
             )
-            for c in cts:
-                c.factor = be.gradient_factor
-            xs = (
-                cts
-                if xs is None
-                else [be.add(a, b) for a, b in zip(xs, cts, strict=True)]
-            )
-            if self.state is None:
-                s = receive_cts(
-                    be, reply.content, msg.SQUARES, self._expect("squares", top, t)
-                )
-                sq = (
-                    s
-                    if sq is None
-                    else [be.add(a, b) for a, b in zip(sq, s, strict=True)]
-                )
-        assert xs is not None
-        self.last_aggregate = xs
+        grad = receive_cts(be, content, msg.GRADIENT, self._expect("gradient", top, t))
+        for c in grad:
+            c.factor = be.gradient_factor
+        squares = None
         if self.state is None:
+            squares = receive_cts(
+                be, content, msg.SQUARES, self._expect("squares", top, t)
+            )
+        refresh = None
+        if masks is not None:
+            try:
+                refresh = []
+                for j, name in enumerate(msg.STATE_NAMES):
+                    cts = receive_cts(
+                        be,
+                        content,
+                        msg.state_key("refresh", name),
+                        self._expect("refresh", top, t, name),
+                    )
+                    n = len(cts)
+                    refresh.append(
+                        [be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)]
+                    )
+            except HedrlError as exc:
+                log.warning(
+                    "hedrl: round %d: refresh of participant %d unusable: %s",
+                    t,
+                    node,
+                    exc,
+                )
+                refresh = None
+        gbytes = _vector_bytes(
+            RecordDict({k: content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")})
+        )
+        return _Reply(
+            node, grad, squares, refresh, episodes, return_sum, env_steps, gbytes
+        )
+
+    def _aggregate_and_step(
+        self, t: int, accepted: list[_Reply], refreshers: list[int]
+    ) -> bool:
+        """Sum the accepted gradients (node order), refresh, step with k = K/K'."""
+        be = self.be
+        xs = accepted[0].gradient
+        for r in accepted[1:]:
+            xs = [be.add(a, b) for a, b in zip(xs, r.gradient, strict=True)]
+        self.last_aggregate = xs
+        k = len(self.nodes) / len(accepted)
+        if self.state is None:
+            sq = accepted[0].squares
             assert sq is not None
-            fresh = self._initial_state(t, refresher, sq)
+            for r in accepted[1:]:
+                assert r.squares is not None
+                sq = [be.add(a, b) for a, b in zip(sq, r.squares, strict=True)]
+            fresh = self._initial_state(t, accepted[0].node, sq, k)
         else:
-            rep = dict(good)[refresher]
-            fresh = []
-            for j, name in enumerate(msg.STATE_NAMES):
-                cts = receive_cts(
-                    be,
-                    rep.content,
-                    msg.state_key("refresh", name),
-                    self._expect("refresh", top, t, name),
+            by_node = {r.node: r for r in accepted}
+            usable = [
+                by_node[n].refresh
+                for n in refreshers
+                if n in by_node and by_node[n].refresh is not None
+            ]
+            if not usable:
+                raise HedrlError(
+                    f"no usable refresh from {refreshers} (refresher and spare)"
                 )
-                n = len(cts)
-                fresh.append(
-                    [be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)]
-                )
+            fresh = usable[0]
         chunk_states = [
             ChunkState(theta=th, m=m, V=v, r=r)
             for th, m, v, r in zip(self.theta, *fresh, strict=True)
         ]
-        new = step(be, chunk_states, xs, t, self.hp, self.cfg.optimizer)
+        new = step(be, chunk_states, xs, t, self.hp, self.cfg.optimizer, k)
         self.theta = [c.theta for c in new]
         self.state = [(c.m, c.V, c.r) for c in new]
         return True
 
-    def _initial_state(self, t: int, refresher: int, sq: list[Ct]) -> list[list[Ct]]:
-        rd = RecordDict({msg.TASK: self._task(t, refresher=1)})
+    def _initial_state(
+        self, t: int, refresher: int, sq: list[Ct], k: float
+    ) -> list[list[Ct]]:
+        """Round 1: a key holder turns Σ w·g² (times k = K/K') into m0, V0, r0."""
+        rd = RecordDict({msg.TASK: self._task(t, refresher=1, k=float(k))})
         send_cts(
             self.be,
             rd,

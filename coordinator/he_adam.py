@@ -37,37 +37,66 @@ class ChunkState:
     r: Ct
 
 
-def step_chunk(be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper) -> ChunkState:
-    """One HE-Adam step on one chunk; t counts from 1."""
+def _scal_for(be: Backend, a: Ct, c: float, partner: Ct, last: Ct) -> Ct:
+    """``c·a`` with the factor that makes ``(c·a)·partner`` then ``·last`` exact.
+
+    Computes the out_factor of ``scal`` so that multiplying the result by
+    ``partner`` and that product by ``last`` carries factor 1 (ARCHITECTURE §5:
+    TenSEAL's rescale bias is folded into the public scalars).
+    """
+    lvl1 = min(a.level - 1, partner.level)
+    lvl2 = min(lvl1 - 1, last.level)
+    f_prod = 1.0 / (last.factor * be.rescale_bias(lvl2))
+    return be.scal(a, c, out_factor=f_prod / (partner.factor * be.rescale_bias(lvl1)))
+
+
+def _scal_into(be: Backend, a: Ct, c: float, last: Ct) -> Ct:
+    """``c·a`` with the factor that makes ``(c·a)·last`` carry factor 1."""
+    lvl = min(a.level - 1, last.level)
+    return be.scal(a, c, out_factor=1.0 / (last.factor * be.rescale_bias(lvl)))
+
+
+def step_chunk(
+    be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper, k: float = 1.0
+) -> ChunkState:
+    """One HE-Adam step on one chunk; t counts from 1.
+
+    ``k = K/K'`` corrects for dropouts: participants weighted their gradient by
+    1/K before they knew that only K' would reply, so the circuit runs on k·x.
+    k enters m' and V' through their public scalars; for r' and θ' the factor k²
+    of p·p lands on a depth-1 factor (ARCHITECTURE §6) — still depth 3.
+    """
     c, s, d = hp.c, hp.s, hp.delta
     p = be.mul(x, st.r)
     q = be.mul(be.add_scalar(st.V, c * c * d), st.r)
     x2 = be.mul(x, x)
-    m_new = be.add(be.scal(st.m, hp.beta1), be.scal(x, (1 - hp.beta1) / c))
-    big_p = be.add(be.mul(q, st.r), be.mul(p, p))
-    h = be.add_scalar(be.neg(big_p), 3.0)  # carries big_p's factor
+    m_new = be.add(be.scal(st.m, hp.beta1), be.scal(x, k * (1 - hp.beta1) / c))
     v_new = be.add_scalar(
-        be.add(be.scal(st.V, hp.beta2), be.scal(x2, hp.beta2)), (1 - hp.beta2) * d
+        be.add(be.scal(st.V, hp.beta2), be.scal(x2, hp.beta2 * k * k)),
+        (1 - hp.beta2) * d,
     )
-    # fold the known rescale biases into the public scalars so outputs carry 1
-    lvl_r = min(st.r.level - 1, h.level)
-    r1 = be.scal(st.r, s, out_factor=1.0 / (h.factor * be.rescale_bias(lvl_r)))
-    r_new = be.mul(r1, h)
-    lvl_nr = min(m_new.level, st.r.level - 1)
-    lvl_nh = min(lvl_nr - 1, h.level)
-    f_nr = 1.0 / (h.factor * be.rescale_bias(lvl_nh))
-    r1u = be.scal(
-        st.r,
-        -hp.a(t) * s,
-        out_factor=f_nr / (m_new.factor * be.rescale_bias(lvl_nr)),
+    qr = be.mul(q, st.r)
+    pp = be.mul(p, p)
+    if k == 1.0:
+        h = be.add_scalar(be.neg(be.add(qr, pp)), 3.0)  # H = 3 − P, P's factor
+        r_new = be.mul(_scal_into(be, st.r, s, h), h)
+        nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))
+        theta_new = be.add(st.theta, be.mul(nr, h))
+        return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
+    # dropout form: H = A − k²·B with A = 3 − q·r and B = p·p
+    a = be.add_scalar(be.neg(qr), 3.0)
+    r_new = be.sub(
+        be.mul(_scal_into(be, st.r, s, a), a),
+        be.mul(_scal_into(be, st.r, k * k * s, pp), pp),
     )
-    nr = be.mul(m_new, r1u)
-    theta_new = be.add(st.theta, be.mul(nr, h))
+    nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, a))
+    mk = be.mul(m_new, _scal_for(be, st.r, hp.a(t) * s * k * k, m_new, pp))
+    theta_new = be.add(be.add(st.theta, be.mul(nr, a)), be.mul(mk, pp))
     return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
 
 
 def exact_step_chunk(
-    be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper
+    be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper, k: float = 1.0
 ) -> ChunkState:
     """Exact Adam on the plaintext twin's arrays (the "unencrypted counterpart").
 
@@ -77,7 +106,7 @@ def exact_step_chunk(
     """
     if not isinstance(be, PlainBackend):
         raise ConfigError("optimizer 'exact-adam' needs backend 'plain'")
-    g = x.data * x.factor / hp.c
+    g = k * x.data * x.factor / hp.c
     m = hp.beta1 * st.m.data + (1 - hp.beta1) * g
     v = hp.beta2 * st.V.data + (1 - hp.beta2) * (g * g + hp.delta)
     theta = st.theta.data - hp.a(t) * m / np.sqrt(v)
@@ -100,10 +129,11 @@ def step(
     t: int,
     hp: AdamHyper,
     optimizer: str = "he-adam",
+    k: float = 1.0,
 ) -> list[ChunkState]:
-    """One optimiser step over all chunks."""
+    """One optimiser step over all chunks (k = K/K' corrects for dropouts)."""
     fn = OPTIMIZERS[optimizer]
-    return [fn(be, st, x, t, hp) for st, x in zip(state, xs, strict=True)]
+    return [fn(be, st, x, t, hp, k) for st, x in zip(state, xs, strict=True)]
 
 
 # ---- float64 references -------------------------------------------------------

@@ -207,7 +207,8 @@ class Node:
             raise ThetaRejected(
                 f"round {t}: squared-gradient sum is not a sum of squares"
             )
-        v0 = np.maximum(squares, 0.0) + self.cfg.hyper.delta
+        k = float(task.get("k", 1.0))  # K/K': mean over the replies that arrived
+        v0 = k * np.maximum(squares, 0.0) + self.cfg.hyper.delta
         out = RecordDict()
         for name, values in zip(
             msg.STATE_NAMES, (np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)), strict=True

@@ -31,6 +31,10 @@ class RunConfig:
     """Gymnasium environment id."""
     num_participants: int = 4
     """Participants per round (the ServerApp waits for this many nodes)."""
+    min_participants: int = 0
+    """Fewest usable replies for a step (0: half of num-participants, rounded up)."""
+    spare_refresher: bool = True
+    """Also send the masked state to a spare refresher so one dropout can't stall."""
     num_rounds: int = 400
     """Rounds (= HE-Adam steps) to run at most."""
     stop_return: float = 0.0
@@ -82,6 +86,10 @@ class RunConfig:
     node_wait: float = 120.0
     """Seconds to wait for num-participants nodes to register."""
 
+    def min_participants_for(self, k: int) -> int:
+        """Resolved min-participants for k registered participants."""
+        return self.min_participants or max(1, -(-k // 2))
+
     @property
     def hyper(self) -> AdamHyper:
         """HE-Adam constants."""
@@ -103,6 +111,10 @@ class RunConfig:
                 continue  # other apps' keys may share the run config
             default = fields[name].default
             try:
+                if isinstance(default, bool) and isinstance(value, str):
+                    if value.lower() not in ("true", "false"):
+                        raise ValueError(value)
+                    value = value.lower() == "true"
                 kwargs[name] = type(default)(value)
             except (TypeError, ValueError):
                 raise ConfigError(
@@ -160,6 +172,11 @@ class RunConfig:
             raise ConfigError(
                 f"num-minibatches {self.num_minibatches} must divide the rollout "
                 f"size {self.num_envs * self.num_steps}"
+            )
+        if not 0 <= self.min_participants <= self.num_participants:
+            raise ConfigError(
+                f"min-participants: must be in [0, num-participants="
+                f"{self.num_participants}], received {self.min_participants}"
             )
         if not 1 <= self.mask_bits <= 22:
             raise ConfigError(

@@ -172,3 +172,44 @@ def test_exact_adam_refused_with_ckks(ckks_pair):
     _, coord, _, _ = ckks_pair
     with pytest.raises(ConfigError, match="backend 'plain'"):
         exact_step_chunk(coord, None, None, 1, HP)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("k", [4 / 3, 2.0, 4.0])
+def test_dropout_step_matches_plaintext_twin(k, ckks_pair, plain, ps):
+    """With K' < K replies the k = K/K' form equals the twin and the reference on k·x."""
+    part, coord, _, _ = ckks_pair
+    n = ps.slots
+    rng = np.random.default_rng(11)
+    theta0 = rng.normal(0, 0.5, n)
+    g = np.clip(rng.normal(0, 0.3, n), -1, 1) / k  # what K' of K replies sum to
+    m = rng.normal(0, 0.05, n)
+    _, v, r = initial_state(rng.uniform(0, 0.2, n), HP)
+    t = 5
+    ref = circuit_reference(theta0, m, v, r, HP.c * g * k, t, HP)
+
+    def enc(values: np.ndarray) -> Ct:
+        return coord.load(part.encrypt(values), level=ps.depth)
+
+    gf = coord.gradient_factor
+    xc = enc(HP.c * g * gf)
+    xc.factor = gf
+    st = ChunkState(coord.to_bottom(enc(theta0)), enc(m), enc(v), enc(r))
+    new = step_chunk(coord, st, xc, t, HP, k=k)
+    twin = step_chunk(
+        plain,
+        ChunkState(Ct(theta0, 0), Ct(m, 3), Ct(v, 3), Ct(r, 3)),
+        Ct(HP.c * g, 3),
+        t,
+        HP,
+        k=k,
+    )
+    for name, i in (("theta", 0), ("m", 1), ("V", 2), ("r", 3)):
+        np.testing.assert_allclose(
+            getattr(twin, name).data, ref[i], rtol=1e-12, atol=1e-12, err_msg=name
+        )
+    dec = part.decrypt(coord.dump(new.theta))
+    rel = np.max(np.abs(dec - ref[0])) / np.max(np.abs(ref[0] - theta0))
+    assert rel < ckks_circuit_tol(ps), rel
+    assert new.theta.level == 0 and new.r.level == 0
+    dec_r = part.decrypt(coord.dump(new.r))
+    assert np.max(np.abs(dec_r / ref[3] - 1)) < 1e-3

@@ -1,0 +1,230 @@
+"""Fail closed: bad replies are rejected, dropouts are corrected, state is kept.
+
+Real participants and the real coordinator, in-process (benchmarks.local_grid);
+a ``tamper`` hook edits or drops replies on their way back.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ConfigRecord, Message, RecordDict
+
+from benchmarks.local_grid import LocalGrid
+from coordinator.federation import Federation
+from protocol import keys
+from protocol.config import RunConfig
+from protocol.params import get_param_set
+from protocol.tolerance import ckks_theta_rel_tol
+
+RUN_ID = 515
+
+
+def _raw(tmp: Path, backend: str, **extra) -> dict:
+    return {
+        "backend": backend,
+        "num-rounds": 3,
+        "num-participants": 3,
+        "seed": 5,
+        "results-dir": str(tmp / "results"),
+        "keys-dir": str(tmp / "keys"),
+        "run-name": backend,
+        "checkpoint-every": 100,
+        "node-wait": 5.0,
+        "round-timeout": 1.0,
+        **extra,
+    }
+
+
+def _run(
+    tmp: Path, backend: str, tamper=None, **extra
+) -> tuple[Federation, list[dict]]:
+    raw = _raw(tmp, backend, **extra)
+    fed = Federation(
+        LocalGrid(RUN_ID, raw, 3, tamper=tamper), RunConfig.from_mapping(raw), RUN_ID
+    )
+    fed.run()
+    rows = [
+        json.loads(x)
+        for x in (fed.out_dir / "metrics.jsonl").read_text().split("\n")
+        if x
+    ]
+    return fed, rows
+
+
+def _theta(tmp: Path, fed: Federation, backend: str) -> np.ndarray:
+    part, _ = keys.participant_backend(
+        tmp / "keys" / f"run-{RUN_ID}" / "participant.ctx",
+        get_param_set("8k-35x3"),
+        backend,
+    )
+    return np.concatenate([part.decrypt(fed.be.dump(c)) for c in fed.theta])[
+        : fed.param_count
+    ]
+
+
+def _round_of(message: Message) -> int:
+    return int(message.content["task"]["round"])
+
+
+def _drop(node_index: int, rnd: int):
+    def tamper(request: Message, reply: Message) -> Message | None:
+        dst = request.metadata.dst_node_id
+        if (
+            request.metadata.message_type == "train"
+            and dst == 1000 + node_index
+            and _round_of(request) == rnd
+        ):
+            return None  # never arrives: the coordinator times out on it
+        return reply
+
+    return tamper
+
+
+def test_dropout_round_matches_plaintext_twin(tmp_path):
+    """Participant 2 drops in round 2: both backends step with k = 3/2, θ agrees."""
+    fed_c, rows_c = _run(tmp_path / "c", "ckks", _drop(2, 2))
+    fed_p, rows_p = _run(tmp_path / "p", "plain", _drop(2, 2))
+    for rows in (rows_c, rows_p):
+        assert rows[1]["participants"] == 2 and rows[1]["missing"] == [1002]
+        assert all(r["stepped"] for r in rows)
+    theta_c = _theta(tmp_path / "c", fed_c, "ckks")
+    theta_p = _theta(tmp_path / "p", fed_p, "plain")
+    theta0 = _theta0(tmp_path)
+    rel = np.max(np.abs(theta_c - theta_p)) / np.max(np.abs(theta_p - theta0))
+    assert rel < ckks_theta_rel_tol(get_param_set("8k-35x3")), rel
+
+
+def _theta0(tmp: Path) -> np.ndarray:
+    from participants.learner import Learner
+
+    return Learner(RunConfig.from_mapping(_raw(tmp, "plain")), 0).initial_theta()
+
+
+def _corrupt_gradient(node_index: int, rnd: int, how: str):
+    def tamper(request: Message, reply: Message) -> Message | None:
+        if (
+            request.metadata.message_type != "train"
+            or _round_of(request) != rnd
+            or request.metadata.dst_node_id != 1000 + node_index
+        ):
+            return reply
+        content = reply.content
+        if how == "random-bytes":
+            junk = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
+            content["gradient"]["0"] = Array(
+                dtype="uint8", shape=(5000,), stype="raw", data=junk.tobytes()
+            )
+        elif how == "truncated":
+            a = content["gradient"]["1"]
+            content["gradient"]["1"] = Array(
+                dtype="uint8", shape=(100,), stype="raw", data=a.data[:100]
+            )
+        elif how in ("stale-round", "backend", "version", "fingerprint"):
+            from protocol.wire import parse_header
+
+            hdr = parse_header(content["gradient.hdr"]["header"])
+            if how == "stale-round":
+                hdr.round = rnd - 1
+            elif how == "backend":
+                hdr.backend = "plain"
+            elif how == "version":
+                hdr.protocol_version = 9
+            else:
+                hdr.fingerprint = "0" * 64
+            content["gradient.hdr"] = ConfigRecord({"header": hdr.SerializeToString()})
+        elif how == "missing-chunk":
+            del content["gradient"]["2"]
+        return Message(content, reply_to=request)
+
+    return tamper
+
+
+@pytest.mark.parametrize(
+    ("how", "error"),
+    [
+        ("random-bytes", "CiphertextError"),
+        ("truncated", "CiphertextError"),
+        ("stale-round", "HeaderMismatch: header field 'round'"),
+        ("backend", "BackendMismatch"),
+        ("version", "protocol_version"),
+        ("fingerprint", "fingerprint"),
+        ("missing-chunk", "chunk_count"),
+    ],
+)
+def test_bad_reply_rejected_round_continues(tmp_path, how, error):
+    """A malformed reply is rejected with a typed error; the rest still step."""
+    fed, rows = _run(tmp_path, "ckks", _corrupt_gradient(1, 2, how))
+    r2 = rows[1]
+    assert r2["missing"] == [1001] and r2["participants"] == 2 and r2["stepped"]
+    assert error in r2["rejected"]["1001"], r2["rejected"]
+    assert all(r["stepped"] for r in rows)
+    assert np.all(np.isfinite(_theta(tmp_path, fed, "ckks")))
+
+
+def test_replayed_reply_from_earlier_round_rejected(tmp_path):
+    """Round 2's reply replayed in round 3 fails the round check; state stays sane."""
+    saved: dict[int, RecordDict] = {}
+
+    def tamper(request: Message, reply: Message) -> Message | None:
+        if (
+            request.metadata.message_type != "train"
+            or request.metadata.dst_node_id != 1000
+        ):
+            return reply
+        rnd = _round_of(request)
+        saved[rnd] = reply.content
+        if rnd == 3:
+            return Message(saved[2], reply_to=request)
+        return reply
+
+    _, rows = _run(tmp_path, "ckks", tamper)
+    assert "round" in rows[2]["rejected"]["1000"]
+    assert rows[2]["stepped"]
+
+
+def test_refresher_drop_uses_spare(tmp_path):
+    """The refresher of round 2 drops; the spare's refresh is used and the step runs."""
+    # round t's refresher is nodes[t % 3]: round 2 → participant index 2
+    _, rows = _run(tmp_path, "ckks", _drop(2, 2))
+    assert rows[1]["stepped"] and rows[1]["missing"] == [1002]
+
+
+def test_no_refresh_skips_step_and_keeps_state(tmp_path):
+    """Without a spare, a dropped refresher means no step; θ is kept unchanged."""
+    thetas: list[list[bytes]] = []
+
+    def on_round(t: int, fed: Federation) -> None:
+        thetas.append([fed.be.dump(c) for c in fed.theta])
+
+    raw = _raw(tmp_path, "plain", **{"spare-refresher": False})
+    fed = Federation(
+        LocalGrid(RUN_ID, raw, 3, tamper=_drop(2, 2)),
+        RunConfig.from_mapping(raw),
+        RUN_ID,
+        on_round=on_round,
+    )
+    fed.run()
+    assert [h["stepped"] for h in fed.history] == [True, False, True]
+    assert thetas[1] == thetas[0]  # the skipped round left θ exactly as it was
+    assert thetas[2] != thetas[1]
+
+
+def test_too_few_participants_skip_step(tmp_path):
+    """Below min-participants no step is taken; metrics say who is missing."""
+
+    def tamper(request: Message, reply: Message) -> Message | None:
+        if (
+            request.metadata.message_type == "train"
+            and _round_of(request) == 2
+            and request.metadata.dst_node_id != 1000
+        ):
+            return None
+        return reply
+
+    _, rows = _run(tmp_path, "plain", tamper, **{"min-participants": 2})
+    assert rows[1]["stepped"] is False and rows[1]["missing"] == [1001, 1002]
+    assert rows[2]["stepped"]
