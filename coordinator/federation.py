@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.checkpoint import write_checkpoint
+from coordinator.checkpoint import read_checkpoint, write_checkpoint
 from coordinator.exchange import exchange, wait_for_nodes
 from coordinator.he_adam import ChunkState, step
 from protocol import keys
@@ -31,6 +31,7 @@ from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import (
+    ConfigError,
     FingerprintMismatch,
     HeaderMismatch,
     HedrlError,
@@ -87,6 +88,13 @@ class Federation:
         self.out_dir = expand_dir(cfg.results_dir) / (cfg.run_name or f"run-{run_id}")
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._mask_rng = np.random.default_rng(secrets.randbits(128))
+        self.start_round = 0
+        self.key_run_id = run_id
+        self._resume: tuple[dict[str, Any], dict[str, list[bytes]]] | None = None
+        if cfg.resume_from:
+            self._resume = self._load_resume(Path(cfg.resume_from).expanduser())
+            self.key_run_id = int(self._resume[0]["key_run_id"])
+        self._good: tuple[list[Ct], list[tuple[Ct, Ct, Ct]] | None] | None = None
         self.be: Backend
         self.fingerprint = ""
         self.history: list[dict[str, Any]] = []
@@ -119,6 +127,7 @@ class Federation:
     def _task(self, round_: int, **extra: Any) -> ConfigRecord:
         return ConfigRecord(
             {
+                "key-run-id": self.key_run_id,
                 "round": round_,
                 "fingerprint": self.fingerprint,
                 "backend": self.cfg.backend,
@@ -146,6 +155,7 @@ class Federation:
                     "backend": self.cfg.backend,
                     "send-context": int(i == 0),
                     "participant-index": i,
+                    "key-run-id": self.key_run_id,
                 }
             )
             out.append(self._message(node, msg.SETUP, RecordDict({msg.TASK: task}), 0))
@@ -186,6 +196,8 @@ class Federation:
         )
         self.theta = [self.be.to_bottom(c) for c in theta0]
         self.state: list[tuple[Ct, Ct, Ct]] | None = None
+        if self._resume is not None:
+            self._apply_resume(*self._resume)
         log.info(
             "hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
             "%d parameters in %d chunks; results in %s",
@@ -193,6 +205,64 @@ class Federation:
             self.param_count,
             self.n_chunks,
             self.out_dir,
+        )
+
+    def _load_resume(self, path: Path) -> tuple[dict[str, Any], dict[str, list[bytes]]]:
+        try:
+            meta, vectors = read_checkpoint(path)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ConfigError(
+                f"resume-from {path}: unreadable checkpoint: {exc}"
+            ) from exc
+        for key, want in (
+            ("backend", self.cfg.backend),
+            ("param_set", self.params.id),
+            ("env_id", self.cfg.env_id),
+        ):
+            if meta.get(key) != want:
+                raise ConfigError(
+                    f"resume-from {path}: checkpoint {key} is {meta.get(key)!r}, "
+                    f"this run's is {want!r}"
+                )
+        if int(meta["step"]) >= self.cfg.num_rounds:
+            raise ConfigError(
+                f"resume-from {path}: checkpoint is at step {meta['step']}, "
+                f"num-rounds is {self.cfg.num_rounds}: nothing left to run"
+            )
+        meta.setdefault("key_run_id", meta["run_id"])
+        return meta, vectors
+
+    def _apply_resume(
+        self, meta: dict[str, Any], vectors: dict[str, list[bytes]]
+    ) -> None:
+        """Replace θ0 by the checkpoint's θ (and m, V, r); continue after its step."""
+        if meta["fingerprint"] != self.fingerprint:
+            raise FingerprintMismatch(
+                expected=meta["fingerprint"],
+                received=self.fingerprint,
+                where="participants' key vs checkpoint",
+            )
+        if meta["layout_digest"] != self.layout_digest:
+            raise HeaderMismatch(
+                field="layout_digest",
+                expected=meta["layout_digest"],
+                received=self.layout_digest,
+            )
+        levels = meta["levels"]
+        self.theta = [
+            self.be.load(c, level=int(levels["theta"])) for c in vectors["theta"]
+        ]
+        if all(n in vectors for n in msg.STATE_NAMES):
+            per = [
+                [self.be.load(c, level=int(levels[n])) for c in vectors[n]]
+                for n in msg.STATE_NAMES
+            ]
+            self.state = list(zip(*per, strict=True))
+        self.start_round = int(meta["step"])
+        log.info(
+            "hedrl: resumed from a checkpoint at step %d (key of run %s)",
+            self.start_round,
+            self.key_run_id,
         )
 
     # ---- one round ---------------------------------------------------------------
@@ -313,7 +383,17 @@ class Federation:
         t_c = time.perf_counter()
         stepped = False
         need = self.cfg.min_participants_for(len(self.nodes))
-        if len(accepted) < need:
+        refused = [
+            n
+            for n in self.nodes
+            if replies[n] is not None
+            and replies[n].has_error()
+            and "ThetaRejected" in replies[n].error.reason
+        ]
+        if refused:
+            # a key holder's content check failed: θ_t is not to be built on
+            rec["rolled_back"] = self._rollback(t, refused)
+        elif len(accepted) < need:
             log.warning(
                 "hedrl: round %d: %d of %d participants usable (< min-participants "
                 "%d); step skipped, state kept",
@@ -323,6 +403,7 @@ class Federation:
                 need,
             )
         else:
+            self._good = (self.theta, self.state)  # θ_t was accepted by every replier
             try:
                 stepped = self._aggregate_and_step(t, accepted, refreshers)
             except HedrlError as exc:
@@ -335,6 +416,24 @@ class Federation:
             **{"time/exchange_s": t_recv - t_send},
         )
         return rec
+
+    def _rollback(self, t: int, refused: list[int]) -> bool:
+        """Participants refused θ_t: return to the last θ they all accepted."""
+        if self._good is None:
+            log.error(
+                "hedrl: round %d: θ refused by %s and no good state to roll back to",
+                t,
+                refused,
+            )
+            return False
+        self.theta, self.state = self._good
+        log.warning(
+            "hedrl: round %d: θ refused by participant(s) %s (content check); "
+            "rolled back to the last θ every participant accepted",
+            t,
+            refused,
+        )
+        return True
 
     def _parse_reply(
         self, t: int, node: int, reply: Message, masks: list[np.ndarray] | None
@@ -480,6 +579,7 @@ class Federation:
         meta = {
             "step": t,
             "run_id": self.run_id,
+            "key_run_id": self.key_run_id,
             "backend": self.cfg.backend,
             "param_set": self.params.id,
             "fingerprint": self.fingerprint,
@@ -500,7 +600,7 @@ class Federation:
         reached: dict[str, int | None] = {"195": None, "475": None}
         t = 0
         with open(metrics_path, "w") as fh:
-            for t in range(1, self.cfg.num_rounds + 1):
+            for t in range(self.start_round + 1, self.cfg.num_rounds + 1):
                 rec = self.run_round(t)
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()

@@ -24,6 +24,7 @@ from protocol.wire import Expect
 log = logging.getLogger("flwr.hedrl.participant")
 
 STATE_KEY = "hedrl"
+LAST_THETA_KEY = "hedrl-last-theta"  # local only; never leaves the participant
 THETA_ABS_LIMIT = 1e4
 
 
@@ -37,6 +38,7 @@ class Node:
         nc = context.node_config
         self.index = int(nc.get("partition-id", nc.get("participant-index", 0)))
         self.run_id = int(context.run_id)
+        self.key_run_id = self.run_id  # a resumed run keeps the original run's key
         self.learner = Learner(self.cfg, self.index)
 
     # ---- keys ----------------------------------------------------------------
@@ -45,7 +47,9 @@ class Node:
         if explicit:
             return Path(str(explicit)).expanduser()
         return (
-            expand_dir(self.cfg.keys_dir) / f"run-{self.run_id}" / keys.PARTICIPANT_FILE
+            expand_dir(self.cfg.keys_dir)
+            / f"run-{self.key_run_id}"
+            / keys.PARTICIPANT_FILE
         )
 
     def _backend(self, *, provision: bool = False) -> tuple[Backend, str]:
@@ -99,6 +103,7 @@ class Node:
     def setup(self, content: RecordDict) -> RecordDict:
         """Provision/load the key; report fingerprint, layout (maybe context, θ0)."""
         task = content[msg.TASK]
+        self.key_run_id = int(task.get("key-run-id", self.run_id))
         self._check_task(task, None)
         be, fp = self._backend(provision=True)
         info: dict[str, Any] = {
@@ -124,8 +129,16 @@ class Node:
         return out
 
     def _decrypt_theta(
-        self, be: Backend, fp: str, content: RecordDict, t: int
+        self, be: Backend, fp: str, content: RecordDict, t: int, k: int
     ) -> np.ndarray:
+        """Decrypt θ and check it where the key is (a keyless coordinator can't).
+
+        Refused: non-finite values, |θ| > 1e4, or a change since the last θ this
+        participant accepted larger than 10·K·lr per element and round (one Adam
+        step moves an element by at most ≈ lr·(1−β1)/sqrt(1−β2) ≈ 3.2·lr, times
+        k ≤ K after dropouts). A ciphertext under a foreign key decrypts to noise
+        far beyond that.
+        """
         theta = receive_plain(be, content, msg.THETA, self._expect(fp, "theta", 0, t))
         if not np.all(np.isfinite(theta)):
             raise ThetaRejected(f"round {t}: decrypted θ holds non-finite values")
@@ -134,15 +147,34 @@ class Node:
             raise ThetaRejected(
                 f"round {t}: |θ| up to {peak:.3g} > {THETA_ABS_LIMIT:.0g}"
             )
+        last = self.context.state.get(LAST_THETA_KEY)
+        if last is not None:
+            prev = np.frombuffer(bytes(last["theta"]), dtype="<f8")
+            rounds = max(1, t - int(last["round"]))
+            bound = 10.0 * k * self.cfg.lr * rounds
+            change = (
+                float(np.max(np.abs(theta - prev)))
+                if prev.size == theta.size
+                else float("inf")
+            )
+            if change > bound:
+                raise ThetaRejected(
+                    f"round {t}: θ changed by up to {change:.3g} in {rounds} "
+                    f"round(s) since the last accepted θ; at most {bound:.3g} expected"
+                )
+        self.context.state[LAST_THETA_KEY] = ConfigRecord(
+            {"theta": theta.astype("<f8").tobytes(), "round": t}
+        )
         return theta
 
     def train(self, content: RecordDict) -> RecordDict:
         """Decrypt θ, one PPO minibatch gradient, encrypt; refresh state if asked."""
         task = content[msg.TASK]
+        self.key_run_id = int(task.get("key-run-id", self.run_id))
         t = int(task["round"])
         be, fp = self._backend()
         self._check_task(task, fp)
-        theta = self._decrypt_theta(be, fp, content, t)
+        theta = self._decrypt_theta(be, fp, content, t, int(task["num-participants"]))
         saved = self.context.state.get(STATE_KEY)
         grad, stats, new_saved = self.learner.step(
             theta, None if saved is None else bytes(saved["blob"])
@@ -197,6 +229,7 @@ class Node:
     def initial_state(self, content: RecordDict) -> RecordDict:
         """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))."""
         task = content[msg.TASK]
+        self.key_run_id = int(task.get("key-run-id", self.run_id))
         t = int(task["round"])
         be, fp = self._backend()
         self._check_task(task, fp)
