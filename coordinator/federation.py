@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.checkpoint import read_checkpoint, write_checkpoint
+from protocol.checkpoint import read_checkpoint, write_checkpoint
 from coordinator.exchange import exchange, wait_for_nodes
 from coordinator.he_adam import ChunkState, step
 from protocol import keys

@@ -1,4 +1,4 @@
-"""Encrypted checkpoints, written atomically (temp file + fsync + rename)."""
+"""Encrypted checkpoints (written by the coordinator, read by key holders): atomic."""
 
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from benchmarks.local_grid import LocalGrid
-from coordinator.checkpoint import read_checkpoint
+from protocol.checkpoint import read_checkpoint
 from coordinator.federation import Federation
 from protocol import keys
 from protocol.codec import receive_plain
