@@ -1,0 +1,181 @@
+"""Bad input the coordinator can check itself: typed errors, nothing parsed early."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from flwr.app import Array, Message, RecordDict
+
+from coordinator.exchange import exchange
+from protocol.codec import receive_cts, send_plain
+from protocol.config import RunConfig
+from protocol.errors import (
+    CiphertextError,
+    ConfigError,
+    UpdateRejected,
+    WireFormatError,
+)
+from protocol.records import write_vector
+from protocol.wire import MAX_CHUNK_BYTES, Expect, make_header
+
+
+def _expect(ps, fp, level=None, **kw) -> Expect:
+    base = dict(
+        param_set=ps.id,
+        fingerprint=fp,
+        backend="ckks",
+        run_id=1,
+        layout_digest="ab" * 32,
+        slot_count=ps.slots,
+        chunk_count=1,
+        kind="gradient",
+        level=ps.depth if level is None else level,
+        round=1,
+    )
+    base.update(kw)
+    return Expect(**base)
+
+
+def test_oversize_chunk_rejected_before_parsing(ckks_pair, ps):
+    """A chunk above MAX_CHUNK_BYTES is refused by size, naming the limit."""
+    _, coord, fp, _ = ckks_pair
+    rd = RecordDict()
+    big = bytes(MAX_CHUNK_BYTES + 1)
+    write_vector(
+        rd, "gradient", make_header(_expect(ps, fp), value_count=10, round_=1), [big]
+    )
+    with pytest.raises(WireFormatError, match=f"at most {MAX_CHUNK_BYTES}"):
+        receive_cts(coord, rd, "gradient", _expect(ps, fp))
+
+
+def test_ciphertext_at_wrong_level_rejected(ckks_pair, ps):
+    """A chunk one level down with a header claiming the top level is refused."""
+    part, coord, fp, _ = ckks_pair
+    ct = coord.load(part.encrypt(np.ones(ps.slots)), level=ps.depth)
+    lower = coord.to_level(ct, ps.depth - 1)
+    rd = RecordDict()
+    write_vector(
+        rd,
+        "gradient",
+        make_header(_expect(ps, fp), value_count=10, round_=1),
+        [coord.dump(lower)],
+    )
+    with pytest.raises(CiphertextError, match=f"level {ps.depth - 1}, expected level"):
+        receive_cts(coord, rd, "gradient", _expect(ps, fp))
+
+
+def test_ciphertext_of_other_parameter_set_rejected(ckks_pair, ps):
+    """A 16k-50x6 ciphertext under an 8k-35x3 header does not parse as ours."""
+    from protocol.keys import generate, participant_backend
+    from protocol.params import get_param_set
+
+    ps16 = get_param_set("16k-50x6")
+    sec, _, _ = generate(ps16, "ckks")
+    import tempfile
+    from pathlib import Path
+
+    d = Path(tempfile.mkdtemp())
+    (d / "participant.ctx").write_bytes(sec)
+    other, _ = participant_backend(d / "participant.ctx", ps16, "ckks")
+    _, coord, fp, _ = ckks_pair
+    rd = RecordDict()
+    write_vector(
+        rd,
+        "gradient",
+        make_header(_expect(ps, fp), value_count=10, round_=1),
+        [other.encrypt(np.ones(ps16.slots))],
+    )
+    with pytest.raises(CiphertextError):
+        receive_cts(coord, rd, "gradient", _expect(ps, fp))
+
+
+def test_absurd_magnitude_refused_before_encryption(plain, ps):
+    """|value| > 2^22 is refused at the participant (it would overflow CKKS)."""
+    values = np.zeros(100)
+    values[3] = 1e9
+    with pytest.raises(UpdateRejected, match="at most"):
+        send_plain(
+            plain,
+            RecordDict(),
+            "gradient",
+            values,
+            _expect(ps, "f" * 64, backend="plain"),
+            1,
+        )
+
+
+@pytest.mark.parametrize(
+    ("raw", "match"),
+    [
+        ({"param-set": "32k-nope"}, "unknown parameter set"),
+        ({"param-set": "8k-40x2"}, "depth 2; HE-Adam needs 3"),
+        ({"backend": "paillier"}, "backend"),
+        ({"lr": -1.0}, "lr: must be > 0"),
+        ({"num-minibatches": 3}, "must divide the rollout"),
+        ({"min-participants": 9}, "min-participants"),
+        ({"optimizer": "exact-adam"}, "only with backend 'plain'"),
+        ({"num-rounds": "many"}, "expected int"),
+        ({"spare-refresher": "maybe"}, "expected bool"),
+    ],
+)
+def test_impossible_run_config_fails_at_start(raw, match):
+    """Unknown parameter sets and impossible values raise ConfigError naming the key."""
+    with pytest.raises(ConfigError, match=match):
+        RunConfig.from_mapping(raw)
+
+
+class _DupGrid:
+    """Returns every reply twice (a duplicated or replayed delivery)."""
+
+    def __init__(self) -> None:
+        self.replies: list[Message] = []
+        self.first: dict[int, Message] = {}
+
+    def push_messages(self, messages):
+        ids = []
+        for i, m in enumerate(messages):
+            m.metadata.__dict__["_message_id"] = f"m{i}"
+            first, second = (Message(RecordDict(), reply_to=m) for _ in range(2))
+            self.first[m.metadata.dst_node_id] = first
+            self.replies += [first, second]
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, ids):
+        out, self.replies = self.replies, []
+        return out
+
+
+def test_second_reply_to_same_message_ignored():
+    """Two replies to one request: the first counts, the second is dropped."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    grid = _DupGrid()
+    msgs = [Message(RecordDict(), dst_node_id=n, message_type="train") for n in (5, 6)]
+    got = exchange(grid, msgs, timeout=1.0)
+    assert set(got) == {5, 6}
+    assert got[5] is grid.first[5] and got[6] is grid.first[6]
+
+
+def test_raw_array_required():
+    """A chunk that is not a raw uint8 Array is refused."""
+    from protocol.records import read_vector
+
+    rd = RecordDict()
+    exp = Expect(
+        param_set="8k-35x3",
+        fingerprint="a" * 64,
+        backend="plain",
+        run_id=1,
+        layout_digest="b" * 64,
+        slot_count=4096,
+        chunk_count=1,
+        kind="gradient",
+        level=3,
+        round=1,
+    )
+    write_vector(rd, "gradient", make_header(exp, value_count=1, round_=1), [b"x"])
+    rd["gradient"]["0"] = Array(np.zeros(3, dtype=np.float32))
+    with pytest.raises(WireFormatError, match="raw byte array"):
+        read_vector(rd, "gradient", exp)
