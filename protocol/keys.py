@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,10 @@ def provision(directory: Path, params: ParamSet, backend: str) -> KeyInfo:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-_cache: dict[tuple[str, str, str], tuple[Backend, str]] = {}
+# Loading a secret context regenerates keys (~0.3 s at N=8192): cache a few per
+# process, least recently used first out (a long benchmark sweep makes many keys).
+_CACHE_SIZE = 4
+_cache: OrderedDict[tuple[str, str, str], tuple[Backend, str]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -141,6 +145,7 @@ def participant_backend(
     key = (str(path), params.id, backend)
     with _cache_lock:
         if key in _cache:
+            _cache.move_to_end(key)
             return _cache[key]
         try:
             data = path.read_bytes()
@@ -164,6 +169,8 @@ def participant_backend(
             ctx = ckks.load_secret_context(data)
             out = (ckks.CkksBackend(params, ctx), ckks.fingerprint(ctx, params.id))
         _cache[key] = out
+        while len(_cache) > _CACHE_SIZE:
+            _cache.popitem(last=False)
         return out
 
 
