@@ -65,16 +65,11 @@ def _toml_value(v: object) -> str:
     return repr(v)
 
 
-def flwr_run(
-    tmp: Path,
-    run_config: dict[str, object],
-    *,
-    num_supernodes: int = 4,
-    timeout: float = 900.0,
-) -> subprocess.CompletedProcess:
-    """``flwr run . --stream`` with the given run config; processes stopped after."""
+def flwr_env(tmp: Path) -> tuple[dict[str, str], Path]:
+    """Environment for ``flwr`` commands isolated under ``tmp``; (env, FLWR_HOME)."""
     flwr_home = tmp / "flwr-home"
     flwr_home.mkdir(parents=True, exist_ok=True)
+    (tmp / "home").mkdir(exist_ok=True)
     env = dict(os.environ)
     env.update(
         FLWR_HOME=str(flwr_home),
@@ -84,9 +79,13 @@ def flwr_run(
         FLWR_DISABLE_UPDATE_CHECK="1",
         HOME=str(tmp / "home"),
     )
-    (tmp / "home").mkdir(exist_ok=True)
+    return env, flwr_home
+
+
+def flwr_cmd(run_config: dict[str, object], num_supernodes: int) -> list[str]:
+    """``flwr run . --stream`` with a run config and the simulation size."""
     cfg = " ".join(f"{k}={_toml_value(v)}" for k, v in run_config.items())
-    cmd = [
+    return [
         "flwr",
         "run",
         ".",
@@ -96,9 +95,37 @@ def flwr_run(
         "--federation-config",
         f"num-supernodes={num_supernodes} client-resources-num-cpus=1",
     ]
+
+
+def pids_matching(flwr_home: Path, needle: bytes) -> list[int]:
+    """Processes started under ``flwr_home`` whose command line contains needle."""
+    out = []
+    for pid in _pids_with_env(f"FLWR_HOME={flwr_home}".encode()):
+        try:
+            if needle in Path(f"/proc/{pid}/cmdline").read_bytes():
+                out.append(pid)
+        except OSError:
+            continue
+    return out
+
+
+def flwr_run(
+    tmp: Path,
+    run_config: dict[str, object],
+    *,
+    num_supernodes: int = 4,
+    timeout: float = 900.0,
+) -> subprocess.CompletedProcess:
+    """``flwr run . --stream`` with the given run config; processes stopped after."""
+    env, flwr_home = flwr_env(tmp)
     try:
         return subprocess.run(
-            cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout
+            flwr_cmd(run_config, num_supernodes),
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
         )
     finally:
         stop_processes(flwr_home)
