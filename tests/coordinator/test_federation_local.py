@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from participants.learner import Learner
 from protocol import keys
 from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, SecretKeyRefused
 from protocol.params import get_param_set
-from benchmarks.local_grid import LocalGrid
 
 RUN_ID = 4242
 

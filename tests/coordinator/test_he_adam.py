@@ -158,7 +158,9 @@ def test_exact_adam_optimizer_matches_reference(plain, ps):
     st = ChunkState(*(Ct(a, lvl) for a, lvl in ((theta0, 0), (m, 3), (v, 3), (r, 3))))
     for t, g in enumerate(grads, start=1):
         new = exact_step_chunk(plain, st, Ct(HP.c * g, 3), t, HP)
-        st = ChunkState(new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3))
+        st = ChunkState(
+            new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3)
+        )
     np.testing.assert_allclose(
         st.theta.data, exact_adam(theta0, grads, v0, HP), rtol=0, atol=1e-12
     )
@@ -176,7 +178,7 @@ def test_exact_adam_refused_with_ckks(ckks_pair):
 
 @pytest.mark.parametrize("k", [4 / 3, 2.0, 4.0])
 def test_dropout_step_matches_plaintext_twin(k, ckks_pair, plain, ps):
-    """With K' < K replies the k = K/K' form equals the twin and the reference on k·x."""
+    """With K' < K replies the k = K/K' form equals the twin and reference on k·x."""
     part, coord, _, _ = ckks_pair
     n = ps.slots
     rng = np.random.default_rng(11)

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from benchmarks.local_grid import LocalGrid
-from protocol.checkpoint import read_checkpoint
 from coordinator.federation import Federation
 from protocol import keys
+from protocol.checkpoint import read_checkpoint
 from protocol.codec import receive_plain
 from protocol.config import RunConfig
 from protocol.errors import ConfigError
