@@ -22,12 +22,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from protocol.checkpoint import read_checkpoint, write_checkpoint
 from coordinator.exchange import exchange, wait_for_nodes
 from coordinator.he_adam import ChunkState, step
 from protocol import keys
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
+from protocol.checkpoint import read_checkpoint, write_checkpoint
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import (
