@@ -31,6 +31,7 @@ class LocalGrid(Grid):
         num_nodes: int,
         node_configs: dict[int, dict[str, Any]] | None = None,
         tamper: Callable[[Message, Message], Message | None] | None = None,
+        tamper_request: Callable[[Message], Message] | None = None,
     ) -> None:
         self._run_id = run_id
         # what a ServerApp process has set when it creates messages
@@ -53,6 +54,7 @@ class LocalGrid(Grid):
         self.sent: list[Message] = []
         self.received: list[Message] = []
         self.tamper = tamper
+        self.tamper_request = tamper_request
 
     # Grid's abstract interface ------------------------------------------------
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used
@@ -80,8 +82,11 @@ class LocalGrid(Grid):
             message.metadata.__dict__["_message_id"] = mid
             self.sent.append(message)
             ctx = self.contexts[message.metadata.dst_node_id]
+            delivered = (
+                message if self.tamper_request is None else self.tamper_request(message)
+            )
             try:
-                reply = client_app(message, ctx)
+                reply = client_app(delivered, ctx)
             except Exception as exc:  # Flower turns ClientApp exceptions into errors
                 reply = Message(
                     Error(code=0, reason=f"{type(exc).__name__}: {exc}"),

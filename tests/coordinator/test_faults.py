@@ -228,3 +228,37 @@ def test_too_few_participants_skip_step(tmp_path):
     _, rows = _run(tmp_path, "plain", tamper, **{"min-participants": 2})
     assert rows[1]["stepped"] is False and rows[1]["missing"] == [1001, 1002]
     assert rows[2]["stepped"]
+
+
+def test_fingerprint_mismatch_in_theta_refused_by_participants(tmp_path):
+    """θ whose header carries another fingerprint is refused by every participant."""
+    from protocol.wire import parse_header
+
+    def tamper_request(request: Message) -> Message:
+        if request.metadata.message_type == "train" and _round_of(request) == 2:
+            hdr = parse_header(request.content["theta.hdr"]["header"])
+            hdr.fingerprint = "e" * 64
+            request.content["theta.hdr"] = ConfigRecord(
+                {"header": hdr.SerializeToString()}
+            )
+        return request
+
+    raw = _raw(tmp_path, "plain")
+    grid = LocalGrid(RUN_ID, raw, 3, tamper_request=tamper_request)
+    fed = Federation(grid, RunConfig.from_mapping(raw), RUN_ID)
+    fed.run()
+    r2 = fed.history[1]
+    assert r2["participants"] == 0 and r2["stepped"] is False
+    errors = [m.error.reason for m in grid.received if m.has_error()]
+    assert len(errors) == 3 and all("fingerprint" in e for e in errors)
+    assert fed.history[2]["stepped"]
+
+
+def test_gitignore_covers_key_material():
+    """Key directories and .ctx files are ignored by git."""
+    import subprocess
+
+    repo = Path(__file__).resolve().parents[2]
+    for path in ("keys/run-1/participant.ctx", "some/dir/participant.ctx", ".hedrl/x"):
+        res = subprocess.run(["git", "check-ignore", "-q", path], cwd=repo)
+        assert res.returncode == 0, path
