@@ -36,12 +36,12 @@ def _gradients(record: dict | None, replay: dict | None) -> Iterator[None]:
     original = learner_mod.Learner.step
     calls: dict[int, int] = {}
 
-    def step(self: Any, theta: np.ndarray, saved: bytes | None) -> Any:
+    def step(self: Any, theta: np.ndarray, saved: bytes | None, **kw: Any) -> Any:
         n = calls.get(self.index, 0)
         calls[self.index] = n + 1
         if replay is not None:
             return replay[(self.index, n)]
-        out = original(self, theta, saved)
+        out = original(self, theta, saved, **kw)
         assert record is not None
         record[(self.index, n)] = (out[0].copy(), out[1], b"")
         return out

@@ -4,12 +4,16 @@ Each iteration the participant collects a rollout with the current global θ;
 then for each of the E×M rounds that follow it sends one fresh
 clipped-surrogate gradient, computed at that round's θ on the next minibatch.
 The rollout buffer and the environments (pickled) live in the node's
-``context.state`` between rounds.
+``context.state`` between rounds. Environments whose pickle does not carry
+their state (Box2D/MuJoCo ``EzPickle`` envs such as LunarLander) stay in a
+per-process cache keyed by run, participant and env instead; if a round lands
+in another process the participant starts fresh episodes (logged).
 """
 
 from __future__ import annotations
 
 import functools
+import logging
 import pickle
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +27,8 @@ from protocol.config import RunConfig
 from protocol.packing import layout_digest
 
 _BATCH_KEYS = ("obs", "actions", "logprobs", "advantages", "returns")
+_WORKERS: dict[tuple[Any, ...], RolloutWorker] = {}  # unpicklable envs, per process
+log = logging.getLogger("flwr.hedrl.participant")
 
 
 @functools.lru_cache(maxsize=16)
@@ -88,12 +94,38 @@ class Learner:
             )
         )
 
+    def _load(self, saved: bytes | None, cache_key: tuple[Any, ...]) -> _NodeState:
+        if not saved:
+            return self._new_state()
+        st = pickle.loads(saved)
+        if isinstance(st, _NodeState):
+            return st
+        worker = _WORKERS.get(cache_key)  # st is the state without its worker
+        if worker is None:
+            log.warning(
+                "hedrl: participant %d: %s envs were not in this process; starting "
+                "fresh episodes",
+                self.index,
+                self.cfg.env_id,
+            )
+            worker = self._new_state().worker
+        return _NodeState(worker=worker, **st)
+
+    def _save(self, st: _NodeState, cache_key: tuple[Any, ...]) -> bytes:
+        try:
+            return pickle.dumps(st)
+        except TypeError:  # env state does not survive pickling: keep it here
+            _WORKERS[cache_key] = st.worker
+            rest = {f: getattr(st, f) for f in ("batch", "order", "pos", "rollouts")}
+            return pickle.dumps(rest)
+
     def step(
-        self, theta: np.ndarray, saved: bytes | None
+        self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
     ) -> tuple[np.ndarray, dict[str, Any], bytes]:
         """One round's gradient at ``theta``: (grad, env stats, new saved state)."""
         cfg = self.cfg
-        st: _NodeState = pickle.loads(saved) if saved else self._new_state()
+        cache_key = (cache_scope, self.cfg.env_id, self.cfg.seed, self.index)
+        st = self._load(saved, cache_key)
         stats: dict[str, Any] = {"episodes": 0, "return_sum": 0.0, "env_steps": 0}
         if st.batch is None or st.pos >= len(st.order):
             rng = np.random.default_rng([cfg.seed, 2, self.index, st.rollouts])
@@ -126,4 +158,4 @@ class Learner:
             theta, mb, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef
         )
         stats.update({f"train/{k}": float(v) for k, v in info.items()})
-        return grad, stats, pickle.dumps(st)
+        return grad, stats, self._save(st, cache_key)

@@ -177,7 +177,9 @@ class Node:
         theta = self._decrypt_theta(be, fp, content, t, int(task["num-participants"]))
         saved = self.context.state.get(STATE_KEY)
         grad, stats, new_saved = self.learner.step(
-            theta, None if saved is None else bytes(saved["blob"])
+            theta,
+            None if saved is None else bytes(saved["blob"]),
+            cache_scope=(self.run_id, self.context.node_id),
         )
         self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
         weight = 1.0 / int(task["num-participants"])

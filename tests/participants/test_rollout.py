@@ -185,3 +185,31 @@ def test_config_rejects_out_of_range_values() -> None:
     with pytest.raises(ValueError, match="PPOConfig.gamma out of range: 1.5"):
         PPOConfig(gamma=1.5)
     assert PPOConfig().rounds_per_rollout == 4
+
+
+def test_learner_keeps_unpicklable_envs_in_process():
+    """LunarLander's envs can't be pickled: the Learner keeps them in memory and
+    the next round continues the same episodes (no fresh reset)."""
+    from participants.learner import _WORKERS, Learner
+    from protocol.config import RunConfig
+
+    cfg = RunConfig.from_mapping(
+        {
+            "env-id": "LunarLander-v3",
+            "num-envs": 2,
+            "num-steps": 16,
+            "update-epochs": 1,
+            "num-minibatches": 1,
+            "backend": "plain",
+        }
+    )
+    learner = Learner(cfg, 0)
+    theta = learner.initial_theta()
+    _, stats1, saved = learner.step(theta, None, cache_scope="t")
+    assert stats1["env_steps"] == 32
+    worker = _WORKERS[("t", "LunarLander-v3", 0, 0)]
+    obs_before = worker.obs.copy()
+    _, stats2, _ = learner.step(theta, saved, cache_scope="t")
+    assert stats2["env_steps"] == 32  # one minibatch per rollout: a new rollout
+    assert _WORKERS[("t", "LunarLander-v3", 0, 0)] is worker
+    assert not np.array_equal(worker.obs, obs_before)
