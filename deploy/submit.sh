@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Submit a hedrl training run to a deployed SuperLink, follow it, summarise metrics.jsonl.
+set -euo pipefail
+
+usage() {
+  cat <<'EOT'
+Usage: deploy/submit.sh --connection NAME --results-dir DIR [options] [-- FLWR_RUN_ARGS]
+
+Runs, from the hedrl checkout (the app directory),
+
+  flwr run . NAME --stream --run-config "results-dir='DIR' run-name='RUN' ..."
+
+which builds the app bundle, submits it through the SuperLink's Control API,
+streams the ServerApp's log until the run ends, then summarises
+DIR/RUN/metrics.jsonl (rounds, participants per round, median round_s).
+DIR is a path ON THE COORDINATOR HOST (the ServerApp writes it); run this
+script there, or copy the directory back afterwards (scp coordinator:DIR/RUN .).
+
+Options:
+  --connection NAME   SuperLink connection in $FLWR_HOME/config.toml (connect.sh)
+  --results-dir DIR   absolute results directory on the coordinator host
+  --run-name RUN      results sub-directory (default: deploy-<UTC timestamp>)
+  --run-config STR    more run-config overrides, e.g.
+                      "num-participants=3 num-rounds=200 stop-return=195"
+                      (num-participants must equal the number of SuperNodes)
+  --app DIR           the hedrl checkout (default: this script's repository)
+  -h, --help          this help
+Exit status: 0 when the run wrote its summary.json, 1 otherwise.
+EOT
+}
+
+conn="" ; results="" ; run_name="deploy-$(date -u +%Y%m%dT%H%M%SZ)" ; extra="" ; rest=()
+app="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --connection) conn="$2"; shift 2 ;;
+    --results-dir) results="$2"; shift 2 ;;
+    --run-name) run_name="$2"; shift 2 ;;
+    --run-config) extra="$2"; shift 2 ;;
+    --app) app="$2"; shift 2 ;;
+    -h|--help) usage; exit 0 ;;
+    --) shift; rest=("$@"); break ;;
+    *) echo "submit.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+[[ -n "$conn" && -n "$results" ]] || { echo "submit.sh: --connection and --results-dir are required" >&2; exit 2; }
+[[ "$results" == /* ]] || { echo "submit.sh: --results-dir must be absolute (the ServerApp runs elsewhere)" >&2; exit 2; }
+
+cd "$app"
+flwr run . "$conn" --stream \
+  --run-config "results-dir='$results' run-name='$run_name' $extra" "${rest[@]}"
+
+run_dir="$results/$run_name"
+if [[ ! -f "$run_dir/metrics.jsonl" ]]; then
+  echo "submit.sh: $run_dir/metrics.jsonl not found here; if the coordinator is" \
+    "another machine, fetch it: scp -r COORDINATOR:$run_dir ." >&2
+  exit 1
+fi
+RUN_DIR="$run_dir" python - <<'PY'
+import json
+import os
+import statistics
+from pathlib import Path
+
+run_dir = Path(os.environ["RUN_DIR"])
+rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+times = [r["round_s"] for r in rows]
+print(
+    f"{run_dir}: {len(rows)} rounds, participants per round "
+    f"{sorted({r['participants'] for r in rows})}, median round_s "
+    f"{statistics.median(times):.2f} (min {min(times):.2f}, max {max(times):.2f}), "
+    f"summary.json {'present' if (run_dir / 'summary.json').exists() else 'MISSING'}"
+)
+PY
+[[ -f "$run_dir/summary.json" ]]

@@ -1,0 +1,398 @@
+"""Deployment across network namespaces: real SuperLink/SuperNodes, TLS, node auth.
+
+One coordinator host and three participant hosts, each a network namespace
+joined by veth pairs to a bridge that lives in a fifth ("switch") namespace, so
+nothing is added to the machine's own network stack. Every step uses the
+scripts in ``deploy/`` exactly as the README's "Deploy on separate machines"
+does. The hosts share this machine's file system; each gets its own directory
+(HOME, FLWR_HOME, bundle) and the test checks that the coordinator's holds no
+secret key. Needs root (CAP_NET_ADMIN); without it the test FAILS, never skips.
+
+Every process carries an environment marker and is stopped by it (and every
+process left inside our namespaces is killed) before the namespaces are
+deleted, whether the test passed or not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from protocol.keys import coordinator_backend
+from protocol.params import get_param_set
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+SUBNET = "10.77.0"
+COORD_IP = f"{SUBNET}.1"
+PORT = 8000
+PARTICIPANTS = 3
+ROUNDS = 3
+
+pytestmark = pytest.mark.slow
+
+
+def _pids_with(marker: bytes) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                if marker in (entry / "environ").read_bytes().split(b"\0"):
+                    out.append(int(entry.name))
+            except OSError:
+                continue
+    return out
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
+
+
+class Lab:
+    """Processes started for one test, found again by an environment marker."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.tag = secrets.token_hex(3)
+        self.marker = f"HEDRL_DEPLOY_TEST={self.tag}"
+        self.namespaces: list[str] = []
+        self.procs: list[subprocess.Popen] = []
+        (tmp / "logs").mkdir()
+
+    def env(self, host_dir: Path, **extra: str) -> dict[str, str]:
+        """A host's environment: its own HOME and FLWR_HOME, plus the marker."""
+        env = dict(os.environ)
+        env.update(
+            HOME=str(host_dir / "home"),
+            FLWR_HOME=str(host_dir / "flwr-home"),
+            FLWR_DISABLE_UPDATE_CHECK="1",
+            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
+            HEDRL_DEPLOY_TEST=self.tag,
+            **extra,
+        )
+        return env
+
+    def _argv(self, ns: str | None, argv: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", ns, *argv] if ns else argv
+
+    def start(
+        self, name: str, ns: str | None, argv: list[str], host_dir: Path
+    ) -> subprocess.Popen:
+        """Start a long-running process with its output in logs/<name>.log."""
+        with open(self.tmp / "logs" / f"{name}.log", "wb") as log:
+            proc = subprocess.Popen(
+                self._argv(ns, argv),
+                env=self.env(host_dir),
+                cwd=host_dir,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        self.procs.append(proc)
+        return proc
+
+    def run(
+        self, ns: str | None, argv: list[str], host_dir: Path, timeout: float = 60
+    ) -> subprocess.CompletedProcess:
+        """Run a command to completion; raise with its output if it fails."""
+        proc = subprocess.run(
+            self._argv(ns, argv),
+            env=self.env(host_dir),
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout}\n{proc.stderr}"
+        return proc
+
+    def log(self, name: str) -> str:
+        return (self.tmp / "logs" / f"{name}.log").read_text(errors="replace")
+
+    def wait_for_log(self, name: str, needle: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.log(name):
+            assert time.monotonic() < deadline, (
+                f"{name}: no {needle!r} within {timeout} s:\n{self.log(name)[-3000:]}"
+            )
+            time.sleep(0.2)
+
+    # ---- network namespaces ------------------------------------------------------
+    def _ip(self, *args: str) -> None:
+        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+    def make_hosts(self, names: list[str], ips: list[str]) -> dict[str, str]:
+        """One namespace per host on a bridge in a switch namespace: {name: ns}."""
+        sw = f"hd{self.tag}-sw"
+        hosts = {n: f"hd{self.tag}-{n}" for n in names}
+        try:
+            for ns in (sw, *hosts.values()):
+                self._ip("netns", "add", ns)
+                self.namespaces.append(ns)
+                self._ip("-n", ns, "link", "set", "lo", "up")
+            self._ip("-n", sw, "link", "add", "br0", "type", "bridge")
+            self._ip("-n", sw, "link", "set", "br0", "up")
+            for k, (ns, ip) in enumerate(zip(hosts.values(), ips, strict=True)):
+                port = f"v{k}"
+                self._ip(
+                    "-n",
+                    sw,
+                    "link",
+                    "add",
+                    port,
+                    "type",
+                    "veth",
+                    "peer",
+                    "name",
+                    "eth0",
+                    "netns",
+                    ns,
+                )
+                self._ip("-n", sw, "link", "set", port, "master", "br0", "up")
+                self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
+                self._ip("-n", ns, "link", "set", "eth0", "up")
+        except (subprocess.CalledProcessError, FileNotFoundError) as exc:
+            detail = getattr(exc, "stderr", "") or exc
+            pytest.fail(
+                "cannot create network namespaces/veth/bridge for the multi-host "
+                f"deployment test (needs root with CAP_NET_ADMIN and iproute2): "
+                f"{detail}",
+                pytrace=False,
+            )
+        return hosts
+
+    def close(self) -> None:
+        """Stop every process we started (marker, then namespace members); drop ns."""
+        marker = self.marker.encode()
+        _kill(_pids_with(marker), signal.SIGTERM)
+        deadline = time.monotonic() + 8
+        while _pids_with(marker) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _kill(_pids_with(marker), signal.SIGKILL)
+        for ns in self.namespaces:
+            pids = subprocess.run(
+                ["ip", "netns", "pids", ns], capture_output=True, text=True
+            ).stdout.split()
+            _kill([int(p) for p in pids], signal.SIGKILL)
+        for proc in self.procs:  # reap our direct children
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[Lab]:
+    lab = Lab(tmp_path)
+    try:
+        yield lab
+    finally:
+        lab.close()
+    left = [ns for ns in lab.namespaces if ns in _netns_list()]
+    assert not left, f"namespaces left behind: {left}"
+
+
+def _netns_list() -> str:
+    return subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True
+    ).stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def script(name: str, /, *args: str, **opts: object) -> list[str]:
+    """``bash deploy/<name> ARGS --key value`` (max_retries=2: --max-retries 2)."""
+    argv = ["bash", str(DEPLOY / name), *args]
+    for key, value in opts.items():
+        argv += [f"--{key.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _provision(lab: Lab, backend: str, host: str, out: Path, n: int) -> None:
+    """Run provision.sh as the operator (on this machine, outside the hosts)."""
+    argv = script("provision.sh", out=out, participants=n, backend=backend)
+    lab.run(None, [*argv, "--coordinator-host", host], lab.tmp)
+
+
+def _hand_out(lab: Lab, bundles: Path) -> dict[str, Path]:
+    """Copy each bundle to its host's directory (as scp would): {host: dir}."""
+    dirs = {}
+    for name in ["coordinator"] + [f"participant-{i}" for i in range(PARTICIPANTS)]:
+        host = lab.tmp / "hosts" / name
+        shutil.copytree(bundles / name, host / "bundle")
+        (host / "home").mkdir()
+        dirs[name] = host
+    return dirs
+
+
+def _deploy_and_run(
+    lab: Lab,
+    dirs: dict[str, Path],
+    ns: dict[str, str | None],
+    address: str,
+    listen: str,
+    run_config: str,
+    after_superlink: Callable[[], None] = lambda: None,
+) -> tuple[list[dict], dict]:
+    """SuperLink, connection, registration, SuperNodes, submit; (metrics, summary)."""
+    coord, cns = dirs["coordinator"], ns["coordinator"]
+    bundle = coord / "bundle"
+    port = address.rsplit(":", 1)[1]
+    argv = script("superlink.sh", bundle=bundle, host=listen, port=port)
+    lab.start("superlink", cns, argv, coord)
+    lab.wait_for_log("superlink", "Uvicorn running on https://")
+    after_superlink()
+    argv = script("connect.sh", name="hedrl", address=address, ca=bundle / "ca.crt")
+    lab.run(cns, argv, coord)
+    keys = sorted(str(p) for p in (bundle / "supernodes").glob("*.pub"))
+    lab.run(cns, script("register.sh", *keys, connection="hedrl"), coord)
+    for i in range(PARTICIPANTS):
+        host, hns = dirs[f"participant-{i}"], ns[f"participant-{i}"]
+        local_port = 9094 if hns else _free_port()  # one loopback: distinct ports
+        argv = script(
+            "supernode.sh", bundle=host / "bundle", superlink=address, port=local_port
+        )
+        lab.start(f"supernode-{i}", hns, argv, host)
+    results = coord / "results"
+    config = (
+        f"num-participants={PARTICIPANTS} num-rounds={ROUNDS} "
+        f"round-timeout=120.0 node-wait=60.0 {run_config}"
+    )
+    argv = script(
+        "submit.sh",
+        connection="hedrl",
+        results_dir=results,
+        run_name="deployed",
+        run_config=config,
+    )
+    proc = lab.run(cns, argv, coord, timeout=240)
+    run_dir = results / "deployed"
+    assert (run_dir / "summary.json").exists(), proc.stdout[-4000:]
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return rows, json.loads((run_dir / "summary.json").read_text())
+
+
+def _secret_signatures(participant_ctx: bytes, public_ctx: bytes) -> list[bytes]:
+    """64-byte pieces of the secret context that the public context lacks.
+
+    The serialized key material is compressed (high entropy), so such a piece
+    occurs in another file only if the secret key was copied there.
+    """
+    sigs = [
+        participant_ctx[i : i + 64]
+        for i in range(0, len(participant_ctx) - 64, 1024)
+        if participant_ctx[i : i + 64] not in public_ctx
+    ]
+    assert len(sigs) >= 8, "could not isolate the secret key's bytes"
+    return sigs
+
+
+def _assert_no_secret_key(root: Path, participant_ctx: bytes, public_ctx: bytes):
+    sigs = _secret_signatures(participant_ctx, public_ctx)
+    params = get_param_set("8k-35x3")
+    scanned = 0
+    for path in root.rglob("*"):
+        if not path.is_file() or path.is_symlink():
+            continue
+        scanned += 1
+        assert path.name != "participant.ctx", path
+        data = path.read_bytes()
+        assert not any(s in data for s in sigs), f"{path} holds secret-key bytes"
+        if path.suffix == ".ctx":
+            coordinator_backend(data, params, "ckks")  # raises on a secret key
+    assert scanned > 5, f"only {scanned} files under {root}"
+
+
+def _assert_rounds(rows: list[dict], summary: dict, backend: str) -> None:
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1)), rows
+    assert all(r["participants"] == PARTICIPANTS and r["missing"] == [] for r in rows)
+    assert all(r["backend"] == backend and r["stepped"] for r in rows), rows
+    assert summary["rounds"] == ROUNDS and summary["skipped_steps"] == 0, summary
+
+
+def test_encrypted_cartpole_across_namespaces(lab: Lab) -> None:
+    """3 CKKS rounds over TLS + node auth; keyless coordinator; bad nodes refused."""
+    names = ["coordinator"] + [f"participant-{i}" for i in range(PARTICIPANTS)]
+    ips = [COORD_IP] + [f"{SUBNET}.{11 + i}" for i in range(PARTICIPANTS)]
+    ns: dict[str, str | None] = dict(lab.make_hosts(names, ips))
+    _provision(lab, "ckks", COORD_IP, lab.tmp / "operator", PARTICIPANTS)
+    dirs = _hand_out(lab, lab.tmp / "operator")
+    address = f"{COORD_IP}:{PORT}"
+
+    # Two impostors on participant hosts, started once the SuperLink is up: an
+    # unregistered SuperNode key (right CA), and a registered key trusting another CA.
+    other = lab.tmp / "other-deployment"
+    _provision(lab, "plain", COORD_IP, other, 1)
+    bad = {name: lab.tmp / "hosts" / name for name in ("unregistered", "wrong-ca")}
+    shutil.copytree(other / "participant-0", bad["unregistered"] / "bundle")
+    shutil.copy(
+        dirs["participant-0"] / "bundle" / "ca.crt", bad["unregistered"] / "bundle"
+    )
+    shutil.copytree(dirs["participant-1"] / "bundle", bad["wrong-ca"] / "bundle")
+    shutil.copy(other / "ca" / "ca.crt", bad["wrong-ca"] / "bundle")
+    impostors: dict[str, subprocess.Popen] = {}
+
+    def start_impostors() -> None:
+        for k, (name, host) in enumerate(bad.items()):
+            (host / "home").mkdir()
+            argv = script(
+                "supernode.sh",
+                bundle=host / "bundle",
+                superlink=address,
+                port=9095,
+                max_retries=2,
+                max_wait_time=30,
+            )
+            impostors[name] = lab.start(name, ns[f"participant-{k + 1}"], argv, host)
+
+    rows, summary = _deploy_and_run(
+        lab, dirs, ns, address, "0.0.0.0", "", after_superlink=start_impostors
+    )
+    _assert_rounds(rows, summary, "ckks")
+    fingerprint = (dirs["coordinator"] / "bundle" / "fingerprint.txt").read_text()
+    assert summary["fingerprint"] == fingerprint.strip()
+
+    for name, proc in impostors.items():
+        rc = proc.wait(timeout=60)
+        assert rc != 0, f"{name} SuperNode was not refused:\n{lab.log(name)[-2000:]}"
+    assert "Failed to activate SuperNode" in lab.log("unregistered")
+    assert "CERTIFICATE_VERIFY_FAILED" in lab.log("wrong-ca")
+    assert "No SuperNode found with the given public key" in lab.log("superlink")
+
+    part_ctx = (dirs["participant-0"] / "bundle" / "participant.ctx").read_bytes()
+    pub_ctx = (dirs["coordinator"] / "bundle" / "coordinator.ctx").read_bytes()
+    _assert_no_secret_key(dirs["coordinator"], part_ctx, pub_ctx)
+    assert (dirs["coordinator"] / "results" / "deployed" / "checkpoint.npz").exists()
+
+
+def test_plaintext_twin_on_loopback(lab: Lab) -> None:
+    """The same deployment recipe on 127.0.0.1 with backend='plain' finishes."""
+    _provision(lab, "plain", "127.0.0.1", lab.tmp / "operator", PARTICIPANTS)
+    dirs = _hand_out(lab, lab.tmp / "operator")
+    ns: dict[str, str | None] = {name: None for name in dirs}
+    address = f"127.0.0.1:{_free_port()}"
+    rows, summary = _deploy_and_run(
+        lab, dirs, ns, address, "127.0.0.1", "backend='plain'"
+    )
+    _assert_rounds(rows, summary, "plain")
