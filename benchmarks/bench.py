@@ -444,56 +444,55 @@ def _progress(done: int, total: int, label: str, start: float, quiet: bool) -> N
 
 
 def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Every (P, K, workers) configuration, backends interleaved rep by rep."""
+    """Every (P, K) configuration; backends and worker counts interleaved per rep."""
     rng = np.random.default_rng(args.seed)
     hp = AdamHyper(lr=args.lr)
     pools: dict[tuple[str, int], ChunkPool] = {}
-    configs = [
-        (P, K, w) for P in args.params for K in args.participants for w in args.workers
-    ]
-    total = len(configs) * args.reps * len(args.backends)
+    variants = [(b, w) for w in args.workers for b in args.backends]
+    total = len(args.params) * len(args.participants) * args.reps * len(variants)
     done, start = 0, time.perf_counter()
     records = []
     with tempfile.TemporaryDirectory(prefix="hedrl-bench-") as tmp:
         keys_ = Keys(args.param_set, Path(tmp), hp)
+
+        def pool_for(b: str, w: int) -> ChunkPool | None:
+            if w > 0 and (b, w) not in pools:
+                pools[b, w] = ChunkPool(
+                    context=keys_.get(b)[2],
+                    param_set=args.param_set,
+                    backend=b,
+                    workers=w,
+                )
+            return pools.get((b, w))
+
         try:
             for P in args.params:
-                parties = {b: make_party(keys_, b, P, rng) for b in args.backends}
+                parties = {v: make_party(keys_, v[0], P, rng) for v in variants}
                 for K in args.participants:
+                    rounds = {}
+                    for v in variants:
+                        pool = pool_for(*v)
+                        _convert(parties[v], pool)
+                        rounds[v] = Round(parties[v], K, hp, args.mask_bits, rng, pool)
+                        for _ in range(args.warmup):  # not timed
+                            rounds[v].run(keys_)
+                    samples: dict[tuple[str, int], list[dict[str, float]]] = {
+                        v: [] for v in variants
+                    }
+                    for rep in range(args.reps):
+                        for v in variants:
+                            samples[v].append(rounds[v].run(keys_))
+                            done += 1
+                            label = f"{v[0]} K={K} P={P} w={v[1]} rep {rep + 1}"
+                            _progress(done, total, label, start, args.quiet)
                     for w in args.workers:
-                        rounds = {}
-                        for b in args.backends:
-                            pool = None
-                            if w > 0:
-                                if (b, w) not in pools:
-                                    _, _, ctx, _ = keys_.get(b)
-                                    pools[b, w] = ChunkPool(
-                                        context=ctx,
-                                        param_set=args.param_set,
-                                        backend=b,
-                                        workers=w,
-                                    )
-                                pool = pools[b, w]
-                            _convert(parties[b], pool)
-                            rounds[b] = Round(
-                                parties[b], K, hp, args.mask_bits, rng, pool
+                        records.extend(
+                            _records(
+                                {b: rounds[b, w] for b in args.backends},
+                                {b: samples[b, w] for b in args.backends},
+                                w,
                             )
-                            rounds[b].run(keys_)  # warm-up, not timed
-                        samples: dict[str, list[dict[str, float]]] = {
-                            b: [] for b in args.backends
-                        }
-                        for rep in range(args.reps):
-                            for b in args.backends:
-                                samples[b].append(rounds[b].run(keys_))
-                                done += 1
-                                _progress(
-                                    done,
-                                    total,
-                                    f"{b} K={K} P={P} w={w} rep {rep + 1}",
-                                    start,
-                                    args.quiet,
-                                )
-                        records.extend(_records(rounds, samples, w))
+                        )
         finally:
             for pool in pools.values():
                 pool.close()
@@ -686,6 +685,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="also write the Markdown table (always printed) to this file",
     )
+    ap.add_argument(
+        "--warmup", type=int, default=1, help="untimed rounds before the timed ones"
+    )
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="merge into the records already in --out (a configuration measured "
+        "again replaces its old records); plot and table show the merged set",
+    )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
 
@@ -693,11 +701,27 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     bad = [b for b in args.backends if b not in ("ckks", "plain")]
-    if bad or args.reps < 1 or min(args.workers) < 0 or min(args.participants) < 1:
+    if (
+        bad
+        or args.reps < 1
+        or args.warmup < 0
+        or min(args.workers) < 0
+        or min(args.participants) < 1
+    ):
         build_parser().error(
-            f"backends must be ckks/plain (got {bad}), reps ≥ 1, workers ≥ 0, K ≥ 1"
+            f"backends must be ckks/plain (got {bad}), reps ≥ 1, warmup ≥ 0, "
+            "workers ≥ 0, K ≥ 1"
         )
     records = run_sweep(args)
+    if args.append and args.out.exists():
+        ident = ("backend", "participants", "params", "workers", "param_set")
+        new_ids = {tuple(r[i] for i in ident) for r in records}
+        old = json.loads(args.out.read_text())
+        kept = [r for r in old if tuple(r[i] for i in ident) not in new_ids]
+        records = sorted(
+            kept + records,
+            key=lambda r: (r["workers"], r["params"], r["participants"], r["backend"]),
+        )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(records, indent=1) + "\n")
     table = markdown_table(records)
