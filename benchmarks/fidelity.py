@@ -161,8 +161,10 @@ def run_one(
         "curve": [
             [r["round"], r["return_mean"], r["episodes"]] for r in rows if r["episodes"]
         ],
-        "theta_trace": [t.tolist() for t in trace.theta],
-        "aggregate_trace": [a.tolist() for a in trace.aggregate],
+        "_traces": {
+            "theta": np.array(trace.theta),
+            "aggregate": np.array(trace.aggregate),
+        },
         "solve_threshold": bench["solve-threshold"],
         "random_return": bench["random-return"],
     }
@@ -170,6 +172,26 @@ def run_one(
 
 def result_path(out: Path, env: str, variant: str, seed: int) -> Path:
     return out / "fidelity" / env / f"{variant}-seed{seed}.json"
+
+
+def trace_path(out: Path, env: str, variant: str, seed: int) -> Path:
+    """θ and aggregate of the first rounds (large; kept out of git)."""
+    return out / "fidelity" / ".traces" / env / f"{variant}-seed{seed}.npz"
+
+
+def write_result(out: Path, res: dict[str, Any]) -> Path:
+    """Write a run's traces (npz) and its result (JSON, atomically, last)."""
+    env, variant, seed = res["env"], res["variant"], res["seed"]
+    traces = res.pop("_traces")
+    tpath = trace_path(out, env, variant, seed)
+    tpath.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(tpath, **traces)
+    path = result_path(out, env, variant, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_path = path.with_suffix(".tmp")
+    tmp_path.write_text(json.dumps(res))
+    tmp_path.replace(path)
+    return path
 
 
 def sweep(
@@ -190,10 +212,7 @@ def sweep(
                 with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
                     log.info("run %s seed %d %s", env, seed, variant)
                     res = run_one(env, seed, variant, Path(tmp), max_rounds=max_rounds)
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp_path = path.with_suffix(".tmp")
-                tmp_path.write_text(json.dumps(res))
-                tmp_path.replace(path)
+                write_result(out, res)
                 log.info(
                     "%s seed %d %s: final return %s, solved at %s, %.0f s",
                     env,

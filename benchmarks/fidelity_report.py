@@ -43,6 +43,27 @@ def _gap(
     }
 
 
+def _rel_rows(a: np.ndarray, b: np.ndarray) -> list[float]:
+    return [
+        float(np.max(np.abs(x - y)) / max(1e-12, float(np.max(np.abs(y)))))
+        for x, y in zip(a, b, strict=False)
+    ]
+
+
+def _drift(out: Path, env: str, variants: dict[str, Any]) -> dict[str, Any]:
+    """Per-round max relative difference, encrypted vs twin (decrypted), per seed."""
+    from benchmarks.fidelity import trace_path
+
+    theta, agg = {}, {}
+    for s in sorted(set(variants["ckks"]) & set(variants["plain"])):
+        pc, pp = trace_path(out, env, "ckks", s), trace_path(out, env, "plain", s)
+        if pc.exists() and pp.exists():
+            with np.load(pc) as c, np.load(pp) as p:
+                theta[str(s)] = _rel_rows(c["theta"], p["theta"])
+                agg[str(s)] = _rel_rows(c["aggregate"], p["aggregate"])
+    return {"theta_max_rel_diff": theta, "aggregate_max_rel_diff": agg}
+
+
 def summarise(out: Path) -> dict[str, Any]:
     """Per env: per-seed numbers, success counts, gap, gap_twin with bootstrap CIs."""
     rng = np.random.default_rng(0)
@@ -87,22 +108,9 @@ def summarise(out: Path) -> dict[str, Any]:
                     g = _gap(variants["ckks"], variants[ref], scale, rng)
                     entry[key] = None if g is None else g["gap"]
                     entry[key + "_detail"] = g
-            # closed-loop drift: max relative θ difference per round, first rounds
+            # closed-loop drift of θ and of the aggregate, first rounds, per seed
             if "plain" in variants:
-                drift = []
-                for s in sorted(set(variants["ckks"]) & set(variants["plain"])):
-                    a = variants["ckks"][s]["theta_trace"]
-                    b = variants["plain"][s]["theta_trace"]
-                    drift.append(
-                        [
-                            float(
-                                np.max(np.abs(np.subtract(x, y)))
-                                / max(1e-12, float(np.max(np.abs(y))))
-                            )
-                            for x, y in zip(a, b, strict=False)
-                        ]
-                    )
-                entry["closed_loop_theta_rel_diff"] = drift
+                entry["closed_loop_drift"] = _drift(out, env, variants)
         summary[env] = entry
     return summary
 
