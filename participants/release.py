@@ -99,16 +99,38 @@ def load_policy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
 
 
 def evaluate(
-    path: Path, *, env_id: str | None, episodes: int, seed: int
+    path: Path,
+    *,
+    env_id: str | None,
+    episodes: int,
+    seed: int,
+    gif: Path | None = None,
+    fps: int = 30,
 ) -> list[float]:
-    """Run ``episodes`` episodes of the released (stochastic) policy; raw returns."""
+    """Run ``episodes`` episodes of the released (stochastic) policy; raw returns.
+
+    With ``gif``, the frames of the first episode are written as an animated GIF
+    (needs Pillow).
+    """
     from participants.policy import ActorCritic, Layout
     from participants.rollout import make_envs
 
     theta, info = load_policy(path)
     layout = Layout(tuple(info["names"]), tuple(tuple(s) for s in info["shapes"]))
     policy = ActorCritic(layout, bool(info["continuous"]))
-    envs = make_envs(env_id or info["env_id"], 1, seed, 1.0)
+    frames: list[np.ndarray] = []
+    if gif is not None:
+        try:
+            from PIL import Image
+        except ImportError as exc:
+            raise ValueError("--gif needs Pillow: pip install pillow") from exc
+    envs = make_envs(
+        env_id or info["env_id"],
+        1,
+        seed,
+        1.0,
+        render_mode="rgb_array" if gif is not None else None,
+    )
     rng = np.random.default_rng(seed)
     obs = envs.last_obs
     space = envs.single_action_space
@@ -117,10 +139,22 @@ def evaluate(
         actions, _, _ = policy.act(theta, obs, rng)
         if info["continuous"]:
             actions = np.clip(actions, space.low, space.high)
+        if gif is not None and not returns:
+            frames.append(np.asarray(envs.render()[0]))
         obs, _, _, _, infos = envs.step(actions)
         if "_episode" in infos:
             returns += [float(r) for r in infos["episode"]["r"][infos["_episode"]]]
     envs.close()
+    if gif is not None and frames:
+        images = [Image.fromarray(f) for f in frames]
+        gif.parent.mkdir(parents=True, exist_ok=True)
+        images[0].save(
+            gif,
+            save_all=True,
+            append_images=images[1:],
+            duration=int(1000 / fps),
+            loop=0,
+        )
     return returns[:episodes]
 
 
@@ -187,10 +221,20 @@ def eval_main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--episodes", type=int, default=10, help="episodes (default 10)")
     ap.add_argument("--seed", type=int, default=0, help="environment seed")
+    ap.add_argument(
+        "--gif",
+        type=Path,
+        default=None,
+        help="record the first episode as an animated GIF (needs Pillow)",
+    )
     args = ap.parse_args(argv)
     try:
         returns = evaluate(
-            args.policy, env_id=args.env_id, episodes=args.episodes, seed=args.seed
+            args.policy,
+            env_id=args.env_id,
+            episodes=args.episodes,
+            seed=args.seed,
+            gif=args.gif,
         )
     except (OSError, KeyError, ValueError) as exc:
         print(f"hedrl-eval: error: {exc}", file=sys.stderr)

@@ -168,7 +168,12 @@ class ScaleForLearning(VectorWrapper):
 
 
 def make_envs(
-    env_id: str, num_envs: int, seed: int, reward_scale: float, obs_scaling: bool = True
+    env_id: str,
+    num_envs: int,
+    seed: int,
+    reward_scale: float,
+    obs_scaling: bool = True,
+    render_mode: str | None = None,
 ) -> ScaleForLearning:
     """Build ``SyncVectorEnv(SAME_STEP)``, ``RecordEpisodeStatistics``, scaling.
 
@@ -186,6 +191,8 @@ def make_envs(
         Learning-only reward factor; episode statistics stay raw.
     obs_scaling : bool, default True
         Scale finite-bound observation dims to ``[-1, 1]``.
+    render_mode : str or None, default None
+        Passed to ``gym.make`` (``"rgb_array"`` to record frames in evaluation).
 
     Returns
     -------
@@ -194,7 +201,7 @@ def make_envs(
         observations are in ``last_obs``.
     """
     envs = SyncVectorEnv(
-        [partial(gym.make, env_id) for _ in range(num_envs)],
+        [partial(gym.make, env_id, render_mode=render_mode) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
     wrapped = ScaleForLearning(RecordEpisodeStatistics(envs), reward_scale, obs_scaling)

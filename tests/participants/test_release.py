@@ -86,3 +86,19 @@ def test_eval_runs_released_policy(trained, capsys):
     res = json.loads(capsys.readouterr().out)
     assert res["episodes"] == 3 and len(res["returns"]) == 3
     assert all(1 <= r <= 500 for r in res["returns"])  # CartPole: +1 per step
+
+
+def test_eval_records_gif(trained, tmp_path, capsys):
+    """--gif writes an animated GIF of the first episode."""
+    from PIL import Image  # in the test extra
+
+    tmp, key_dir, ckpt = trained
+    out = tmp / "policy3.npz"
+    rel.release(key_dir, ckpt, out)
+    gif = tmp_path / "ep.gif"
+    assert rel.eval_main([str(out), "--episodes", "1", "--gif", str(gif)]) == 0
+    res = json.loads(capsys.readouterr().out)
+    with Image.open(gif) as im:
+        # one frame per step; Pillow merges identical consecutive frames
+        assert 2 <= im.n_frames <= int(res["returns"][0])
+        assert im.size[0] > 100 and im.size[1] > 100
