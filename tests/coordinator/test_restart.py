@@ -135,3 +135,38 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
     assert r3["participants"] == 0 and len(r3["missing"]) == 3
     assert kept["after"] == kept["good"]  # θ is exactly the last accepted one
     assert fed.history[3]["stepped"] and not fed.history[3]["rejected"]
+
+
+def test_forged_gradient_under_foreign_key_caught_by_participants(tmp_path):
+    """A gradient under a foreign key with a matching header is summed (the keyless
+    coordinator cannot tell); participants refuse the resulting θ; rolled back."""
+    from flwr.app import Array, Message
+
+    other = tmp_path / "other"
+    keys.write_keys(other, PS, "ckks", force=False)
+    foreign, _ = keys.participant_backend(other / "participant.ctx", PS, "ckks")
+
+    def tamper(request: Message, reply: Message) -> Message:
+        task = request.content["task"]
+        if (
+            request.metadata.message_type == "train"
+            and int(task["round"]) == 2
+            and request.metadata.dst_node_id == 1001
+        ):
+            arr = reply.content["gradient"]
+            for key in list(arr.keys()):
+                junk = foreign.encrypt(np.full(PS.slots, 0.01))
+                arr[key] = Array(
+                    dtype="uint8", shape=(len(junk),), stype="raw", data=junk
+                )
+        return reply
+
+    raw = _raw(tmp_path, **{"run-name": "forged-grad", "num-rounds": 4})
+    fed = Federation(
+        LocalGrid(RUN_ID, raw, 3, tamper=tamper), RunConfig.from_mapping(raw), RUN_ID
+    )
+    fed.run()
+    h = fed.history
+    assert h[1]["stepped"] and not h[1]["rejected"]  # it looked valid
+    assert h[2]["rolled_back"] is True and h[2]["participants"] == 0
+    assert h[3]["stepped"] and h[3]["participants"] == 3
