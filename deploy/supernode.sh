@@ -16,6 +16,10 @@ deploy/register.sh) and passes the node config
 to the hedrl ClientApp (N from DIR/index: seeds this participant's
 environments). hedrl must be installed on this host (pip install -e .).
 A SuperNode does not install app dependencies at run time unless asked.
+Its SuperExec looks for new work every FLWR_SUPEREXEC_TASK_POLL_INTERVAL
+seconds: Flower's default is 1 s, this script sets 0.1 unless the variable is
+already set (each message is a fresh ClientApp process; this shortens the wait
+before it starts).
 
 Options:
   --bundle DIR          this participant's bundle (participant-N/)
@@ -51,6 +55,7 @@ bundle="$(cd "$bundle" && pwd)"
 [[ -n "$index" ]] || index="$(cat "$bundle/index")"
 [[ "$index" =~ ^[0-9]+$ ]] || { echo "supernode.sh: participant index must be an integer, got '$index'" >&2; exit 2; }
 
+export FLWR_SUPEREXEC_TASK_POLL_INTERVAL="${FLWR_SUPEREXEC_TASK_POLL_INTERVAL:-0.1}"
 args=(--superlink "$superlink" --port "$port" "${retry[@]}"
       --node-config "secret-context='$bundle/participant.ctx' participant-index=$index")
 if [[ $insecure -eq 1 ]]; then
