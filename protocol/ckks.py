@@ -201,8 +201,9 @@ class CkksBackend(Backend):
             raise CiphertextError(f"ciphertext of size {ct.size()}, expected 2")
         if abs(ct.scale / self.params.scale - 1) > 1e-6:
             raise CiphertextError(
-                f"ciphertext scale 2^{np.log2(ct.scale):.3f}, expected "
-                f"2^{self.params.scale_bits}"
+                f"ciphertext scale 2^{np.log2(ct.scale):.7f} "
+                f"(x{ct.scale / self.params.scale:.7f} of Δ), "
+                f"expected 2^{self.params.scale_bits}"
             )
         return Ct(vec, level)
 

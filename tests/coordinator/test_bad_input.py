@@ -179,3 +179,33 @@ def test_raw_array_required():
     rd["gradient"]["0"] = Array(np.zeros(3, dtype=np.float32))
     with pytest.raises(WireFormatError, match="raw byte array"):
         read_vector(rd, "gradient", exp)
+
+
+def test_ciphertext_at_wrong_scale_rejected(ckks_pair, ps):
+    """A product whose SEAL scale is Δ²/q (not Δ) is refused, naming the scale."""
+    import os
+    import tempfile
+
+    import tenseal.sealapi as sealapi
+
+    part, coord, fp, _ = ckks_pair
+    ct = coord.load(part.encrypt(np.full(ps.slots, 0.5)), level=ps.depth)
+    raw = ct.data.ciphertext()[0]
+    ev = sealapi.Evaluator(coord.ctx.seal_context().data)
+    prod = sealapi.Ciphertext()
+    ev.multiply(raw, raw, prod)
+    ev.relinearize_inplace(prod, coord.ctx.relin_keys().data)
+    ev.rescale_to_next_inplace(prod)  # SEAL keeps the true scale Δ²/q_l
+    fd, path = tempfile.mkstemp()
+    os.close(fd)
+    prod.save(path)
+    data = open(path, "rb").read()
+    os.unlink(path)
+    rd = RecordDict()
+    exp = _expect(ps, fp, level=ps.depth - 1)
+    write_vector(rd, "gradient", make_header(exp, value_count=10, round_=1), [data])
+    with pytest.raises(
+        CiphertextError,
+        match=r"ciphertext scale 2\^35\.0000\d+ \(x1\.0000\d+ of Δ\), expected 2\^35",
+    ):
+        receive_cts(coord, rd, "gradient", exp)

@@ -165,7 +165,7 @@ def test_bad_reply_rejected_round_continues(tmp_path, how, error):
     assert np.all(np.isfinite(_theta(tmp_path, fed, "ckks")))
 
 
-def test_replayed_reply_from_earlier_round_rejected(tmp_path):
+def test_replay_of_earlier_round_reply_rejected(tmp_path):
     """Round 2's reply replayed in round 3 fails the round check; state stays sane."""
     saved: dict[int, RecordDict] = {}
 

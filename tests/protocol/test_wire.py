@@ -182,7 +182,7 @@ def test_random_bytes_as_ciphertext_raise_ciphertext_error(ckks_pair, ps):
         )
 
 
-def test_non_finite_update_refused_before_encryption(plain, ps):
+def test_nan_inf_update_refused_before_encryption(plain, ps):
     """NaN/Inf gradients are refused by the participant codec."""
     values = np.zeros(N_VALUES)
     values[10] = np.nan
