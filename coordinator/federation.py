@@ -172,6 +172,13 @@ class Federation:
         self.be, self.fingerprint = keys.coordinator_backend(
             ctx_bytes, self.params, self.cfg.backend
         )
+        expected = self.cfg.expect_fingerprint.strip().lower()
+        if expected and expected != self.fingerprint:
+            raise FingerprintMismatch(
+                expected=expected,
+                received=self.fingerprint,
+                where="evaluation context vs expect-fingerprint",
+            )
         for node, info in zip(self.nodes, infos, strict=True):
             if info["fingerprint"] != self.fingerprint:
                 raise FingerprintMismatch(

@@ -77,6 +77,8 @@ class RunConfig:
     """Name of the results folder (default: run-<run id>)."""
     keys_dir: str = "~/.hedrl/keys"
     """Participants provision run-<run id>/ here unless node-config names a context."""
+    expect_fingerprint: str = ""
+    """Fingerprint printed by hedrl-keygen; the coordinator refuses any other key."""
     resume_from: str = ""
     """Path of a checkpoint.npz to continue from (same key, same total rounds)."""
     checkpoint_every: int = 50

@@ -159,3 +159,11 @@ def test_fingerprint_mismatch_refused_at_setup(tmp_path):
             "ckks",
             node_configs={2: {"secret-context": str(other / "participant.ctx")}},
         )
+
+
+def test_fingerprint_expected_by_operator_enforced(tmp_path):
+    """expect-fingerprint: a context whose key is not the provisioned one is refused."""
+    raw = _config(tmp_path, "plain", **{"expect-fingerprint": "ab" * 32})
+    grid = LocalGrid(RUN_ID, raw, 3)
+    with pytest.raises(FingerprintMismatch, match="expect-fingerprint"):
+        Federation(grid, RunConfig.from_mapping(raw), RUN_ID).setup()
