@@ -200,8 +200,9 @@ def make_envs(
         The wrapped env, already reset once with ``seed``; its first
         observations are in ``last_obs``.
     """
+    extra = {} if render_mode is None else {"render_mode": render_mode}
     envs = SyncVectorEnv(
-        [partial(gym.make, env_id, render_mode=render_mode) for _ in range(num_envs)],
+        [partial(gym.make, env_id, **extra) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
     wrapped = ScaleForLearning(RecordEpisodeStatistics(envs), reward_scale, obs_scaling)
