@@ -20,11 +20,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, initial_state
 from protocol.backend import Backend, Ct, PlainBackend
 from protocol.errors import ConfigError
 
-__all__ = ["AdamHyper", "ChunkState", "step", "step_chunk"]
+__all__ = ["AdamHyper", "ChunkState", "initial_state", "step", "step_chunk"]
 
 
 @dataclass
@@ -156,12 +156,6 @@ def circuit_reference(
     r_new = s * r * h
     theta_new = theta + m_new * (-hp.a(t) * s * r) * h
     return theta_new, m_new, v_new, r_new
-
-
-def initial_state(squares_mean: np.ndarray, hp: AdamHyper) -> tuple[np.ndarray, ...]:
-    """m0 = 0, V0 = mean g² + δ and r0 = V0^(−1/2) (computed by a key holder)."""
-    v0 = np.asarray(squares_mean, dtype=np.float64) + hp.delta
-    return np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)
 
 
 def exact_adam(

@@ -13,6 +13,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from participants.learner import Learner, clip_and_scale
 from protocol import keys
 from protocol import messages as msg
+from protocol.adam import initial_state
 from protocol.backend import Backend
 from protocol.codec import receive_plain, send_plain
 from protocol.config import RunConfig, expand_dir
@@ -243,10 +244,11 @@ class Node:
                 f"round {t}: squared-gradient sum is not a sum of squares"
             )
         k = float(task.get("k", 1.0))  # K/K': mean over the replies that arrived
-        v0 = k * np.maximum(squares, 0.0) + self.cfg.hyper.delta
         out = RecordDict()
         for name, values in zip(
-            msg.STATE_NAMES, (np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)), strict=True
+            msg.STATE_NAMES,
+            initial_state(k * np.maximum(squares, 0.0), self.cfg.hyper),
+            strict=True,
         ):
             send_plain(
                 be,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(frozen=True)
 class AdamHyper:
@@ -37,3 +39,11 @@ class AdamHyper:
     def a(self, t: int) -> float:
         """Step size a_t = lr/(1−β1^t) (V starts from data: no √(1−β2^t))."""
         return self.lr / (1 - self.beta1**t)
+
+
+def initial_state(
+    squares_mean: np.ndarray, hp: AdamHyper
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """m0 = 0, V0 = mean g² + δ and r0 = V0^(−1/2) (computed by a key holder)."""
+    v0 = np.asarray(squares_mean, dtype=np.float64) + hp.delta
+    return np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)
