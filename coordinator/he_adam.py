@@ -5,9 +5,12 @@ Nguyen, Lauter & Kim, Nature Machine Intelligence 7, 2025). State per slot:
 θ, m, V (= v + δ) and r ≈ V^(−1/2). One Newton step, warm-started from
 β2^(−1/2)·r, tracks V'^(−1/2):
 
-    depth 1:  p = x·r   q = (V + c²δ)·r   X2 = x·x   m' = β1·m + ((1−β1)/c)·x
-    depth 2:  P = q·r + p·p   nr = m'·((−a_t·s)·r)   V' = β2·(V + X2) + (1−β2)·δ
+    depth 1:  X2 = x·x   R2 = r·r   W = (V + c²δ) + X2   m' = β1·m + ((1−β1)/c)·x
+    depth 2:  P = W·R2   nr = m'·((−a_t·s)·r)   V' = β2·W + (1−β2)·δ − β2c²δ
     depth 3:  H = 3 − P   r' = (s·r)·H   θ' = θ + nr·H
+
+P = W·r² equals ARCHITECTURE §6's q·r + p·p (p = x·r, q = (V + c²δ)·r) with
+two products fewer.
 
 with c = sqrt((1−β2)/β2), s = β2^(−1/2)/2, δ = c²/u_max and, because V starts
 from data (V0 = mean g² + δ), a_t = lr/(1−β1^t). ``x`` is the sum of the
@@ -59,39 +62,35 @@ def _scal_into(be: Backend, a: Ct, c: float, last: Ct) -> Ct:
 def step_chunk(
     be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper, k: float = 1.0
 ) -> ChunkState:
-    """One HE-Adam step on one chunk; t counts from 1.
+    """One HE-Adam step on one chunk; t counts from 1. Six ct×ct products.
 
     ``k = K/K'`` corrects for dropouts: participants weighted their gradient by
     1/K before they knew that only K' would reply, so the circuit runs on k·x.
-    k enters m' and V' through their public scalars; for r' and θ' the factor k²
-    of p·p lands on a depth-1 factor (ARCHITECTURE §6) — still depth 3.
+    P = (V + c²δ)·r² + k²·x²·r² is evaluated as W·(k²r²) with
+    W = (V + c²δ)/k² + x²: the 1/k² is a scalar product on V (which has a level
+    to spare) and the k² on r² is bookkeeping only (the handle's factor), so the
+    same depth-3 circuit serves every k with 6 products instead of 8
+    (ARCHITECTURE §6 spells out the 8-product form; the values are identical).
     """
     c, s, d = hp.c, hp.s, hp.delta
-    p = be.mul(x, st.r)
-    q = be.mul(be.add_scalar(st.V, c * c * d), st.r)
-    x2 = be.mul(x, x)
+    kk = k * k
+    x2 = be.mul(x, x)  # depth 1
+    r2 = be.mul(st.r, st.r)  # depth 1
+    vc = be.add_scalar(st.V, c * c * d)
+    if kk == 1.0 and abs(x2.factor / vc.factor - 1.0) < 1e-12:
+        w = be.add(vc, x2)  # x carries b_top^(−½), so x² has factor 1: no product
+    else:
+        w = be.add(be.scal(vc, 1.0 / kk, out_factor=x2.factor), x2)  # depth 1
+    r2k = Ct(r2.data, r2.level, r2.factor / kk)  # the value k²·r²: factor only
+    h = be.add_scalar(be.neg(be.mul(w, r2k)), 3.0)  # H = 3 − P, depth 2
     m_new = be.add(be.scal(st.m, hp.beta1), be.scal(x, k * (1 - hp.beta1) / c))
+    # V' = β2·(V + k²x²) + (1−β2)·δ = β2k²·W + (1−β2)·δ − β2c²δ
     v_new = be.add_scalar(
-        be.add(be.scal(st.V, hp.beta2), be.scal(x2, hp.beta2 * k * k)),
-        (1 - hp.beta2) * d,
+        be.scal(w, hp.beta2 * kk), (1 - hp.beta2) * d - hp.beta2 * c * c * d
     )
-    qr = be.mul(q, st.r)
-    pp = be.mul(p, p)
-    if k == 1.0:
-        h = be.add_scalar(be.neg(be.add(qr, pp)), 3.0)  # H = 3 − P, P's factor
-        r_new = be.mul(_scal_into(be, st.r, s, h), h)
-        nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))
-        theta_new = be.add(st.theta, be.mul(nr, h))
-        return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
-    # dropout form: H = A − k²·B with A = 3 − q·r and B = p·p
-    a = be.add_scalar(be.neg(qr), 3.0)
-    r_new = be.sub(
-        be.mul(_scal_into(be, st.r, s, a), a),
-        be.mul(_scal_into(be, st.r, k * k * s, pp), pp),
-    )
-    nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, a))
-    mk = be.mul(m_new, _scal_for(be, st.r, hp.a(t) * s * k * k, m_new, pp))
-    theta_new = be.add(be.add(st.theta, be.mul(nr, a)), be.mul(mk, pp))
+    r_new = be.mul(_scal_into(be, st.r, s, h), h)  # depth 3
+    nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))  # depth 2
+    theta_new = be.add(st.theta, be.mul(nr, h))  # depth 3
     return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
 
 

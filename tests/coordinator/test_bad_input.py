@@ -190,7 +190,7 @@ def test_ciphertext_at_wrong_scale_rejected(ckks_pair, ps):
 
     part, coord, fp, _ = ckks_pair
     ct = coord.load(part.encrypt(np.full(ps.slots, 0.5)), level=ps.depth)
-    raw = ct.data.ciphertext()[0]
+    raw = ct.data
     ev = sealapi.Evaluator(coord.ctx.seal_context().data)
     prod = sealapi.Ciphertext()
     ev.multiply(raw, raw, prod)
