@@ -5,9 +5,11 @@ round runs through the real code of both sides —
 
     participant  clip/scale (participants.learner) → encrypt + records (protocol.codec
                  send_plain) → Flower wire bytes (flwr serde)
-    coordinator  parse (receive_cts) → homomorphic sum → unmask the refresher's
-                 re-encrypted state → HE-Adam (coordinator.he_adam.step) → θ records
-                 at the bottom level (send_cts) → masked state for the next refresher
+    coordinator  headers (read_vector) → ciphertext parsing, homomorphic sum,
+                 unmasking of the refresher's re-encrypted state and HE-Adam
+                 (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
+                 as the federation calls them) → θ records at the bottom level
+                 (send_cts) → masked state for the next refresher
                  (Federation._masked_state)
     participant  θ decrypt (receive_plain); the refresher decrypts and re-encrypts
                  the masked m, V, r (as participants.node does)
@@ -16,7 +18,9 @@ Participants run in parallel in a federation, so a round's critical path is
 ``round_s = coordinator_s + participant_s + refresh_s`` (one participant's own
 work, plus the refresher's extra work); transport latency is not included.
 ``--workers N`` shards the coordinator's per-chunk work (ciphertext parsing, sum,
-unmask, HE-Adam, masking) over N processes (coordinator.workers.ChunkPool).
+unmask, HE-Adam) over N processes (coordinator.workers.ChunkPool); ``step_s`` is
+that work's wall time and parse/sum/unmask/adam its breakdown (CPU seconds summed
+over the workers when sharded).
 Backends of one configuration run interleaved in one process; every number is the
 median over ``--reps`` rounds.
 """
@@ -42,8 +46,8 @@ from flwr.common import serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
 from coordinator.federation import Federation
-from coordinator.he_adam import ChunkState, initial_state, step
-from coordinator.workers import ChunkPool, WireCt, from_wire, to_wire
+from coordinator.he_adam import initial_state
+from coordinator.workers import STEP_STAGES, ChunkPool, step_chunks
 from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import keys
@@ -54,19 +58,12 @@ from protocol.codec import receive_cts, receive_plain, send_cts, send_plain
 from protocol.config import RunConfig
 from protocol.packing import n_chunks
 from protocol.params import get_param_set
-from protocol.records import read_vector, write_vector
-from protocol.wire import Expect, make_header
+from protocol.records import read_vector
+from protocol.wire import Expect
 
 PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
-COORDINATOR_STAGES = (
-    "parse_s",
-    "sum_s",
-    "unmask_s",
-    "adam_s",
-    "broadcast_s",
-    "mask_s",
-)
-STAGES = PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES
+COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "mask_s")
+STAGES = PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
 DEFAULT_PARTICIPANTS = "2,4,8,16,32,64"
 DEFAULT_PARAMS = "10k,100k,1M"
 RUN_ID = 5
@@ -276,115 +273,65 @@ class Round:
         p = self.p
         with clock("broadcast_s"):
             rd = RecordDict()
-            if self.pool is None:
-                self.down_bytes = send_cts(
-                    p.coord, rd, msg.THETA, p.theta, p.expect("theta", 0), p.t, p.params
-                )
-            else:
-                hdr = make_header(
-                    p.expect("theta", 0), value_count=p.params, round_=p.t
-                )
-                self.down_bytes = write_vector(
-                    rd, msg.THETA, hdr, [w.data for w in p.theta]
-                )
+            self.down_bytes = send_cts(
+                p.coord, rd, msg.THETA, p.theta, p.expect("theta", 0), p.t, p.params
+            )
             return to_wire_bytes(rd)
 
     def _mask(self, clock: Clock) -> tuple[bytes, list[np.ndarray]]:
         p, fed = self.p, self.fed
         with clock("mask_s"):
-            if self.pool is None:
-                fed.state, fed._round = p.state, p.t
-                rd, masks, _ = fed._masked_state()
-            else:
-                bound = float(2**fed.cfg.mask_bits)
-                per = [
-                    [self.rng.uniform(-bound, bound, p.ps.slots) for _ in range(3)]
-                    for _ in range(p.chunks)
-                ]
-                masked = self.pool.mask(p.state, per)
-                rd = RecordDict()
-                for j, name in enumerate(msg.STATE_NAMES):
-                    hdr = make_header(
-                        p.expect("state", 0, name),
-                        value_count=p.chunks * p.ps.slots,
-                        round_=p.t,
-                    )
-                    write_vector(
-                        rd, msg.state_key("state", name), hdr, [c[j] for c in masked]
-                    )
-                masks = [per[i][j] for j in range(3) for i in range(p.chunks)]
+            fed.state, fed._round = p.state, p.t
+            rd, masks, _ = fed._masked_state()
             return to_wire_bytes(rd), masks
 
-    def _parse(self, wire: bytes, clock: Clock) -> list[Any]:
-        p, top = self.p, self.p.ps.depth
-        with clock("parse_s"):
+    def _headers(self, wire: bytes, keys_exps: list[tuple[str, Expect]], clock: Clock):
+        """Header checks and raw chunks, as Federation._parse_reply does."""
+        with clock("headers_s"):
             rd = from_wire_bytes(wire)
-            if self.pool is not None:  # headers here, ciphertexts in the workers
-                _, chunks = read_vector(rd, msg.GRADIENT, p.expect("gradient", top))
-                gf = p.coord.gradient_factor
-                return [WireCt(c, top, gf) for c in chunks]
-            grad = receive_cts(p.coord, rd, msg.GRADIENT, p.expect("gradient", top))
-            for c in grad:
-                c.factor = p.coord.gradient_factor
-            return grad
-
-    def _unmask(self, wire: bytes, masks: list[np.ndarray], clock: Clock) -> list:
-        p, be, top, n = self.p, self.p.coord, self.p.ps.depth, self.p.chunks
-        with clock("unmask_s"):
-            rd = from_wire_bytes(wire)
-            per_name = []
-            for j, name in enumerate(msg.STATE_NAMES):
-                key, exp = (
-                    msg.state_key("refresh", name),
-                    p.expect("refresh", top, name),
-                )
-                if self.pool is not None:
-                    _, chunks = read_vector(rd, key, exp)
-                    per_name.append([WireCt(c, top) for c in chunks])
-                else:
-                    cts = receive_cts(be, rd, key, exp)
-                    per_name.append(
-                        [be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)]
-                    )
-            return list(zip(*per_name, strict=True))
+            return [read_vector(rd, key, exp)[1] for key, exp in keys_exps]
 
     def run(self, keys: Keys) -> dict[str, float]:
         """One timed round: stage seconds (participant stages per participant)."""
-        p, be = self.p, self.p.coord
+        p, be, top, n = self.p, self.p.coord, self.p.ps.depth, self.p.chunks
         clock = keys.current = Clock()
         theta_wire = self._broadcast(clock)
         state_wire, masks = self._mask(clock)
-        fresh = self._unmask(self._refresher(state_wire, clock), masks, clock)
-        acc: list[Any] = []
-        for i in range(self.k):  # replies are parsed and summed as they arrive
-            grad = self._parse(self._participant(theta_wire, clock), clock)
-            if self.pool is not None:  # chunk j of every reply, in reply order
-                acc = [[] for _ in grad] if i == 0 else acc
-                for lst, g in zip(acc, grad, strict=True):
-                    lst.append(g)
-                continue
-            with clock("sum_s"):
-                acc = (
-                    grad
-                    if i == 0
-                    else [be.add(a, b) for a, b in zip(acc, grad, strict=True)]
-                )
-        with clock("adam_s"):
+        refresh = self._headers(
+            self._refresher(state_wire, clock),
+            [
+                (msg.state_key("refresh", name), p.expect("refresh", top, name))
+                for name in msg.STATE_NAMES
+            ],
+            clock,
+        )
+        grads = [
+            self._headers(
+                self._participant(theta_wire, clock),
+                [(msg.GRADIENT, p.expect("gradient", top))],
+                clock,
+            )[0]
+            for _ in range(self.k)
+        ]
+        unmask = [[masks[j * n + i] for j in range(3)] for i in range(n)]
+        args = (
+            p.theta,
+            list(zip(*refresh, strict=True)),
+            top,
+            unmask,
+            [[g[i] for g in grads] for i in range(n)],
+            p.t,
+            self.hp,
+        )
+        with clock("step_s"):
             if self.pool is None:
-                states = [
-                    ChunkState(th, *s) for th, s in zip(p.theta, fresh, strict=True)
-                ]
-                new = step(be, states, acc, p.t, self.hp)
-                p.theta = [c.theta for c in new]
-                p.state = [(c.m, c.V, c.r) for c in new]
+                res = step_chunks(be, *args)
             else:
-                n = p.chunks
-                unmask = [[masks[j * n + i] for j in range(3)] for i in range(n)]
-                out = self.pool.step(p.theta, fresh, acc, p.t, self.hp, unmask=unmask)
-                p.theta = [c[0] for c in out]
-                p.state = [(c[1], c[2], c[3]) for c in out]
+                res = self.pool.step(*args)
+        p.theta, p.state = res.theta, res.state
         p.t += 1
         t = clock.t
+        t.update(res.timings)
         t["p_records_s"] -= t["_decrypt"] + t["_encrypt"]
         t["p_decrypt_s"], t["p_encrypt_s"] = t["_decrypt"], t["_encrypt"]
         out_t = {s: t.get(s, 0.0) for s in STAGES}
@@ -414,18 +361,6 @@ def make_party(
     p.theta = [coord.to_bottom(c) for c in cts["theta"]]
     p.state = list(zip(*(cts[n] for n in msg.STATE_NAMES), strict=True))
     return p
-
-
-def _convert(p: Party, pool: ChunkPool | None) -> None:
-    """Hold θ and the state as live handles (in-process) or as bytes (workers)."""
-    be = p.coord
-    wire = isinstance(p.theta[0], WireCt)
-    if pool is not None and not wire:
-        p.theta = [to_wire(be, c) for c in p.theta]
-        p.state = [tuple(to_wire(be, c) for c in s) for s in p.state]
-    elif pool is None and wire:
-        p.theta = [from_wire(be, w) for w in p.theta]
-        p.state = [tuple(from_wire(be, w) for w in s) for s in p.state]
 
 
 # ---- the sweep -----------------------------------------------------------------------
@@ -472,7 +407,6 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                     rounds = {}
                     for v in variants:
                         pool = pool_for(*v)
-                        _convert(parties[v], pool)
                         rounds[v] = Round(parties[v], K, hp, args.mask_bits, rng, pool)
                         for _ in range(args.warmup):  # not timed
                             rounds[v].run(keys_)
@@ -550,7 +484,7 @@ def _fmt_p(n: int) -> str:
 def markdown_table(records: list[dict[str, Any]]) -> str:
     """One row per configuration and backend."""
     head = (
-        "| backend | K | P | workers | round s | coordinator s | HE-Adam s | "
+        "| backend | K | P | workers | round s | coordinator s | step s | "
         "coord. params/s | up B/param | down B/param | padding | ckks/plain |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
@@ -560,7 +494,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         rows.append(
             f"| {r['backend']} | {r['participants']} | {_fmt_p(r['params'])} | "
             f"{r['workers']} | {r['round_s']:.3f} | {r['coordinator_s']:.3f} | "
-            f"{r['stages_s']['adam_s']:.3f} | "
+            f"{r['stages_s']['step_s']:.3f} | "
             f"{r['coordinator_params_per_s']:,.0f} | "
             f"{r['upload_bytes_per_param']:.2f} | "
             f"{r['broadcast_bytes_per_param']:.2f} | "

@@ -132,6 +132,8 @@ def run_one(
         "run-name": f"{env}-{variant}-{seed}",
         "checkpoint-every": 10**6,
         "node-wait": 5.0,
+        # sweeps run one process per core; the aggregate is traced in-process
+        "coordinator-workers": 0,
     }
     run_id = 1000 + seed
     cfg = RunConfig.from_mapping(raw)
@@ -143,6 +145,7 @@ def run_one(
     grid = LocalGrid(run_id, raw, participants)
     start = time.perf_counter()
     fed = Federation(grid, cfg, run_id, on_round=trace)
+    fed.keep_aggregate = True
     summary = fed.run()
     wall = time.perf_counter() - start
     rows = fed.history

@@ -81,7 +81,9 @@ def _run(
         work / "keys" / f"run-{run_id}" / keys.PARTICIPANT_FILE, backend, rounds
     )
     with _gradients(record, replay):
-        Federation(LocalGrid(run_id, raw, 4), cfg, run_id, on_round=trace).run()
+        fed = Federation(LocalGrid(run_id, raw, 4), cfg, run_id, on_round=trace)
+        fed.keep_aggregate = True  # in-process, so the trace sees each Σ x
+        fed.run()
     return trace
 
 

@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
 from coordinator.exchange import exchange, wait_for_nodes
-from coordinator.he_adam import ChunkState, step
+from coordinator.workers import BadChunks, ChunkPool, auto_workers, step_chunks
 from protocol import keys
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
@@ -38,6 +38,7 @@ from protocol.errors import (
     WireFormatError,
 )
 from protocol.params import get_param_set
+from protocol.records import read_vector
 from protocol.wire import Expect
 
 log = logging.getLogger("flwr.hedrl.coordinator")
@@ -55,12 +56,13 @@ def _vector_bytes(rd: RecordDict) -> int:
 
 @dataclass
 class _Reply:
-    """One participant's validated reply."""
+    """One participant's reply, headers validated (ciphertexts parse at the step)."""
 
     node: int
-    gradient: list[Ct]
+    gradient: list[bytes]
     squares: list[Ct] | None
-    refresh: list[list[Ct]] | None
+    refresh: list[list[bytes]] | None  # per state name, per chunk (still masked)
+    masks: list[np.ndarray] | None
     episodes: int
     return_sum: float
     env_steps: int
@@ -98,6 +100,8 @@ class Federation:
         self.be: Backend
         self.fingerprint = ""
         self.history: list[dict[str, Any]] = []
+        self.pool: ChunkPool | None = None
+        self.keep_aggregate = False  # benchmarks: keep Σ x of each step
 
     # ---- helpers ---------------------------------------------------------------
     def _expect(
@@ -205,6 +209,20 @@ class Federation:
         self.state: list[tuple[Ct, Ct, Ct]] | None = None
         if self._resume is not None:
             self._apply_resume(*self._resume)
+        workers = self.cfg.coordinator_workers
+        if workers < 0:
+            workers = auto_workers(self.n_chunks)
+        if workers > 0 and not self.keep_aggregate:
+            self.pool = ChunkPool(
+                context=ctx_bytes,
+                param_set=self.params.id,
+                backend=self.cfg.backend,
+                workers=workers,
+            )
+        log.info(
+            "hedrl: coordinator work %s",
+            f"sharded over {workers} worker processes" if self.pool else "in-process",
+        )
         log.info(
             "hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
             "%d parameters in %d chunks; results in %s",
@@ -368,26 +386,7 @@ class Federation:
                 )
                 rejected[str(node)] = f"{type(exc).__name__}: {exc}"
                 missing.append(node)
-        episodes = sum(r.episodes for r in accepted)
-        ret_sum = sum(r.return_sum for r in accepted)
-        rec: dict[str, Any] = {
-            "round": t,
-            "backend": self.cfg.backend,
-            "return_mean": (ret_sum / episodes) if episodes else None,
-            "episodes": episodes,
-            "env_steps": sum(r.env_steps for r in accepted),
-            "upload_bytes": up,
-            "broadcast_bytes": down,
-            "participants": len(accepted),
-            "missing": missing,
-            "rejected": rejected,
-            "crypto/gradient_bytes": (
-                statistics.median(r.gradient_bytes for r in accepted)
-                if accepted
-                else None
-            ),
-        }
-        t_c = time.perf_counter()
+        rec: dict[str, Any] = {"round": t, "backend": self.cfg.backend}
         stepped = False
         need = self.cfg.min_participants_for(len(self.nodes))
         refused = [
@@ -412,12 +411,33 @@ class Federation:
         else:
             self._good = (self.theta, self.state)  # θ_t was accepted by every replier
             try:
-                stepped = self._aggregate_and_step(t, accepted, refreshers)
+                stepped = self._aggregate_and_step(
+                    t, accepted, refreshers, rejected, missing
+                )
             except HedrlError as exc:
                 log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
+        episodes = sum(r.episodes for r in accepted)  # replies that survived parsing
+        ret_sum = sum(r.return_sum for r in accepted)
+        rec.update(
+            {
+                "return_mean": (ret_sum / episodes) if episodes else None,
+                "episodes": episodes,
+                "env_steps": sum(r.env_steps for r in accepted),
+                "upload_bytes": up,
+                "broadcast_bytes": down,
+                "participants": len(accepted),
+                "missing": missing,
+                "rejected": rejected,
+                "crypto/gradient_bytes": (
+                    statistics.median(r.gradient_bytes for r in accepted)
+                    if accepted
+                    else None
+                ),
+            }
+        )
         done = time.perf_counter()
         rec.update(
-            coordinator_s=(t_send - t0) + (done - t_c),
+            coordinator_s=(t_send - t0) + (done - t_recv),  # parsing included
             round_s=done - t0,
             stepped=stepped,
             **{"time/exchange_s": t_recv - t_send},
@@ -466,9 +486,7 @@ class Federation:
                 f"metrics out of range: episodes={episodes}, env-steps={env_steps}, "
                 f"return-sum={return_sum}"
             )
-        grad = receive_cts(be, content, msg.GRADIENT, self._expect("gradient", top, t))
-        for c in grad:
-            c.factor = be.gradient_factor
+        _, grad = read_vector(content, msg.GRADIENT, self._expect("gradient", top, t))
         squares = None
         if self.state is None:
             squares = receive_cts(
@@ -477,18 +495,14 @@ class Federation:
         refresh = None
         if masks is not None:
             try:
-                refresh = []
-                for j, name in enumerate(msg.STATE_NAMES):
-                    cts = receive_cts(
-                        be,
+                refresh = [
+                    read_vector(
                         content,
                         msg.state_key("refresh", name),
                         self._expect("refresh", top, t, name),
-                    )
-                    n = len(cts)
-                    refresh.append(
-                        [be.add_plain(c, -masks[j * n + i]) for i, c in enumerate(cts)]
-                    )
+                    )[1]
+                    for name in msg.STATE_NAMES
+                ]
             except HedrlError as exc:
                 log.warning(
                     "hedrl: round %d: refresh of participant %d unusable: %s",
@@ -501,45 +515,107 @@ class Federation:
             RecordDict({k: content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")})
         )
         return _Reply(
-            node, grad, squares, refresh, episodes, return_sum, env_steps, gbytes
+            node, grad, squares, refresh, masks, episodes, return_sum, env_steps, gbytes
         )
 
     def _aggregate_and_step(
-        self, t: int, accepted: list[_Reply], refreshers: list[int]
+        self,
+        t: int,
+        accepted: list[_Reply],
+        refreshers: list[int],
+        rejected: dict[str, str],
+        missing: list[int],
     ) -> bool:
-        """Sum the accepted gradients (node order), refresh, step with k = K/K'."""
+        """Sum the accepted gradients (node order), refresh, step with k = K/K'.
+
+        Ciphertexts parse here (in the workers when there are any): a reply
+        with a chunk that does not parse is rejected like one with a bad
+        header, an unparsable refresh falls back to the spare's, and the step
+        is retried without them; the state changes only when a step completes.
+        """
         be = self.be
-        xs = accepted[0].gradient
-        for r in accepted[1:]:
-            xs = [be.add(a, b) for a, b in zip(xs, r.gradient, strict=True)]
-        self.last_aggregate = xs
-        k = len(self.nodes) / len(accepted)
+        need = self.cfg.min_participants_for(len(self.nodes))
+        fresh: list[list[Ct]] | None = None
         if self.state is None:
             sq = accepted[0].squares
             assert sq is not None
             for r in accepted[1:]:
                 assert r.squares is not None
                 sq = [be.add(a, b) for a, b in zip(sq, r.squares, strict=True)]
-            fresh = self._initial_state(t, accepted[0].node, sq, k)
-        else:
-            by_node = {r.node: r for r in accepted}
-            usable = [
-                by_node[n].refresh
-                for n in refreshers
-                if n in by_node and by_node[n].refresh is not None
-            ]
-            if not usable:
-                raise HedrlError(
-                    f"no usable refresh from {refreshers} (refresher and spare)"
-                )
-            fresh = usable[0]
-        chunk_states = [
-            ChunkState(theta=th, m=m, V=v, r=r)
-            for th, m, v, r in zip(self.theta, *fresh, strict=True)
-        ]
-        new = step(be, chunk_states, xs, t, self.hp, self.cfg.optimizer, k)
-        self.theta = [c.theta for c in new]
-        self.state = [(c.m, c.V, c.r) for c in new]
+            fresh = self._initial_state(
+                t, accepted[0].node, sq, len(self.nodes) / len(accepted)
+            )
+        while True:
+            k = len(self.nodes) / len(accepted)
+            if fresh is not None:
+                state = list(zip(*fresh, strict=True))
+                level, unmask = be.top_level, None
+            else:
+                by_node = {r.node: r for r in accepted}
+                usable = [
+                    by_node[n]
+                    for n in refreshers
+                    if n in by_node and by_node[n].refresh is not None
+                ]
+                if not usable:
+                    raise HedrlError(
+                        f"no usable refresh from {refreshers} (refresher and spare)"
+                    )
+                ref = usable[0]
+                assert ref.refresh is not None and ref.masks is not None
+                state = list(zip(*ref.refresh, strict=True))
+                level = be.top_level
+                n = self.n_chunks
+                unmask = [
+                    [ref.masks[j * n + i] for j in range(len(msg.STATE_NAMES))]
+                    for i in range(n)
+                ]
+            grads = [[r.gradient[i] for r in accepted] for i in range(self.n_chunks)]
+            args = (self.theta, state, level, unmask, grads, t, self.hp)
+            try:
+                if self.pool is not None:
+                    res = self.pool.step(*args, optimizer=self.cfg.optimizer, k=k)
+                else:
+                    res = step_chunks(
+                        be,
+                        *args,
+                        optimizer=self.cfg.optimizer,
+                        k=k,
+                        keep_aggregate=self.keep_aggregate,
+                    )
+            except BadChunks as exc:
+                bad = {f.index for f in exc.failures if f.source == "gradient"}
+                for f in exc.failures:
+                    if f.source == "gradient":
+                        node = accepted[f.index].node
+                        rejected.setdefault(str(node), f.error)
+                    else:
+                        log.warning(
+                            "hedrl: round %d: refresh of participant %d unusable: %s",
+                            t,
+                            ref.node,
+                            f.error,
+                        )
+                        ref.refresh = None
+                for i in sorted(bad):
+                    log.warning(
+                        "hedrl: round %d: reply of participant %d rejected: %s",
+                        t,
+                        accepted[i].node,
+                        rejected[str(accepted[i].node)],
+                    )
+                    missing.append(accepted[i].node)
+                accepted[:] = [r for i, r in enumerate(accepted) if i not in bad]
+                if len(accepted) < need:
+                    raise HedrlError(
+                        f"{len(accepted)} usable replies after parsing "
+                        f"(< min-participants {need})"
+                    ) from exc
+                continue
+            break
+        self.last_aggregate = res.aggregate
+        self.theta = list(res.theta)  # type: ignore[arg-type]
+        self.state = list(res.state)  # type: ignore[arg-type]
         return True
 
     def _initial_state(
@@ -601,6 +677,18 @@ class Federation:
     def run(self) -> dict[str, Any]:
         """Setup, then rounds until num-rounds or stop-return; write metrics."""
         start = time.perf_counter()
+        try:
+            return self._run(start)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Stop the worker processes, if any."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+    def _run(self, start: float) -> dict[str, Any]:
         self.setup()
         metrics_path = self.out_dir / "metrics.jsonl"
         returns: list[float] = []

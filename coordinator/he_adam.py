@@ -62,35 +62,54 @@ def _scal_into(be: Backend, a: Ct, c: float, last: Ct) -> Ct:
 def step_chunk(
     be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper, k: float = 1.0
 ) -> ChunkState:
-    """One HE-Adam step on one chunk; t counts from 1. Six ct×ct products.
+    """One HE-Adam step on one chunk; t counts from 1.
+
+    With every reply (k = 1) P = q·r + p·p is evaluated as W·r² with
+    W = (V + c²δ) + x²: 6 ct×ct products instead of 8, the same values. x
+    carries the participants' factor b_top^(−½), so x² has factor 1 and adds to
+    V without a scalar product.
 
     ``k = K/K'`` corrects for dropouts: participants weighted their gradient by
     1/K before they knew that only K' would reply, so the circuit runs on k·x.
-    P = (V + c²δ)·r² + k²·x²·r² is evaluated as W·(k²r²) with
-    W = (V + c²δ)/k² + x²: the 1/k² is a scalar product on V (which has a level
-    to spare) and the k² on r² is bookkeeping only (the handle's factor), so the
-    same depth-3 circuit serves every k with 6 products instead of 8
-    (ARCHITECTURE §6 spells out the 8-product form; the values are identical).
+    k enters m' and V' through their public scalars; for r' and θ' the factor k²
+    of p·p lands on a depth-1 factor (ARCHITECTURE §6) — still depth 3, 11
+    products. (Folding k² into W instead would shrink the scalars on r by K'²,
+    and CKKS's rescale noise, ~2^-22 absolute at 35-bit scale, would cost that
+    factor in precision: measured 3–7e-4 relative error vs 4e-5.)
     """
     c, s, d = hp.c, hp.s, hp.delta
-    kk = k * k
     x2 = be.mul(x, x)  # depth 1
-    r2 = be.mul(st.r, st.r)  # depth 1
-    vc = be.add_scalar(st.V, c * c * d)
-    if kk == 1.0 and abs(x2.factor / vc.factor - 1.0) < 1e-12:
-        w = be.add(vc, x2)  # x carries b_top^(−½), so x² has factor 1: no product
-    else:
-        w = be.add(be.scal(vc, 1.0 / kk, out_factor=x2.factor), x2)  # depth 1
-    r2k = Ct(r2.data, r2.level, r2.factor / kk)  # the value k²·r²: factor only
-    h = be.add_scalar(be.neg(be.mul(w, r2k)), 3.0)  # H = 3 − P, depth 2
     m_new = be.add(be.scal(st.m, hp.beta1), be.scal(x, k * (1 - hp.beta1) / c))
-    # V' = β2·(V + k²x²) + (1−β2)·δ = β2k²·W + (1−β2)·δ − β2c²δ
+    vc = be.add_scalar(st.V, c * c * d)
+    if k == 1.0:
+        if abs(x2.factor / vc.factor - 1.0) > 1e-12:  # x without b_top^(−½)
+            vc = be.scal(vc, 1.0, out_factor=x2.factor)
+        w = be.add(vc, x2)  # (V + c²δ) + x², depth 1
+        h = be.add_scalar(be.neg(be.mul(w, be.mul(st.r, st.r))), 3.0)  # 3 − P
+        v_new = be.add_scalar(
+            be.scal(w, hp.beta2), (1 - hp.beta2) * d - hp.beta2 * c * c * d
+        )  # β2·(V + x²) + (1−β2)·δ
+        r_new = be.mul(_scal_into(be, st.r, s, h), h)  # depth 3
+        nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))
+        theta_new = be.add(st.theta, be.mul(nr, h))  # depth 3
+        return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
+    # dropout form: H = A − k²·B with A = 3 − q·r and B = p·p
+    p = be.mul(x, st.r)
+    q = be.mul(vc, st.r)
     v_new = be.add_scalar(
-        be.scal(w, hp.beta2 * kk), (1 - hp.beta2) * d - hp.beta2 * c * c * d
+        be.add(be.scal(st.V, hp.beta2), be.scal(x2, hp.beta2 * k * k)),
+        (1 - hp.beta2) * d,
     )
-    r_new = be.mul(_scal_into(be, st.r, s, h), h)  # depth 3
-    nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))  # depth 2
-    theta_new = be.add(st.theta, be.mul(nr, h))  # depth 3
+    qr = be.mul(q, st.r)
+    pp = be.mul(p, p)
+    a = be.add_scalar(be.neg(qr), 3.0)
+    r_new = be.sub(
+        be.mul(_scal_into(be, st.r, s, a), a),
+        be.mul(_scal_into(be, st.r, k * k * s, pp), pp),
+    )
+    nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, a))
+    mk = be.mul(m_new, _scal_for(be, st.r, hp.a(t) * s * k * k, m_new, pp))
+    theta_new = be.add(be.add(st.theta, be.mul(nr, a)), be.mul(mk, pp))
     return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
 
 

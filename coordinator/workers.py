@@ -1,25 +1,34 @@
-"""Shard the coordinator's per-chunk work across worker processes.
+"""The coordinator's per-chunk work, in-process or sharded over worker processes.
 
-TenSEAL's ``n_threads`` does not speed up element-wise work (ARCHITECTURE §5),
-but every slot-chunk of the parameter vector is independent: its sum of K
-gradients, its unmasking, its HE-Adam step and its masking for the next
-refresher touch no other chunk. :class:`ChunkPool` cuts the chunk indices into
-one contiguous shard per worker process and runs each shard there.
+Every slot-chunk of the parameter vector is independent: parsing its K
+gradient ciphertexts, their sum, unmasking its refreshed m, V, r, its HE-Adam
+step and switching the new state to the bottom level touch no other chunk.
+:func:`step_chunks` does that work for a list of chunks; the federation calls
+it directly (``coordinator-workers = 0``) or through :class:`ChunkPool`, which
+cuts the chunk indices into one contiguous shard per worker process (TenSEAL's
+``n_threads`` does not speed up element-wise work, ARCHITECTURE §5).
+
+Ciphertexts arrive here as the bytes the participants sent, so parsing — the
+check that a chunk is a ciphertext of this context at the expected level and
+scale — happens where the chunk is used. A chunk that fails it raises
+:class:`BadChunks` naming the reply (or the refresh) it came from; nothing has
+been changed then, and the caller drops that reply and calls again.
 
 Keys: each worker loads the *evaluation* context once, through
 :func:`protocol.keys.coordinator_backend`, which refuses a context holding a
 secret key — a worker can never decrypt. Chunks travel between processes as
-their serialised bytes (:class:`WireCt`: bytes, level, known factor), never as
-live TenSEAL objects. The pool is created once and reused every round; close it
-(or use it as a context manager) when the run ends.
+bytes, never as live TenSEAL objects; new state leaves a worker at the bottom
+level, where a chunk saves in well under a millisecond.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -28,29 +37,145 @@ from coordinator.he_adam import OPTIMIZERS, ChunkState
 from protocol import keys
 from protocol.adam import AdamHyper
 from protocol.backend import Backend, Ct
-from protocol.errors import ConfigError
+from protocol.errors import ConfigError, HedrlError
 from protocol.params import get_param_set
+
+#: a chunk as a live handle or as its serialisation
+Chunk = Ct | bytes
+#: stages of :func:`step_chunks` (``adam_s`` includes the switch to the bottom)
+STEP_STAGES = ("parse_s", "sum_s", "unmask_s", "adam_s")
 
 
 @dataclass(frozen=True)
-class WireCt:
-    """One chunk in transit: its serialisation, level and known factor."""
+class Failure:
+    """One input chunk that did not parse."""
 
-    data: bytes
-    level: int
-    factor: float = 1.0
-
-
-def to_wire(be: Backend, c: Ct) -> WireCt:
-    """Serialise a handle, carrying its factor beside the bytes."""
-    return WireCt(be.dump(Ct(c.data, c.level)), c.level, c.factor)
+    source: str  # "gradient" or "refresh"
+    index: int  # position of the reply in the gradient list (0 for the refresh)
+    chunk: int
+    error: str  # "<ErrorType>: message"
 
 
-def from_wire(be: Backend, w: WireCt) -> Ct:
-    """Parse a chunk (checks its level, scale and size) and restore its factor."""
-    c = be.load(w.data, level=w.level)
-    c.factor = w.factor
-    return c
+class BadChunks(HedrlError):
+    """Some input chunks are not valid ciphertexts; nothing was stepped."""
+
+    def __init__(self, failures: list[Failure]) -> None:
+        self.failures = failures
+        first = failures[0]
+        super().__init__(
+            f"{len(failures)} unusable chunk(s), first: {first.source} "
+            f"{first.index} chunk {first.chunk}: {first.error}"
+        )
+
+    def __reduce__(self) -> tuple[type, tuple[list[Failure]]]:
+        return (BadChunks, (self.failures,))  # crosses the worker boundary intact
+
+
+@dataclass
+class StepResult:
+    """New θ and (m, V, r) per chunk, all at the bottom level."""
+
+    theta: list[Chunk]
+    state: list[tuple[Chunk, Chunk, Chunk]]
+    aggregate: list[Ct] | None = field(default=None)
+    #: seconds spent per stage: parse_s, sum_s, unmask_s, adam_s (summed over
+    #: the worker processes when sharded, i.e. CPU seconds rather than wall time)
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _handle(be: Backend, c: Chunk, level: int) -> Ct:
+    return c if isinstance(c, Ct) else be.load(c, level=level)
+
+
+def step_chunks(
+    be: Backend,
+    theta: Sequence[Chunk],
+    state: Sequence[tuple[Chunk, Chunk, Chunk]],
+    state_level: int,
+    unmask: Sequence[Sequence[np.ndarray]] | None,
+    grads: Sequence[Sequence[Chunk]],
+    t: int,
+    hp: AdamHyper,
+    *,
+    optimizer: str = "he-adam",
+    k: float = 1.0,
+    as_bytes: bool = False,
+    keep_aggregate: bool = False,
+    first_chunk: int = 0,
+) -> StepResult:
+    """Sum, unmask and step every chunk.
+
+    ``grads[j]`` lists chunk j of every accepted gradient in summation order
+    (top level; given the participants' factor b_top^(−½) here); ``state[j]``
+    is (m, V, r) at ``state_level``, still masked when ``unmask[j]`` gives the
+    masks to subtract. Raises :class:`BadChunks` (listing every chunk that did
+    not parse) before anything is returned.
+    """
+    fn = OPTIMIZERS[optimizer]
+    top = be.top_level
+    clock = dict.fromkeys(STEP_STAGES, 0.0)
+    now = time.perf_counter
+    failures: list[Failure] = []
+    theta_out: list[Chunk] = []
+    state_out: list[tuple[Chunk, Chunk, Chunk]] = []
+    aggregate: list[Ct] | None = [] if keep_aggregate else None
+    for j, th in enumerate(theta):
+        t0 = now()
+        xs = []
+        for i, g in enumerate(grads[j]):
+            try:
+                xs.append(_handle(be, g, top))
+            except HedrlError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+                failures.append(Failure("gradient", i, first_chunk + j, why))
+        try:
+            mvr = [_handle(be, c, state_level) for c in state[j]]
+        except HedrlError as exc:
+            why = f"{type(exc).__name__}: {exc}"
+            failures.append(Failure("refresh", 0, first_chunk + j, why))
+        if failures:
+            continue  # keep parsing: report every bad chunk at once
+        theta_j = _handle(be, th, 0)
+        t1 = now()
+        x = xs[0]
+        for y in xs[1:]:
+            x = be.add(x, y)
+        x = Ct(x.data, x.level, be.gradient_factor)  # what participants multiplied by
+        if aggregate is not None:
+            aggregate.append(x)
+        t2 = now()
+        if unmask is not None:
+            mvr = [
+                be.add_plain(c, -mask) for c, mask in zip(mvr, unmask[j], strict=True)
+            ]
+        t3 = now()
+        new = fn(be, ChunkState(theta_j, *mvr), x, t, hp, k)
+        out = [be.to_bottom(c) for c in (new.theta, new.m, new.V, new.r)]
+        if as_bytes:
+            out = [be.dump(c) for c in out]
+        t4 = now()
+        spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        for stage, dt in zip(STEP_STAGES, spans, strict=True):
+            clock[stage] += dt
+        theta_out.append(out[0])
+        state_out.append((out[1], out[2], out[3]))
+    if failures:
+        raise BadChunks(failures)
+    return StepResult(theta_out, state_out, aggregate, clock)
+
+
+def auto_workers(n_chunks: int) -> int:
+    """Worker processes for ``coordinator-workers = -1``: one per usable core.
+
+    No pool (0) on a single core or for a single chunk, at most 8 and at most
+    one per chunk.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    n = min(cores, n_chunks, 8)
+    return n if n >= 2 else 0
 
 
 # ---- worker side ------------------------------------------------------------------
@@ -67,48 +192,29 @@ def _be() -> Backend:
     return _worker_be
 
 
+def _step_shard(*args: Any, **kwargs: Any) -> StepResult | BadChunks:
+    try:
+        return step_chunks(_be(), *args, as_bytes=True, **kwargs)
+    except BadChunks as exc:  # returned: every shard's failures are reported
+        return exc
+
+
 def _mask_shard(
-    state: list[tuple[WireCt, WireCt, WireCt]], masks: list[list[np.ndarray]]
+    state: list[tuple[bytes, bytes, bytes]], masks: list[list[np.ndarray]]
 ) -> list[list[bytes]]:
     """Per chunk: each of m, V, r switched to the bottom level plus its mask."""
     be = _be()
     return [
         [
-            be.dump(be.add_plain(be.to_bottom(from_wire(be, w)), mask))
-            for w, mask in zip(chunk, chunk_masks, strict=True)
+            be.dump(be.add_plain(be.to_bottom(be.load(c, level=0)), mask))
+            for c, mask in zip(chunk, chunk_masks, strict=True)
         ]
         for chunk, chunk_masks in zip(state, masks, strict=True)
     ]
 
 
-def _step_shard(
-    theta: list[WireCt],
-    state: list[tuple[WireCt, WireCt, WireCt]],
-    unmask: list[list[np.ndarray] | None],
-    grads: list[list[WireCt]],
-    t: int,
-    hp: AdamHyper,
-    optimizer: str,
-    k: float,
-) -> list[tuple[WireCt, ...]]:
-    """Per chunk: sum the gradients (given order), unmask, step; (θ', m', V', r')."""
-    be = _be()
-    fn = OPTIMIZERS[optimizer]
-    out = []
-    for j, th in enumerate(theta):
-        xs = [from_wire(be, g) for g in grads[j]]
-        x = xs[0]
-        for y in xs[1:]:
-            x = be.add(x, y)
-        m, v, r = (from_wire(be, w) for w in state[j])
-        if unmask[j] is not None:
-            m, v, r = (
-                be.add_plain(c, -mask)
-                for c, mask in zip((m, v, r), unmask[j], strict=True)
-            )
-        new = fn(be, ChunkState(from_wire(be, th), m, v, r), x, t, hp, k)
-        out.append(tuple(to_wire(be, c) for c in (new.theta, new.m, new.V, new.r)))
-    return out
+def _noop(_: int) -> None:
+    _be()
 
 
 # ---- coordinator side -------------------------------------------------------------
@@ -163,82 +269,77 @@ class ChunkPool:
         """Stop the worker processes."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def _run(self, fn: Any, n: int, *per_chunk: Sequence[Any], **fixed: Any) -> list:
-        futures = [
-            self._pool.submit(fn, *(seq[sl] for seq in per_chunk), **fixed)
-            for sl in _shards(n, self.workers)
-        ]
-        out: list = []
-        for f in futures:
-            out.extend(f.result())
-        return out
-
-    def mask(
-        self,
-        state: Sequence[tuple[WireCt, WireCt, WireCt]],
-        masks: Sequence[Sequence[np.ndarray]],
-    ) -> list[list[bytes]]:
-        """Bytes of (m, V, r) per chunk at the bottom level, each plus its mask."""
-        return self._run(_mask_shard, len(state), list(state), list(masks))
+    def _bytes(self, c: Chunk) -> bytes:
+        return c if isinstance(c, bytes) else self.be.dump(c)
 
     def step(
         self,
-        theta: Sequence[WireCt],
-        state: Sequence[tuple[WireCt, WireCt, WireCt]],
-        grads: Sequence[Sequence[WireCt]],
+        theta: Sequence[Chunk],
+        state: Sequence[tuple[Chunk, Chunk, Chunk]],
+        state_level: int,
+        unmask: Sequence[Sequence[np.ndarray]] | None,
+        grads: Sequence[Sequence[Chunk]],
         t: int,
         hp: AdamHyper,
         *,
-        unmask: Sequence[Sequence[np.ndarray]] | None = None,
         optimizer: str = "he-adam",
         k: float = 1.0,
-    ) -> list[tuple[WireCt, ...]]:
-        """Sum, (unmask,) and step every chunk; return (θ', m', V', r') per chunk.
-
-        ``grads[j]`` lists chunk j of every accepted gradient in summation order;
-        ``unmask[j]`` the masks to subtract from chunk j of (m, V, r).
-        """
+    ) -> StepResult:
+        """:func:`step_chunks` sharded over the workers; results as handles."""
         n = len(theta)
         if len(state) != n or len(grads) != n:
             raise ValueError(
                 f"{n} θ chunks, {len(state)} state chunks, {len(grads)} gradient "
                 "chunks: expected equal counts"
             )
-        return self._run(
-            _step_shard,
-            n,
-            list(theta),
-            list(state),
-            list(unmask) if unmask is not None else [None] * n,
-            list(grads),
-            t=t,
-            hp=hp,
-            optimizer=optimizer,
-            k=k,
-        )
-
-    def step_cts(
-        self,
-        state: Sequence[ChunkState],
-        xs: Sequence[Ct],
-        t: int,
-        hp: AdamHyper,
-        optimizer: str = "he-adam",
-        k: float = 1.0,
-    ) -> list[ChunkState]:
-        """Drop-in for :func:`coordinator.he_adam.step` on live handles."""
+        theta_b = [self._bytes(c) for c in theta]
+        state_b = [tuple(self._bytes(c) for c in s) for s in state]
+        grads_b = [[self._bytes(c) for c in g] for g in grads]
+        futures = [
+            self._pool.submit(
+                _step_shard,
+                theta_b[sl],
+                state_b[sl],
+                state_level,
+                None if unmask is None else list(unmask[sl]),
+                grads_b[sl],
+                t,
+                hp,
+                optimizer=optimizer,
+                k=k,
+                first_chunk=sl.start,
+            )
+            for sl in _shards(n, self.workers)
+        ]
+        results = [f.result() for f in futures]
+        failures = [f for r in results if isinstance(r, BadChunks) for f in r.failures]
+        if failures:
+            raise BadChunks(failures)
         be = self.be
-        out = self.step(
-            [to_wire(be, s.theta) for s in state],
-            [tuple(to_wire(be, c) for c in (s.m, s.V, s.r)) for s in state],
-            [[to_wire(be, x)] for x in xs],
-            t,
-            hp,
-            optimizer=optimizer,
-            k=k,
-        )
-        return [ChunkState(*(from_wire(be, w) for w in chunk)) for chunk in out]
+        out = StepResult([], [], timings=dict.fromkeys(STEP_STAGES, 0.0))
+        for r in results:
+            assert isinstance(r, StepResult)
+            for stage, dt in r.timings.items():
+                out.timings[stage] += dt
+            out.theta.extend(be.load(c, level=0) for c in r.theta)
+            out.state.extend(
+                tuple(be.load(c, level=0) for c in s)  # type: ignore[misc]
+                for s in r.state
+            )
+        return out
 
-
-def _noop(_: int) -> None:
-    _be()
+    def mask(
+        self,
+        state: Sequence[tuple[Chunk, Chunk, Chunk]],
+        masks: Sequence[Sequence[np.ndarray]],
+    ) -> list[list[bytes]]:
+        """Bytes of (m, V, r) per chunk at the bottom level, each plus its mask."""
+        state_b = [[self._bytes(self.be.to_bottom(c)) for c in s] for s in state]
+        futures = [
+            self._pool.submit(_mask_shard, state_b[sl], list(masks[sl]))
+            for sl in _shards(len(state_b), self.workers)
+        ]
+        out: list[list[bytes]] = []
+        for f in futures:
+            out.extend(f.result())
+        return out

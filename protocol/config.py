@@ -85,6 +85,10 @@ class RunConfig:
     """Write the encrypted checkpoint every N rounds (and at the end)."""
     mask_bits: int = 20
     """Refresh masks are uniform in ±2^mask_bits."""
+    coordinator_workers: int = -1
+    """Worker processes sharding the coordinator's per-chunk work (parsing, sum,
+    unmask, HE-Adam): -1 = one per core, up to the chunk count and 8 (none on a
+    single core or for a single chunk); 0 = in the ServerApp's process."""
     round_timeout: float = 600.0
     """Seconds to wait for replies in one exchange."""
     node_wait: float = 120.0
@@ -181,6 +185,11 @@ class RunConfig:
             raise ConfigError(
                 f"min-participants: must be in [0, num-participants="
                 f"{self.num_participants}], received {self.min_participants}"
+            )
+        if not -1 <= self.coordinator_workers <= 64:
+            raise ConfigError(
+                "coordinator-workers: must be -1 (one per core), 0 (in-process) or "
+                f"1..64, received {self.coordinator_workers}"
             )
         if not 1 <= self.mask_bits <= 22:
             raise ConfigError(

@@ -12,8 +12,7 @@ import numpy as np
 import pytest
 
 from benchmarks.bench import STAGES, main, parse_count, parse_list
-from coordinator.he_adam import ChunkState, step
-from coordinator.workers import ChunkPool
+from coordinator.workers import BadChunks, ChunkPool, step_chunks
 from protocol.adam import AdamHyper
 from protocol.backend import Ct
 from protocol.errors import SecretKeyRefused
@@ -91,26 +90,87 @@ def test_pool_refuses_a_secret_context(ps):
 
 
 def test_pool_step_equals_in_process_step(ps, plain):
-    """Sharded over 2 workers, the twin's HE-Adam step is bit-for-bit the same."""
+    """Sharded over 2 workers, the twin's whole step is bit-for-bit the same."""
     _, pub, _ = generate(ps, "plain")
     rng = np.random.default_rng(0)
     hp = AdamHyper()
-    n = 3
+    n, top = 3, ps.depth
 
-    def ct(level, lo=-1.0, hi=1.0):
-        return Ct(rng.uniform(lo, hi, ps.slots), level)
+    def chunk(level, lo=-1.0, hi=1.0):
+        return plain.dump(Ct(rng.uniform(lo, hi, ps.slots), level))
 
-    top = ps.depth
-    states = [
-        ChunkState(ct(0), ct(top), ct(top, 0.01, 0.1), ct(top, 3.0, 10.0))
-        for _ in range(n)
+    theta = [chunk(0) for _ in range(n)]
+    state = [
+        (chunk(top), chunk(top, 0.01, 0.1), chunk(top, 3.0, 10.0)) for _ in range(n)
     ]
-    xs = [ct(top, -0.03, 0.03) for _ in range(n)]
-    want = step(plain, states, xs, 5, hp)
+    masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
+    grads = [[chunk(top, -0.01, 0.01) for _ in range(4)] for _ in range(n)]
+    args = (theta, state, top, masks, grads, 5, hp)
+    want = step_chunks(plain, *args)
     with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
-        got = pool.step_cts(states, xs, 5, hp)
-    for g, w in zip(got, want, strict=True):
-        for name in ("theta", "m", "V", "r"):
-            a, b = getattr(g, name), getattr(w, name)
-            assert a.level == b.level and a.factor == b.factor
-            np.testing.assert_array_equal(a.data, b.data)
+        got = pool.step(*args)
+    assert len(got.theta) == len(want.theta) == n
+    for g, w in zip(
+        got.theta + [c for s in got.state for c in s],
+        want.theta + [c for s in want.state for c in s],
+        strict=True,
+    ):
+        assert g.level == w.level == 0 and g.factor == w.factor
+        np.testing.assert_array_equal(g.data, w.data)
+
+
+def test_pool_reports_every_bad_chunk(ps, ckks_pair):
+    """A truncated gradient chunk and a foreign refresh chunk are both named,
+    in the workers as in-process, and nothing is returned."""
+    part, coord, _, key_dir = ckks_pair
+    ctx = (key_dir / "coordinator.ctx").read_bytes()
+    top, n = ps.depth, 2
+    rng = np.random.default_rng(3)
+
+    def enc(lo=-0.01, hi=0.01):
+        return part.encrypt(rng.uniform(lo, hi, ps.slots))
+
+    theta = [
+        coord.dump(coord.to_bottom(coord.load(enc(), level=top))) for _ in range(n)
+    ]
+    state = [(enc(), enc(0.01, 0.1), enc(3.0, 10.0)) for _ in range(n)]
+    grads = [[enc() for _ in range(3)] for _ in range(n)]
+    grads[1][2] = grads[1][2][:1000]  # reply 2, chunk 1: truncated
+    state[0] = (b"\x00" * 5000, state[0][1], state[0][2])  # refresh chunk 0: junk
+    args = (theta, state, top, None, grads, 1, AdamHyper())
+    with pytest.raises(BadChunks) as inproc:
+        step_chunks(coord, *args)
+    with ChunkPool(context=ctx, param_set=ps.id, backend="ckks", workers=2) as pool:
+        with pytest.raises(BadChunks) as pooled:
+            pool.step(*args)
+    for exc in (inproc.value, pooled.value):
+        got = sorted((f.source, f.index, f.chunk) for f in exc.failures)
+        assert got == [("gradient", 2, 1), ("refresh", 0, 0)]
+        assert all("CiphertextError" in f.error for f in exc.failures)
+
+
+def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
+    """CKKS evaluation is deterministic: sharded or not, the same bytes come out."""
+    part, coord, _, key_dir = ckks_pair
+    ctx = (key_dir / "coordinator.ctx").read_bytes()
+    top, n = ps.depth, 3
+    rng = np.random.default_rng(4)
+
+    def enc(lo=-0.01, hi=0.01):
+        return part.encrypt(rng.uniform(lo, hi, ps.slots))
+
+    theta = [
+        coord.dump(coord.to_bottom(coord.load(enc(), level=top))) for _ in range(n)
+    ]
+    state = [(enc(), enc(0.01, 0.1), enc(3.0, 10.0)) for _ in range(n)]
+    masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
+    grads = [[enc() for _ in range(2)] for _ in range(n)]
+    args = (theta, state, top, masks, grads, 2, AdamHyper())
+    want = step_chunks(coord, *args)
+    with ChunkPool(context=ctx, param_set=ps.id, backend="ckks", workers=2) as pool:
+        got = pool.step(*args)
+    flat = [list(r.theta) + [c for s in r.state for c in s] for r in (got, want)]
+    assert len(flat[0]) == len(flat[1]) == 4 * n
+    for g, w in zip(*flat, strict=True):
+        assert g.level == w.level == 0
+        assert coord.dump(g) == coord.dump(w)
