@@ -142,7 +142,7 @@ def run_one(
         cfg.backend,
         TRACE_ROUNDS,
     )
-    grid = LocalGrid(run_id, raw, participants)
+    grid = LocalGrid(run_id, raw, participants, keep_history=False)
     start = time.perf_counter()
     fed = Federation(grid, cfg, run_id, on_round=trace)
     fed.keep_aggregate = True

@@ -32,7 +32,10 @@ class LocalGrid(Grid):
         node_configs: dict[int, dict[str, Any]] | None = None,
         tamper: Callable[[Message, Message], Message | None] | None = None,
         tamper_request: Callable[[Message], Message] | None = None,
+        keep_history: bool = True,
     ) -> None:
+        """``keep_history`` keeps every message in ``sent``/``received`` (tests);
+        long benchmark runs turn it off (each CKKS round is ~10 MB of messages)."""
         self._run_id = run_id
         # what a ServerApp process has set when it creates messages
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
@@ -55,6 +58,7 @@ class LocalGrid(Grid):
         self.received: list[Message] = []
         self.tamper = tamper
         self.tamper_request = tamper_request
+        self.keep_history = keep_history
 
     # Grid's abstract interface ------------------------------------------------
     def set_run(self, run: Any) -> None:  # pragma: no cover - not used
@@ -80,7 +84,8 @@ class LocalGrid(Grid):
         for message in messages:
             mid = uuid.uuid4().hex
             message.metadata.__dict__["_message_id"] = mid
-            self.sent.append(message)
+            if self.keep_history:
+                self.sent.append(message)
             ctx = self.contexts[message.metadata.dst_node_id]
             delivered = (
                 message if self.tamper_request is None else self.tamper_request(message)
@@ -95,7 +100,8 @@ class LocalGrid(Grid):
             if self.tamper is not None:
                 reply = self.tamper(message, reply)
             if reply is not None:
-                self.received.append(reply)
+                if self.keep_history:
+                    self.received.append(reply)
                 self.replies[mid] = reply
             ids.append(mid)
         return ids
