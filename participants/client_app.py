@@ -1,46 +1,80 @@
 """Flower ClientApp of a hedrl participant: decrypt θ, learn locally, encrypt.
 
 Crypto happens only at the message boundary (:mod:`protocol.codec`); the RL
-code in :mod:`participants.learner` never sees a key or a ciphertext. Heavy
-imports (TenSEAL, gymnasium) happen lazily inside the handlers so that the
-ClientApp process starts quickly in deployment.
+code in :mod:`participants.learner` never sees a key or a ciphertext.
+
+In deployment (flwr 1.42) every message starts a fresh ``flwr-clientapp``
+process, so this module imports nothing heavy: TenSEAL, gymnasium and the
+participant's code are imported inside the handlers. Each handler logs one
+line with where the message's time went, starting at the process's birth
+(``process``: Python start-up, Flower's own imports, pulling the message and
+installing the app bundle — all before the handler runs).
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
-
-from protocol import messages as msg
 
 log = logging.getLogger("flwr.hedrl.participant")
 app = ClientApp()
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``; None elsewhere)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        with open("/proc/uptime") as fh:
+            uptime = float(fh.read().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _handle(kind: str, message: Message, context: Context) -> Message:
+    age = process_age()
+    t0 = time.perf_counter()
+    from participants.node import Node
+
+    imported = time.perf_counter()
+    node = Node(context)
+    node.timings["import"] = imported - t0
+    content = getattr(node, kind)(message.content)
+    node.timings["handler"] = time.perf_counter() - t0
+    log.info(
+        "hedrl: participant %d %s%s: %s",
+        node.index,
+        kind,
+        "" if node.round is None else f" round {node.round}",
+        ", ".join(
+            ([] if age is None else [f"process {age:.2f} s before the handler"])
+            + [f"{k} {v:.3f}" for k, v in node.timings.items()]
+        ),
+    )
+    return Message(content, reply_to=message)
+
+
 @app.query("setup")
 def setup(message: Message, context: Context) -> Message:
     """Provision/load the key, report fingerprint and layout (and context, θ0)."""
-    from participants.node import Node
-
-    return Message(Node(context).setup(message.content), reply_to=message)
+    return _handle("setup", message, context)
 
 
 @app.train()
 def train(message: Message, context: Context) -> Message:
     """One round: check and decrypt θ, compute one PPO gradient, encrypt it."""
-    from participants.node import Node
-
-    return Message(Node(context).train(message.content), reply_to=message)
+    return _handle("train", message, context)
 
 
 @app.query("v0")
 def v0(message: Message, context: Context) -> Message:
     """Round 1 refresher task: V0 = mean g² + δ and r0 = V0^(−1/2) from the sum."""
-    from participants.node import Node
-
-    return Message(Node(context).initial_state(message.content), reply_to=message)
+    return _handle("initial_state", message, context)
 
 
-__all__ = ["app", "msg"]
+__all__ = ["app", "process_age"]

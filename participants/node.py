@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +36,9 @@ class Node:
     """A participant bound to one Flower ``Context``."""
 
     def __init__(self, context: Context) -> None:
+        t0 = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self.round: int | None = None
         self.context = context
         self.cfg = RunConfig.from_mapping(dict(context.run_config))
         self.params = get_param_set(self.cfg.param_set)
@@ -41,6 +47,15 @@ class Node:
         self.run_id = int(context.run_id)
         self.key_run_id = self.run_id  # a resumed run keeps the original run's key
         self.learner = Learner(self.cfg, self.index)
+        self.timings["node"] = time.perf_counter() - t0
+
+    @contextmanager
+    def _timed(self, name: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
     # ---- keys ----------------------------------------------------------------
     def _key_path(self) -> Path:
@@ -64,6 +79,21 @@ class Node:
                     path.parent,
                 )
         return keys.participant_backend(path, self.params, self.cfg.backend)
+
+    def _evaluation_context(self, be: Backend) -> bytes:
+        """The public context of the key ``be`` holds, without loading it again.
+
+        A deployed participant host has only ``participant.ctx``: derive the
+        evaluation context from the context this message already loaded (loading
+        a secret context again regenerates its keys) instead of from the file.
+        """
+        path = self._key_path()
+        public = path.with_name(keys.COORDINATOR_FILE)
+        if self.cfg.backend == "ckks" and not public.exists():
+            from protocol import ckks
+
+            return ckks.serialize_public(be.ctx)
+        return keys.evaluation_context(path, self.params, self.cfg.backend)
 
     def _expect(
         self,
@@ -106,7 +136,8 @@ class Node:
         task = content[msg.TASK]
         self.key_run_id = int(task.get("key-run-id", self.run_id))
         self._check_task(task, None)
-        be, fp = self._backend(provision=True)
+        with self._timed("key"):
+            be, fp = self._backend(provision=True)
         info: dict[str, Any] = {
             "fingerprint": fp,
             "layout-digest": self.learner.layout_digest,
@@ -115,9 +146,8 @@ class Node:
         }
         out = RecordDict()
         if int(task["send-context"]):
-            info["context"] = keys.evaluation_context(
-                self._key_path(), self.params, self.cfg.backend
-            )
+            with self._timed("evaluation-context"):
+                info["context"] = self._evaluation_context(be)
             send_plain(
                 be,
                 out,
@@ -172,54 +202,61 @@ class Node:
         """Decrypt θ, one PPO minibatch gradient, encrypt; refresh state if asked."""
         task = content[msg.TASK]
         self.key_run_id = int(task.get("key-run-id", self.run_id))
-        t = int(task["round"])
-        be, fp = self._backend()
+        t = self.round = int(task["round"])
+        with self._timed("key"):
+            be, fp = self._backend()
         self._check_task(task, fp)
-        theta = self._decrypt_theta(be, fp, content, t, int(task["num-participants"]))
-        saved = self.context.state.get(STATE_KEY)
-        grad, stats, new_saved = self.learner.step(
-            theta,
-            None if saved is None else bytes(saved["blob"]),
-            cache_scope=(self.run_id, self.context.node_id),
-        )
-        self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
-        weight = 1.0 / int(task["num-participants"])
-        g_n = clip_and_scale(grad, self.learner.layout, self.cfg.clip_bound)
+        with self._timed("decrypt"):
+            theta = self._decrypt_theta(
+                be, fp, content, t, int(task["num-participants"])
+            )
+        with self._timed("learn"):
+            saved = self.context.state.get(STATE_KEY)
+            grad, stats, new_saved = self.learner.step(
+                theta,
+                None if saved is None else bytes(saved["blob"]),
+                cache_scope=(self.run_id, self.context.node_id),
+            )
+            self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
+            weight = 1.0 / int(task["num-participants"])
+            g_n = clip_and_scale(grad, self.learner.layout, self.cfg.clip_bound)
         hp = self.cfg.hyper
         out = RecordDict()
-        send_plain(
-            be,
-            out,
-            msg.GRADIENT,
-            hp.c * weight * be.gradient_factor * g_n,
-            self._expect(fp, "gradient", be.top_level, None),
-            t,
-        )
-        if int(task["init"]):
+        with self._timed("encrypt"):
             send_plain(
                 be,
                 out,
-                msg.SQUARES,
-                weight * g_n * g_n,
-                self._expect(fp, "squares", be.top_level, None),
+                msg.GRADIENT,
+                hp.c * weight * be.gradient_factor * g_n,
+                self._expect(fp, "gradient", be.top_level, None),
                 t,
             )
-        if int(task["refresher"]):
-            for name in msg.STATE_NAMES:
-                values = receive_plain(
-                    be,
-                    content,
-                    msg.state_key("state", name),
-                    self._expect(fp, "state", 0, t, name),
-                )
+            if int(task["init"]):
                 send_plain(
                     be,
                     out,
-                    msg.state_key("refresh", name),
-                    values,
-                    self._expect(fp, "refresh", be.top_level, None, name),
+                    msg.SQUARES,
+                    weight * g_n * g_n,
+                    self._expect(fp, "squares", be.top_level, None),
                     t,
                 )
+        if int(task["refresher"]):
+            with self._timed("refresh"):
+                for name in msg.STATE_NAMES:
+                    values = receive_plain(
+                        be,
+                        content,
+                        msg.state_key("state", name),
+                        self._expect(fp, "state", 0, t, name),
+                    )
+                    send_plain(
+                        be,
+                        out,
+                        msg.state_key("refresh", name),
+                        values,
+                        self._expect(fp, "refresh", be.top_level, None, name),
+                        t,
+                    )
         out[msg.METRICS] = MetricRecord(
             {
                 "episodes": int(stats["episodes"]),
@@ -233,8 +270,9 @@ class Node:
         """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))."""
         task = content[msg.TASK]
         self.key_run_id = int(task.get("key-run-id", self.run_id))
-        t = int(task["round"])
-        be, fp = self._backend()
+        t = self.round = int(task["round"])
+        with self._timed("key"):
+            be, fp = self._backend()
         self._check_task(task, fp)
         squares = receive_plain(
             be, content, msg.SQUARES, self._expect(fp, "squares", be.top_level, t)
