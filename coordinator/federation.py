@@ -396,8 +396,9 @@ class Federation:
             and replies[n].has_error()
             and "ThetaRejected" in replies[n].error.reason
         ]
-        if refused:
-            # a key holder's content check failed: θ_t is not to be built on
+        rec["refused"] = refused
+        if refused and 2 * len(refused) >= len(refused) + len(accepted):
+            # key holders' content checks failed: θ_t is not to be built on
             rec["rolled_back"] = self._rollback(t, refused)
         elif len(accepted) < need:
             log.warning(
@@ -409,7 +410,17 @@ class Federation:
                 need,
             )
         else:
-            self._good = (self.theta, self.state)  # θ_t was accepted by every replier
+            if refused:
+                # θ_t decrypted fine for a majority: one participant refusing it
+                # round after round must not be able to stall training
+                log.warning(
+                    "hedrl: round %d: participant(s) %s refused θ that %d other(s) "
+                    "accepted; a minority refusal counts as missing, not as a bad θ",
+                    t,
+                    refused,
+                    len(accepted),
+                )
+            self._good = (self.theta, self.state)  # θ_t accepted by a majority
             try:
                 stepped = self._aggregate_and_step(
                     t, accepted, refreshers, rejected, missing
@@ -445,7 +456,7 @@ class Federation:
         return rec
 
     def _rollback(self, t: int, refused: list[int]) -> bool:
-        """Participants refused θ_t: return to the last θ they all accepted."""
+        """A majority refused θ_t: return to the last θ a majority accepted."""
         if self._good is None:
             log.error(
                 "hedrl: round %d: θ refused by %s and no good state to roll back to",

@@ -170,3 +170,36 @@ def test_forged_gradient_under_foreign_key_caught_by_participants(tmp_path):
     assert h[1]["stepped"] and not h[1]["rejected"]  # it looked valid
     assert h[2]["rolled_back"] is True and h[2]["participants"] == 0
     assert h[3]["stepped"] and h[3]["participants"] == 3
+
+
+def test_minority_refusal_does_not_stall_training(tmp_path):
+    """One participant refusing every θ (faulty or hostile) is counted as missing;
+    θ decrypted fine for the majority, so there is no rollback and training steps."""
+    from flwr.app import Error, Message
+
+    def refuse(request: Message, reply: Message) -> Message:
+        task = request.content["task"]
+        if (
+            request.metadata.message_type == "train"
+            and int(task["round"]) >= 2
+            and request.metadata.dst_node_id == 1001
+        ):
+            return Message(
+                Error(code=0, reason="ThetaRejected: crafted"), reply_to=request
+            )
+        return reply
+
+    raw = _raw(tmp_path, **{"run-name": "minority", "num-rounds": 4})
+    thetas: list[list[bytes]] = []
+    fed = Federation(
+        LocalGrid(RUN_ID, raw, 3, tamper=refuse),
+        RunConfig.from_mapping(raw),
+        RUN_ID,
+        on_round=lambda t, f: thetas.append([f.be.dump(c) for c in f.theta]),
+    )
+    fed.run()
+    for rec in fed.history[1:]:
+        assert rec["refused"] == [1001] and rec["missing"] == [1001]
+        assert rec["stepped"] and rec["participants"] == 2
+        assert not rec.get("rolled_back")
+    assert len({b"".join(th) for th in thetas}) == 4  # θ moved every round
