@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
+from protocol import keys
+from protocol.backend import Backend
+from protocol.params import ParamSet, get_param_set
 from protocol.tolerance import ckks_abs_tol, ckks_theta_rel_tol
+from protocol.wire import Expect
+
+if TYPE_CHECKING:
+    from coordinator.federation import Federation
 
 
 def ckks_circuit_tol(ps) -> float:  # noqa: ANN001
@@ -20,4 +32,98 @@ def assert_close(
     assert err <= atol, f"{what}: max abs error {err:.3e} > tolerance {atol:.3e}"
 
 
-__all__ = ["assert_close", "ckks_abs_tol", "ckks_circuit_tol"]
+def wire_expect(
+    ps: ParamSet,
+    fingerprint: str,
+    backend: str = "ckks",
+    kind: str = "gradient",
+    level: int | None = None,
+    **fields: Any,
+) -> Expect:
+    """An Expect for parameter set ``ps`` and key ``fingerprint``.
+
+    Defaults: run 1, one chunk, round 1, layout digest "ab"*32, level ps.depth;
+    ``fields`` override any Expect field.
+    """
+    base: dict[str, Any] = dict(
+        param_set=ps.id,
+        fingerprint=fingerprint,
+        backend=backend,
+        run_id=1,
+        layout_digest="ab" * 32,
+        slot_count=ps.slots,
+        chunk_count=1,
+        kind=kind,
+        level=ps.depth if level is None else level,
+        round=1,
+    )
+    base.update(fields)
+    return Expect(**base)
+
+
+def local_raw(tmp: Path, **overrides: Any) -> dict[str, Any]:
+    """Run config of an in-process (LocalGrid) run: results and keys under ``tmp``.
+
+    ``overrides`` are run-config keys (kebab-case: ``**{"num-rounds": 3}``).
+    """
+    return {
+        "results-dir": str(tmp / "results"),
+        "keys-dir": str(tmp / "keys"),
+        "node-wait": 5.0,
+        **overrides,
+    }
+
+
+def local_key_file(tmp: Path, run_id: int) -> Path:
+    """The participant's secret context written for run ``run_id`` of local_raw(tmp)."""
+    return tmp / "keys" / f"run-{run_id}" / "participant.ctx"
+
+
+def local_federation(
+    raw: dict[str, Any],
+    run_id: int,
+    on_round: Callable[[int, Federation], None] | None = None,
+    **grid_kw: Any,
+) -> Federation:
+    """A Federation over a LocalGrid of raw["num-participants"] in-process nodes.
+
+    ``grid_kw`` go to LocalGrid (tamper, tamper_request, node_configs); the grid
+    is ``fed.grid``. Not run yet.
+    """
+    from benchmarks.local_grid import LocalGrid
+    from coordinator.federation import Federation
+    from protocol.config import RunConfig
+
+    grid = LocalGrid(run_id, raw, raw["num-participants"], **grid_kw)
+    return Federation(grid, RunConfig.from_mapping(raw), run_id, on_round=on_round)
+
+
+def metrics_rows(fed: Federation) -> list[dict[str, Any]]:
+    """The rows of a finished run's metrics.jsonl, one per round."""
+    text = (fed.out_dir / "metrics.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def decrypt_chunks(part: Backend, chunks: Iterable[bytes], count: int) -> np.ndarray:
+    """The first ``count`` values of a chunked vector, decrypted by ``part``."""
+    return np.concatenate([part.decrypt(c) for c in chunks])[:count]
+
+
+def decrypt_theta(fed: Federation, key_file: Path, backend: str) -> np.ndarray:
+    """The federation's current θ, decrypted with the participant's 8k-35x3 key."""
+    part, _ = keys.participant_backend(key_file, get_param_set("8k-35x3"), backend)
+    return decrypt_chunks(part, [fed.be.dump(c) for c in fed.theta], fed.param_count)
+
+
+__all__ = [
+    "assert_close",
+    "ckks_abs_tol",
+    "ckks_circuit_tol",
+    "decrypt_chunks",
+    "decrypt_theta",
+    "local_federation",
+    "local_key_file",
+    "local_raw",
+    "metrics_rows",
+    "wire_expect",
+]

@@ -16,24 +16,8 @@ from protocol.errors import (
     WireFormatError,
 )
 from protocol.records import write_vector
-from protocol.wire import MAX_CHUNK_BYTES, Expect, make_header
-
-
-def _expect(ps, fp, level=None, **kw) -> Expect:
-    base = dict(
-        param_set=ps.id,
-        fingerprint=fp,
-        backend="ckks",
-        run_id=1,
-        layout_digest="ab" * 32,
-        slot_count=ps.slots,
-        chunk_count=1,
-        kind="gradient",
-        level=ps.depth if level is None else level,
-        round=1,
-    )
-    base.update(kw)
-    return Expect(**base)
+from protocol.wire import MAX_CHUNK_BYTES, make_header
+from tests.helpers import wire_expect
 
 
 def test_oversize_chunk_rejected_before_parsing(ckks_pair, ps):
@@ -42,10 +26,13 @@ def test_oversize_chunk_rejected_before_parsing(ckks_pair, ps):
     rd = RecordDict()
     big = bytes(MAX_CHUNK_BYTES + 1)
     write_vector(
-        rd, "gradient", make_header(_expect(ps, fp), value_count=10, round_=1), [big]
+        rd,
+        "gradient",
+        make_header(wire_expect(ps, fp), value_count=10, round_=1),
+        [big],
     )
     with pytest.raises(WireFormatError, match=f"at most {MAX_CHUNK_BYTES}"):
-        receive_cts(coord, rd, "gradient", _expect(ps, fp))
+        receive_cts(coord, rd, "gradient", wire_expect(ps, fp))
 
 
 def test_ciphertext_at_wrong_level_rejected(ckks_pair, ps):
@@ -57,11 +44,11 @@ def test_ciphertext_at_wrong_level_rejected(ckks_pair, ps):
     write_vector(
         rd,
         "gradient",
-        make_header(_expect(ps, fp), value_count=10, round_=1),
+        make_header(wire_expect(ps, fp), value_count=10, round_=1),
         [coord.dump(lower)],
     )
     with pytest.raises(CiphertextError, match=f"level {ps.depth - 1}, expected level"):
-        receive_cts(coord, rd, "gradient", _expect(ps, fp))
+        receive_cts(coord, rd, "gradient", wire_expect(ps, fp))
 
 
 def test_ciphertext_of_other_parameter_set_rejected(ckks_pair, ps):
@@ -82,11 +69,11 @@ def test_ciphertext_of_other_parameter_set_rejected(ckks_pair, ps):
     write_vector(
         rd,
         "gradient",
-        make_header(_expect(ps, fp), value_count=10, round_=1),
+        make_header(wire_expect(ps, fp), value_count=10, round_=1),
         [other.encrypt(np.ones(ps16.slots))],
     )
     with pytest.raises(CiphertextError):
-        receive_cts(coord, rd, "gradient", _expect(ps, fp))
+        receive_cts(coord, rd, "gradient", wire_expect(ps, fp))
 
 
 def test_absurd_magnitude_refused_before_encryption(plain, ps):
@@ -99,7 +86,7 @@ def test_absurd_magnitude_refused_before_encryption(plain, ps):
             RecordDict(),
             "gradient",
             values,
-            _expect(ps, "f" * 64, backend="plain"),
+            wire_expect(ps, "f" * 64, backend="plain"),
             1,
         )
 
@@ -158,23 +145,12 @@ def test_second_reply_to_same_message_ignored():
     assert got[5] is grid.first[5] and got[6] is grid.first[6]
 
 
-def test_raw_array_required():
+def test_raw_array_required(ps):
     """A chunk that is not a raw uint8 Array is refused."""
     from protocol.records import read_vector
 
     rd = RecordDict()
-    exp = Expect(
-        param_set="8k-35x3",
-        fingerprint="a" * 64,
-        backend="plain",
-        run_id=1,
-        layout_digest="b" * 64,
-        slot_count=4096,
-        chunk_count=1,
-        kind="gradient",
-        level=3,
-        round=1,
-    )
+    exp = wire_expect(ps, "a" * 64, "plain", layout_digest="b" * 64)
     write_vector(rd, "gradient", make_header(exp, value_count=1, round_=1), [b"x"])
     rd["gradient"]["0"] = Array(np.zeros(3, dtype=np.float32))
     with pytest.raises(WireFormatError, match="raw byte array"):
@@ -202,7 +178,7 @@ def test_ciphertext_at_wrong_scale_rejected(ckks_pair, ps):
     data = open(path, "rb").read()
     os.unlink(path)
     rd = RecordDict()
-    exp = _expect(ps, fp, level=ps.depth - 1)
+    exp = wire_expect(ps, fp, level=ps.depth - 1)
     write_vector(rd, "gradient", make_header(exp, value_count=10, round_=1), [data])
     with pytest.raises(
         CiphertextError,

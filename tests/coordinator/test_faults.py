@@ -6,64 +6,54 @@ a ``tamper`` hook edits or drops replies on their way back.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from flwr.app import Array, ConfigRecord, Message, RecordDict
 
-from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
-from protocol import keys
 from protocol.config import RunConfig
 from protocol.params import get_param_set
 from protocol.tolerance import ckks_theta_rel_tol
+from tests.helpers import (
+    decrypt_theta,
+    local_federation,
+    local_key_file,
+    local_raw,
+    metrics_rows,
+)
 
 RUN_ID = 515
 
 
 def _raw(tmp: Path, backend: str, **extra) -> dict:
-    return {
-        "backend": backend,
-        "num-rounds": 3,
-        "num-participants": 3,
-        "seed": 5,
-        "results-dir": str(tmp / "results"),
-        "keys-dir": str(tmp / "keys"),
-        "run-name": backend,
-        "checkpoint-every": 100,
-        "node-wait": 5.0,
-        "round-timeout": 1.0,
-        **extra,
-    }
+    """3 participants, 3 rounds, seed 5, 1 s round timeout, named after the backend."""
+    return local_raw(
+        tmp,
+        **{
+            "backend": backend,
+            "num-rounds": 3,
+            "num-participants": 3,
+            "seed": 5,
+            "run-name": backend,
+            "checkpoint-every": 100,
+            "round-timeout": 1.0,
+            **extra,
+        },
+    )
 
 
 def _run(
     tmp: Path, backend: str, tamper=None, **extra
 ) -> tuple[Federation, list[dict]]:
-    raw = _raw(tmp, backend, **extra)
-    fed = Federation(
-        LocalGrid(RUN_ID, raw, 3, tamper=tamper), RunConfig.from_mapping(raw), RUN_ID
-    )
+    fed = local_federation(_raw(tmp, backend, **extra), RUN_ID, tamper=tamper)
     fed.run()
-    rows = [
-        json.loads(x)
-        for x in (fed.out_dir / "metrics.jsonl").read_text().split("\n")
-        if x
-    ]
-    return fed, rows
+    return fed, metrics_rows(fed)
 
 
 def _theta(tmp: Path, fed: Federation, backend: str) -> np.ndarray:
-    part, _ = keys.participant_backend(
-        tmp / "keys" / f"run-{RUN_ID}" / "participant.ctx",
-        get_param_set("8k-35x3"),
-        backend,
-    )
-    return np.concatenate([part.decrypt(fed.be.dump(c)) for c in fed.theta])[
-        : fed.param_count
-    ]
+    return decrypt_theta(fed, local_key_file(tmp, RUN_ID), backend)
 
 
 def _round_of(message: Message) -> int:
@@ -201,12 +191,7 @@ def test_no_refresh_skips_step_and_keeps_state(tmp_path):
         thetas.append([fed.be.dump(c) for c in fed.theta])
 
     raw = _raw(tmp_path, "plain", **{"spare-refresher": False})
-    fed = Federation(
-        LocalGrid(RUN_ID, raw, 3, tamper=_drop(2, 2)),
-        RunConfig.from_mapping(raw),
-        RUN_ID,
-        on_round=on_round,
-    )
+    fed = local_federation(raw, RUN_ID, on_round=on_round, tamper=_drop(2, 2))
     fed.run()
     assert [h["stepped"] for h in fed.history] == [True, False, True]
     assert thetas[1] == thetas[0]  # the skipped round left θ exactly as it was
@@ -243,13 +228,13 @@ def test_fingerprint_mismatch_in_theta_refused_by_participants(tmp_path):
             )
         return request
 
-    raw = _raw(tmp_path, "plain")
-    grid = LocalGrid(RUN_ID, raw, 3, tamper_request=tamper_request)
-    fed = Federation(grid, RunConfig.from_mapping(raw), RUN_ID)
+    fed = local_federation(
+        _raw(tmp_path, "plain"), RUN_ID, tamper_request=tamper_request
+    )
     fed.run()
     r2 = fed.history[1]
     assert r2["participants"] == 0 and r2["stepped"] is False
-    errors = [m.error.reason for m in grid.received if m.has_error()]
+    errors = [m.error.reason for m in fed.grid.received if m.has_error()]
     assert len(errors) == 3 and all("fingerprint" in e for e in errors)
     assert fed.history[2]["stepped"]
 

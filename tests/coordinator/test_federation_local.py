@@ -19,41 +19,37 @@ from protocol import keys
 from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, KeyMaterialError, SecretKeyRefused
 from protocol.params import get_param_set
+from tests.helpers import (
+    decrypt_theta,
+    local_federation,
+    local_key_file,
+    local_raw,
+    metrics_rows,
+)
 
 RUN_ID = 4242
 
 
 def _config(tmp_path: Path, backend: str, **extra) -> dict:
-    return {
-        "backend": backend,
-        "num-rounds": 4,
-        "num-participants": 3,
-        "seed": 3,
-        "results-dir": str(tmp_path / "results"),
-        "keys-dir": str(tmp_path / "keys"),
-        "run-name": backend,
-        "checkpoint-every": 2,
-        "node-wait": 5.0,
-        **extra,
-    }
+    """3 participants, 4 rounds, seed 3, named after the backend."""
+    return local_raw(
+        tmp_path,
+        **{
+            "backend": backend,
+            "num-rounds": 4,
+            "num-participants": 3,
+            "seed": 3,
+            "run-name": backend,
+            "checkpoint-every": 2,
+            **extra,
+        },
+    )
 
 
 def _run(tmp_path: Path, backend: str, **grid_kw) -> tuple[Federation, LocalGrid]:
-    raw = _config(tmp_path, backend)
-    grid = LocalGrid(RUN_ID, raw, 3, **grid_kw)
-    fed = Federation(grid, RunConfig.from_mapping(raw), RUN_ID)
+    fed = local_federation(_config(tmp_path, backend), RUN_ID, **grid_kw)
     fed.run()
-    return fed, grid
-
-
-def _decrypt_theta(tmp_path: Path, fed: Federation, backend: str) -> np.ndarray:
-    ps = get_param_set("8k-35x3")
-    part, _ = keys.participant_backend(
-        tmp_path / "keys" / f"run-{RUN_ID}" / "participant.ctx", ps, backend
-    )
-    return np.concatenate([part.decrypt(fed.be.dump(c)) for c in fed.theta])[
-        : fed.param_count
-    ]
+    return fed, fed.grid
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +62,7 @@ def runs(tmp_path_factory):
         out[backend] = (
             fed,
             grid,
-            _decrypt_theta(tmp / backend, fed, backend),
+            decrypt_theta(fed, local_key_file(tmp / backend, RUN_ID), backend),
             tmp / backend,
         )
     return out
@@ -127,9 +123,7 @@ def test_encrypted_run_tracks_plaintext_twin(runs):
 def test_metrics_schema_and_bytes(runs):
     """metrics.jsonl has the required fields; upload ≈ 49.5 bytes per filled slot."""
     fed, _, _, _ = runs["ckks"]
-    rows = [
-        json.loads(x) for x in (fed.out_dir / "metrics.jsonl").read_text().splitlines()
-    ]
+    rows = metrics_rows(fed)
     assert [r["round"] for r in rows] == [1, 2, 3, 4]
     assert all(
         r["participants"] == 3 and r["missing"] == [] and r["stepped"] for r in rows
@@ -166,6 +160,6 @@ def test_fingerprint_mismatch_refused_at_setup(tmp_path):
 def test_fingerprint_expected_by_operator_enforced(tmp_path):
     """expect-fingerprint: a context whose key is not the provisioned one is refused."""
     raw = _config(tmp_path, "plain", **{"expect-fingerprint": "ab" * 32})
-    grid = LocalGrid(RUN_ID, raw, 3)
+    fed = local_federation(raw, RUN_ID)
     with pytest.raises(FingerprintMismatch, match="expect-fingerprint"):
-        Federation(grid, RunConfig.from_mapping(raw), RUN_ID).setup()
+        fed.setup()

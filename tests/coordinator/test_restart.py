@@ -5,34 +5,39 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from protocol import keys
 from protocol.checkpoint import read_checkpoint
 from protocol.codec import receive_plain
-from protocol.config import RunConfig
 from protocol.errors import ConfigError
 from protocol.params import get_param_set
 from protocol.tolerance import ckks_abs_tol
-from protocol.wire import Expect
+from tests.helpers import (
+    decrypt_chunks,
+    local_federation,
+    local_key_file,
+    local_raw,
+    wire_expect,
+)
 
 RUN_ID = 8080
 PS = get_param_set("8k-35x3")
 
 
 def _raw(tmp, **extra) -> dict:
-    return {
-        "backend": "ckks",
-        "num-rounds": 5,
-        "num-participants": 3,
-        "seed": 9,
-        "results-dir": str(tmp / "results"),
-        "keys-dir": str(tmp / "keys"),
-        "checkpoint-every": 2,
-        "node-wait": 5.0,
-        "round-timeout": 5.0,
-        **extra,
-    }
+    """3 CKKS participants, 5 rounds, seed 9, a checkpoint every 2 rounds."""
+    return local_raw(
+        tmp,
+        **{
+            "backend": "ckks",
+            "num-rounds": 5,
+            "num-participants": 3,
+            "seed": 9,
+            "checkpoint-every": 2,
+            "round-timeout": 5.0,
+            **extra,
+        },
+    )
 
 
 class Killed(RuntimeError):
@@ -48,61 +53,49 @@ def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
             raise Killed("ServerApp killed after round 3")
 
     with pytest.raises(Killed):
-        Federation(
-            LocalGrid(RUN_ID, raw, 3), RunConfig.from_mapping(raw), RUN_ID, on_round=die
-        ).run()
+        local_federation(raw, RUN_ID, on_round=die).run()
     ckpt = tmp_path / "results" / "first" / "checkpoint.npz"
     meta, vectors = read_checkpoint(ckpt)
     assert meta["step"] == 2 and set(vectors) == {"theta", "m", "V", "r"}
 
     raw2 = _raw(tmp_path, **{"run-name": "resumed", "resume-from": str(ckpt)})
-    grid = LocalGrid(RUN_ID + 1, raw2, 3)  # a new run: fresh participant state
-    fed = Federation(grid, RunConfig.from_mapping(raw2), RUN_ID + 1)
+    fed = local_federation(raw2, RUN_ID + 1)  # a new run: fresh participant state
     fed.run()
     assert [h["round"] for h in fed.history] == [3, 4, 5]
     assert all(h["stepped"] and not h["rejected"] for h in fed.history)
     # no new key was made for the resumed run: it uses the checkpoint's
     assert not (tmp_path / "keys" / f"run-{RUN_ID + 1}").exists()
 
-    part, fp = keys.participant_backend(
-        tmp_path / "keys" / f"run-{RUN_ID}" / "participant.ctx", PS, "ckks"
-    )
+    part, fp = keys.participant_backend(local_key_file(tmp_path, RUN_ID), PS, "ckks")
     assert fp == meta["fingerprint"]
-    first_train = next(m for m in grid.sent if m.metadata.message_type == "train")
-    expect = Expect(
-        param_set=PS.id,
-        fingerprint=fp,
-        backend="ckks",
+    first_train = next(m for m in fed.grid.sent if m.metadata.message_type == "train")
+    expect = wire_expect(
+        PS,
+        fp,
+        "ckks",
+        "theta",
+        0,
         run_id=RUN_ID + 1,
         layout_digest=meta["layout_digest"],
-        slot_count=PS.slots,
         chunk_count=len(vectors["theta"]),
-        kind="theta",
-        level=0,
         round=3,
     )
     sent = receive_plain(part, first_train.content, "theta", expect)
-    stored = np.concatenate([part.decrypt(c) for c in vectors["theta"]])[: sent.size]
+    stored = decrypt_chunks(part, vectors["theta"], sent.size)
     assert np.max(np.abs(sent - stored)) <= ckks_abs_tol(PS, 10.0)
 
 
 def test_resume_refuses_mismatched_checkpoint(tmp_path):
     """A checkpoint of another env (or one already finished) fails at start."""
     raw = _raw(tmp_path, **{"run-name": "a", "num-rounds": 2})
-    Federation(LocalGrid(RUN_ID, raw, 3), RunConfig.from_mapping(raw), RUN_ID).run()
+    local_federation(raw, RUN_ID).run()
     ckpt = str(tmp_path / "results" / "a" / "checkpoint.npz")
     bad_env = _raw(tmp_path, **{"resume-from": ckpt, "env-id": "Acrobot-v1"})
     with pytest.raises(ConfigError, match="env_id"):
-        Federation(
-            LocalGrid(RUN_ID + 2, bad_env, 3),
-            RunConfig.from_mapping(bad_env),
-            RUN_ID + 2,
-        )
+        local_federation(bad_env, RUN_ID + 2)
     done = _raw(tmp_path, **{"resume-from": ckpt, "num-rounds": 2})
     with pytest.raises(ConfigError, match="nothing left to run"):
-        Federation(
-            LocalGrid(RUN_ID + 3, done, 3), RunConfig.from_mapping(done), RUN_ID + 3
-        )
+        local_federation(done, RUN_ID + 3)
 
 
 def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
@@ -126,9 +119,7 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
             kept["after"] = [fed.be.dump(c) for c in fed.theta]
 
     raw = _raw(tmp_path, **{"run-name": "forged", "num-rounds": 4})
-    fed = Federation(
-        LocalGrid(RUN_ID, raw, 3), RunConfig.from_mapping(raw), RUN_ID, on_round=forge
-    )
+    fed = local_federation(raw, RUN_ID, on_round=forge)
     fed.run()
     r3 = fed.history[2]
     assert r3["rolled_back"] is True and r3["stepped"] is False
@@ -162,9 +153,7 @@ def test_forged_gradient_under_foreign_key_caught_by_participants(tmp_path):
         return reply
 
     raw = _raw(tmp_path, **{"run-name": "forged-grad", "num-rounds": 4})
-    fed = Federation(
-        LocalGrid(RUN_ID, raw, 3, tamper=tamper), RunConfig.from_mapping(raw), RUN_ID
-    )
+    fed = local_federation(raw, RUN_ID, tamper=tamper)
     fed.run()
     h = fed.history
     assert h[1]["stepped"] and not h[1]["rejected"]  # it looked valid
@@ -191,11 +180,11 @@ def test_minority_refusal_does_not_stall_training(tmp_path):
 
     raw = _raw(tmp_path, **{"run-name": "minority", "num-rounds": 4})
     thetas: list[list[bytes]] = []
-    fed = Federation(
-        LocalGrid(RUN_ID, raw, 3, tamper=refuse),
-        RunConfig.from_mapping(raw),
+    fed = local_federation(
+        raw,
         RUN_ID,
         on_round=lambda t, f: thetas.append([f.be.dump(c) for c in f.theta]),
+        tamper=refuse,
     )
     fed.run()
     for rec in fed.history[1:]:

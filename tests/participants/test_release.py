@@ -7,13 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.local_grid import LocalGrid
-from coordinator.federation import Federation
 from participants import release as rel
 from protocol import keys
 from protocol.checkpoint import read_checkpoint
-from protocol.config import RunConfig
 from protocol.params import get_param_set
+from tests.helpers import decrypt_chunks, local_federation, local_raw
 
 RUN_ID = 31
 
@@ -21,17 +19,17 @@ RUN_ID = 31
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("rel")
-    raw = {
-        "backend": "ckks",
-        "num-rounds": 3,
-        "num-participants": 2,
-        "seed": 2,
-        "results-dir": str(tmp / "results"),
-        "keys-dir": str(tmp / "keys"),
-        "run-name": "r",
-        "node-wait": 5.0,
-    }
-    Federation(LocalGrid(RUN_ID, raw, 2), RunConfig.from_mapping(raw), RUN_ID).run()
+    raw = local_raw(
+        tmp,
+        **{
+            "backend": "ckks",
+            "num-rounds": 3,
+            "num-participants": 2,
+            "seed": 2,
+            "run-name": "r",
+        },
+    )
+    local_federation(raw, RUN_ID).run()
     return tmp, tmp / "keys" / f"run-{RUN_ID}", tmp / "results" / "r" / "checkpoint.npz"
 
 
@@ -51,7 +49,7 @@ def test_release_floods_and_rounds_theta(trained, capsys):
     be, _ = keys.participant_backend(
         key_dir / "participant.ctx", get_param_set("8k-35x3"), "ckks"
     )
-    exact = np.concatenate([be.decrypt(c) for c in vectors["theta"]])[: theta.size]
+    exact = decrypt_chunks(be, vectors["theta"], theta.size)
     diff = theta - exact
     assert np.max(np.abs(diff)) <= 6 * info["noise_std"] + info["round_to"] / 2
     assert np.std(diff) > info["noise_std"] / 2  # noise really added

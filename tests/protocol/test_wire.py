@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from pathlib import Path
 
@@ -30,26 +31,13 @@ from protocol.wire import (
     make_header,
     parse_header,
 )
-from tests.helpers import assert_close, ckks_abs_tol
+from tests.helpers import assert_close, ckks_abs_tol, wire_expect
 
 N_VALUES = 9155  # CartPole actor-critic: three chunks at 4096 slots
 
 
-def _expect(ps, fp, backend, kind, level, **kw) -> Expect:
-    base = dict(
-        param_set=ps.id,
-        fingerprint=fp,
-        backend=backend,
-        run_id=7,
-        layout_digest="ab" * 32,
-        slot_count=ps.slots,
-        chunk_count=3,
-        kind=kind,
-        level=level,
-        round=5,
-    )
-    base.update(kw)
-    return Expect(**base)
+# _expect(ps, fp, backend, kind, level): N_VALUES in three chunks, run 7, round 5
+_expect = functools.partial(wire_expect, run_id=7, chunk_count=3, round=5)
 
 
 @pytest.mark.parametrize("kind", KINDS)
