@@ -20,6 +20,13 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+from threadpoolctl import threadpool_limits
+
+# The policy's matrices are tiny (minibatch × 64): BLAS threads only add
+# synchronisation, and next to other busy processes (K participants, the
+# coordinator) OpenBLAS's spinning threads made one 256×64 backward pass 48 ms
+# instead of 0.6 ms on the 2-core dev machine (measured). One thread per process.
+threadpool_limits(limits=1, user_api="blas")
 
 LOG_2PI = float(np.log(2.0 * np.pi))
 ADV_EPS = 1e-8  # added to the advantage std, as in CleanRL
