@@ -1,0 +1,131 @@
+"""Time deployed rounds: the deploy/ recipe on loopback, per-message ClientApp log.
+
+Not a test (pytest does not collect it): a measurement that reuses the
+multi-host test's process handling. It provisions a deployment (TLS + SuperNode
+authentication), starts the real ``flower-superlink`` and one real
+``flower-supernode`` per participant on 127.0.0.1, submits a run with
+``deploy/submit.sh`` and prints the per-round ``round_s`` from the run's
+``metrics.jsonl`` and the ClientApp's per-message timing lines (see
+``participants/client_app.py``) from the SuperNode logs. Every process it
+started is stopped afterwards.
+
+    python -m tests.deploy.round_times --backend ckks --rounds 8 \
+        --run-config "update-epochs=2 num-minibatches=1 lr=0.003"
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.deploy.test_multihost import (
+    PARTICIPANTS,
+    Lab,
+    _free_port,
+    _hand_out,
+    _provision,
+    script,
+)
+
+TIMING = re.compile(r"hedrl: participant \d+ (\w+)(?: round \d+)?: (.*)")
+
+
+def clientapp_timings(text: str) -> dict[str, dict[str, list[float]]]:
+    """{handler: {phase: [seconds, ...]}} from ClientApp timing log lines."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for kind, rest in TIMING.findall(text):
+        phases = out.setdefault(kind, {})
+        for part in rest.split(", "):
+            m = re.match(r"(.+?) ([\d.]+)", part)
+            if m:
+                phases.setdefault(m[1], []).append(float(m[2]))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--backend", default="ckks", choices=["ckks", "plain"])
+    ap.add_argument("--rounds", type=int, default=8)
+    ap.add_argument("--run-config", default="", help="more run-config overrides")
+    ap.add_argument("--json", type=Path, help="write the measurements here")
+    ap.add_argument("--timeout", type=float, default=900.0)
+    args = ap.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="hedrl-round-times-") as tmp:
+        lab = Lab(Path(tmp))
+        try:
+            _provision(lab, args.backend, "127.0.0.1", lab.tmp / "operator", 3)
+            dirs = _hand_out(lab, lab.tmp / "operator")
+            coord = dirs["coordinator"]
+            bundle = coord / "bundle"
+            address = f"127.0.0.1:{_free_port()}"
+            port = address.rsplit(":", 1)[1]
+            argv_ = script("superlink.sh", bundle=bundle, host="127.0.0.1", port=port)
+            lab.start("superlink", None, argv_, coord)
+            lab.wait_for_log("superlink", "Uvicorn running on https://")
+            argv_ = script(
+                "connect.sh", name="hedrl", address=address, ca=bundle / "ca.crt"
+            )
+            lab.run(None, argv_, coord)
+            pubs = sorted(str(p) for p in (bundle / "supernodes").glob("*.pub"))
+            lab.run(None, script("register.sh", *pubs, connection="hedrl"), coord)
+            for i in range(PARTICIPANTS):
+                host = dirs[f"participant-{i}"]
+                argv_ = script(
+                    "supernode.sh",
+                    bundle=host / "bundle",
+                    superlink=address,
+                    port=_free_port(),
+                )
+                lab.start(f"supernode-{i}", None, argv_, host)
+            config = (
+                f"backend='{args.backend}' num-participants={PARTICIPANTS} "
+                f"num-rounds={args.rounds} round-timeout=120.0 node-wait=60.0 "
+                f"{args.run_config}"
+            )
+            argv_ = script(
+                "submit.sh",
+                connection="hedrl",
+                results_dir=coord / "results",
+                run_name="timed",
+                run_config=config,
+            )
+            proc = lab.run(None, argv_, coord, timeout=args.timeout)
+            run_dir = coord / "results" / "timed"
+            rows = [
+                json.loads(x)
+                for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+            ]
+            logs = "".join(lab.log(f"supernode-{i}") for i in range(PARTICIPANTS))
+        finally:
+            lab.close()
+    times = [r["round_s"] for r in rows]
+    timings = clientapp_timings(logs)
+    print(proc.stdout.strip().splitlines()[-1])
+    print("round_s:", " ".join(f"{t:.2f}" for t in times))
+    print(
+        f"median round_s {statistics.median(times):.2f}, "
+        f"median after round 2 {statistics.median(times[2:] or times):.2f}, "
+        f"median coordinator_s "
+        f"{statistics.median(r['coordinator_s'] for r in rows):.3f}"
+    )
+    for kind, phases in timings.items():
+        print(
+            f"ClientApp {kind} ({len(next(iter(phases.values())))} messages), "
+            "median s: "
+            + ", ".join(f"{k} {statistics.median(v):.3f}" for k, v in phases.items())
+        )
+    if args.json:
+        args.json.write_text(
+            json.dumps({"config": config, "rows": rows, "clientapp": timings}, indent=1)
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
