@@ -8,7 +8,8 @@ Usage: deploy/submit.sh --connection NAME --results-dir DIR [options] [-- FLWR_R
 
 Runs, from the hedrl checkout (the app directory),
 
-  flwr run . NAME --stream --run-config "results-dir='DIR' run-name='RUN' ..."
+  flwr run . NAME --stream [--run-config "PRESET KEYS"] \
+    --run-config "results-dir='DIR' run-name='RUN' ..."
 
 which builds the app bundle, submits it through the SuperLink's Control API,
 streams the ServerApp's log until the run ends, then summarises
@@ -20,6 +21,9 @@ Options:
   --connection NAME   SuperLink connection in $FLWR_HOME/config.toml (connect.sh)
   --results-dir DIR   absolute results directory on the coordinator host
   --run-name RUN      results sub-directory (default: deploy-<UTC timestamp>)
+  --preset FILE       run-config preset (TOML of run-config keys, e.g.
+                      deploy/presets/cartpole-fast.toml); --run-config
+                      values override it
   --run-config STR    more run-config overrides, e.g.
                       "num-participants=3 num-rounds=200 stop-return=195"
                       (num-participants must equal the number of SuperNodes)
@@ -29,7 +33,7 @@ Exit status: 0 when the run wrote its summary.json, 1 otherwise.
 EOT
 }
 
-conn="" ; results="" ; run_name="deploy-$(date -u +%Y%m%dT%H%M%SZ)" ; extra="" ; rest=()
+conn="" ; results="" ; preset="" ; run_name="deploy-$(date -u +%Y%m%dT%H%M%SZ)" ; extra="" ; rest=()
 app="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 while [[ $# -gt 0 ]]; do
   case "$1" in
@@ -37,6 +41,7 @@ while [[ $# -gt 0 ]]; do
     --results-dir) results="$2"; shift 2 ;;
     --run-name) run_name="$2"; shift 2 ;;
     --run-config) extra="$2"; shift 2 ;;
+    --preset) preset="$2"; shift 2 ;;
     --app) app="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; rest=("$@"); break ;;
@@ -46,8 +51,40 @@ done
 [[ -n "$conn" && -n "$results" ]] || { echo "submit.sh: --connection and --results-dir are required" >&2; exit 2; }
 [[ "$results" == /* ]] || { echo "submit.sh: --results-dir must be absolute (the ServerApp runs elsewhere)" >&2; exit 2; }
 
+# A preset goes in its own --run-config (flwr applies them in order, later
+# ones win; flwr refuses a .toml file next to key=value pairs, and a key given
+# twice in one --run-config string).
+preset_cfg=()
+if [[ -n "$preset" ]]; then
+  [[ -r "$preset" ]] || { echo "submit.sh: cannot read preset $preset" >&2; exit 2; }
+  pairs="$(python - "$preset" <<'PY'
+import sys
+import tomllib
+
+path = sys.argv[1]
+with open(path, "rb") as fh:
+    data = tomllib.load(fh)
+
+
+def fmt(key, v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str) and "'" not in v and " " not in v:
+        return f"'{v}'"
+    sys.exit(f"submit.sh: {path}: {key} = {v!r} is not a run-config value")
+
+
+print(" ".join(f"{k}={fmt(k, v)}" for k, v in data.items()))
+PY
+)"
+  preset_cfg=(--run-config "$pairs")
+  echo "submit.sh: preset $preset: $pairs" >&2
+fi
+
 cd "$app"
-flwr run . "$conn" --stream \
+flwr run . "$conn" --stream "${preset_cfg[@]}" \
   --run-config "results-dir='$results' run-name='$run_name' $extra" "${rest[@]}"
 
 run_dir="$results/$run_name"
