@@ -105,3 +105,25 @@ def test_provision_race_creates_exactly_one_key(tmp_path):
     ps = get_param_set("8k-35x3")
     _, fp = keys.participant_backend(d / "participant.ctx", ps, "ckks")
     assert fps == {fp}
+
+
+def test_participant_context_loads_without_relin_keys_but_exports_them(ps):
+    """Participants never multiply ciphertexts, so their context loads without
+    relinearisation keys (deployment: every message is a fresh process); the
+    evaluation context made from it still carries them and can multiply."""
+    from protocol import ckks
+    from protocol.backend import Ct
+
+    sec, _, _ = keys.generate(ps, "ckks")
+    ctx = ckks.load_secret_context(sec)
+    assert ctx.is_private() and not ctx.has_relin_keys()
+    part = ckks.CkksBackend(ps, ctx)
+    pub = ckks.load_public_context(ckks.serialize_public(ctx))
+    assert pub.has_relin_keys() and not pub.is_private()
+    coord = ckks.CkksBackend(ps, pub)
+    x = coord.load(part.encrypt(np.full(ps.slots, 0.5)), level=ps.depth)
+    sq = coord.mul(x, x)
+    got = part.decrypt_ct(coord.to_bottom(sq))
+    assert np.max(np.abs(got - 0.25)) < 1e-5
+    with pytest.raises(KeyMaterialError, match="relinearisation"):
+        part.mul(Ct(x.data, x.level), Ct(x.data, x.level))
