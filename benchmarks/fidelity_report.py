@@ -78,7 +78,11 @@ def summarise(out: Path) -> dict[str, Any]:
             "variants": {},
         }
         # the table compares seeds on which every variant has finished
-        complete = sorted(set.intersection(*(set(v) for v in variants.values())))
+        complete = sorted(
+            set.intersection(
+                *(set(variants.get(v, {})) for v in ("ckks", "plain", "exact"))
+            )
+        )
         entry["complete_seeds"] = complete
         for variant, seeds in variants.items():
             finals = [r["final_return"] for r in seeds.values()]

@@ -1,0 +1,62 @@
+"""The fidelity report: paired gap, bootstrap interval, complete seeds, table."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.fidelity_report import summarise, table
+
+FINALS = {  # env "toy": threshold 100, random 0 → scale 100
+    "ckks": {0: 90.0, 1: 80.0, 2: 70.0},
+    "plain": {0: 91.0, 1: 82.0},
+    "exact": {0: 95.0, 1: 85.0},
+}
+
+
+@pytest.fixture
+def out(tmp_path):
+    for variant, seeds in FINALS.items():
+        d = tmp_path / "fidelity" / "toy"
+        d.mkdir(parents=True, exist_ok=True)
+        for seed, final in seeds.items():
+            res = {
+                "env": "toy",
+                "env_id": "Toy-v0",
+                "seed": seed,
+                "variant": variant,
+                "final_return": final,
+                "rounds": 10,
+                "rounds_to_solve": None if final < 80 else 7,
+                "env_steps_to_solve": None,
+                "wall_s": 1.0,
+                "median_round_s": 0.1,
+                "solve_threshold": 100.0,
+                "random_return": 0.0,
+            }
+            (d / f"{variant}-seed{seed}.json").write_text(json.dumps(res))
+    return tmp_path
+
+
+def test_gap_is_paired_over_common_seeds(out):
+    """gap = |mean(ckks − ref)| over seeds both finished ÷ |threshold − random|."""
+    e = summarise(out)["toy"]
+    assert e["gap"] == pytest.approx(abs((90 - 95) + (80 - 85)) / 2 / 100)
+    assert e["gap_twin"] == pytest.approx(abs((90 - 91) + (80 - 82)) / 2 / 100)
+    lo, hi = e["gap_detail"]["ci95_diff"]
+    assert lo <= e["gap_detail"]["mean_diff"] <= hi
+    assert e["gap_detail"]["seeds"] == [0, 1]
+
+
+def test_table_compares_complete_seeds_and_counts_the_rest(out):
+    """Seed 2 has only a ckks run: it is left out of the row and counted."""
+    summary = summarise(out)
+    e = summary["toy"]
+    assert e["complete_seeds"] == [0, 1]
+    v = e["variants"]
+    assert v["ckks"]["mean_final_return_complete"] == pytest.approx(85.0)
+    assert v["ckks"]["mean_final_return"] == pytest.approx(80.0)  # all 3 seeds
+    assert v["ckks"]["solved_complete"] == 2 and v["ckks"]["solved"] == 2
+    row = table(summary).splitlines()[-1]
+    assert row == ("| Toy-v0 | 2 | 85.0 / 86.5 / 90.0 | 2/2/2 | 0.050 | 0.015 | 1 |")
