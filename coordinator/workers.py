@@ -199,20 +199,6 @@ def _step_shard(*args: Any, **kwargs: Any) -> StepResult | BadChunks:
         return exc
 
 
-def _mask_shard(
-    state: list[tuple[bytes, bytes, bytes]], masks: list[list[np.ndarray]]
-) -> list[list[bytes]]:
-    """Per chunk: each of m, V, r switched to the bottom level plus its mask."""
-    be = _be()
-    return [
-        [
-            be.dump(be.add_plain(be.to_bottom(be.load(c, level=0)), mask))
-            for c, mask in zip(chunk, chunk_masks, strict=True)
-        ]
-        for chunk, chunk_masks in zip(state, masks, strict=True)
-    ]
-
-
 def _noop(_: int) -> None:
     _be()
 
@@ -326,20 +312,4 @@ class ChunkPool:
                 tuple(be.load(c, level=0) for c in s)  # type: ignore[misc]
                 for s in r.state
             )
-        return out
-
-    def mask(
-        self,
-        state: Sequence[tuple[Chunk, Chunk, Chunk]],
-        masks: Sequence[Sequence[np.ndarray]],
-    ) -> list[list[bytes]]:
-        """Bytes of (m, V, r) per chunk at the bottom level, each plus its mask."""
-        state_b = [[self._bytes(self.be.to_bottom(c)) for c in s] for s in state]
-        futures = [
-            self._pool.submit(_mask_shard, state_b[sl], list(masks[sl]))
-            for sl in _shards(len(state_b), self.workers)
-        ]
-        out: list[list[bytes]] = []
-        for f in futures:
-            out.extend(f.result())
         return out
