@@ -119,22 +119,29 @@ def test_pool_step_equals_in_process_step(ps, plain):
         np.testing.assert_array_equal(g.data, w.data)
 
 
+def _ckks_inputs(ps, part, coord, seed: int, n: int, replies: int):
+    """θ (bottom level), (m, V, r) and ``replies`` gradients for ``n`` chunks."""
+    rng = np.random.default_rng(seed)
+
+    def enc(lo=-0.01, hi=0.01):
+        return part.encrypt(rng.uniform(lo, hi, ps.slots))
+
+    top = ps.depth
+    theta = [
+        coord.dump(coord.to_bottom(coord.load(enc(), level=top))) for _ in range(n)
+    ]
+    state = [(enc(), enc(0.01, 0.1), enc(3.0, 10.0)) for _ in range(n)]
+    grads = [[enc() for _ in range(replies)] for _ in range(n)]
+    return theta, state, grads, rng
+
+
 def test_pool_reports_every_bad_chunk(ps, ckks_pair):
     """A truncated gradient chunk and a foreign refresh chunk are both named,
     in the workers as in-process, and nothing is returned."""
     part, coord, _, key_dir = ckks_pair
     ctx = (key_dir / "coordinator.ctx").read_bytes()
-    top, n = ps.depth, 2
-    rng = np.random.default_rng(3)
-
-    def enc(lo=-0.01, hi=0.01):
-        return part.encrypt(rng.uniform(lo, hi, ps.slots))
-
-    theta = [
-        coord.dump(coord.to_bottom(coord.load(enc(), level=top))) for _ in range(n)
-    ]
-    state = [(enc(), enc(0.01, 0.1), enc(3.0, 10.0)) for _ in range(n)]
-    grads = [[enc() for _ in range(3)] for _ in range(n)]
+    top = ps.depth
+    theta, state, grads, _ = _ckks_inputs(ps, part, coord, 3, n=2, replies=3)
     grads[1][2] = grads[1][2][:1000]  # reply 2, chunk 1: truncated
     state[0] = (b"\x00" * 5000, state[0][1], state[0][2])  # refresh chunk 0: junk
     args = (theta, state, top, None, grads, 1, AdamHyper())
@@ -154,17 +161,8 @@ def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
     part, coord, _, key_dir = ckks_pair
     ctx = (key_dir / "coordinator.ctx").read_bytes()
     top, n = ps.depth, 3
-    rng = np.random.default_rng(4)
-
-    def enc(lo=-0.01, hi=0.01):
-        return part.encrypt(rng.uniform(lo, hi, ps.slots))
-
-    theta = [
-        coord.dump(coord.to_bottom(coord.load(enc(), level=top))) for _ in range(n)
-    ]
-    state = [(enc(), enc(0.01, 0.1), enc(3.0, 10.0)) for _ in range(n)]
+    theta, state, grads, rng = _ckks_inputs(ps, part, coord, 4, n=n, replies=2)
     masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
-    grads = [[enc() for _ in range(2)] for _ in range(n)]
     args = (theta, state, top, masks, grads, 2, AdamHyper())
     want = step_chunks(coord, *args)
     with ChunkPool(context=ctx, param_set=ps.id, backend="ckks", workers=2) as pool:
