@@ -22,6 +22,7 @@ from flwr.clientapp import ClientApp
 
 log = logging.getLogger("flwr.hedrl.participant")
 app = ClientApp()
+_handled = 0  # messages this process has handled so far
 
 
 def process_age() -> float | None:
@@ -46,7 +47,13 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     node.timings["import"] = imported - t0
     content = getattr(node, kind)(message.content)
     node.timings["handler"] = time.perf_counter() - t0
-    log.info(
+    global _handled
+    _handled += 1
+    # A process's first message carries its start-up cost: that line is INFO
+    # (in deployment every message is a fresh process). Later messages in a
+    # long-lived simulation process log at DEBUG, or sweeps drown in them.
+    log.log(
+        logging.INFO if _handled == 1 else logging.DEBUG,
         "hedrl: participant %d %s%s: %s",
         node.index,
         kind,
