@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
@@ -52,6 +52,14 @@ def _vector_bytes(rd: RecordDict) -> int:
         elif hasattr(value, "values"):
             total += sum(len(a.data) for a in value.values() if hasattr(a, "data"))
     return total
+
+
+class _Good(NamedTuple):
+    """θ a majority accepted in round ``step + 1``, with the state it came with."""
+
+    theta: list[Ct]
+    state: list[tuple[Ct, Ct, Ct]] | None
+    step: int
 
 
 @dataclass
@@ -96,7 +104,9 @@ class Federation:
         if cfg.resume_from:
             self._resume = self._load_resume(Path(cfg.resume_from).expanduser())
             self.key_run_id = int(self._resume[0]["key_run_id"])
-        self._good: tuple[list[Ct], list[tuple[Ct, Ct, Ct]] | None] | None = None
+        # the last θ a majority accepted, its state and the rounds it includes:
+        # what a rollback returns to and what periodic checkpoints hold
+        self._good: _Good | None = None
         self.be: Backend
         self.fingerprint = ""
         self.history: list[dict[str, Any]] = []
@@ -420,7 +430,7 @@ class Federation:
                     refused,
                     len(accepted),
                 )
-            self._good = (self.theta, self.state)  # θ_t accepted by a majority
+            self._good = _Good(self.theta, self.state, t - 1)  # θ_t accepted
             try:
                 stepped = self._aggregate_and_step(
                     t, accepted, refreshers, rejected, missing
@@ -464,7 +474,7 @@ class Federation:
                 refused,
             )
             return False
-        self.theta, self.state = self._good
+        self.theta, self.state = self._good.theta, self._good.state
         log.warning(
             "hedrl: round %d: θ refused by participant(s) %s (content check); "
             "rolled back to the last θ every participant accepted",
@@ -661,17 +671,31 @@ class Federation:
         ]
 
     # ---- outputs -------------------------------------------------------------------
-    def checkpoint(self, t: int) -> Path:
-        """Write θ, m, V, r and the step counter atomically."""
+    def checkpoint(self, t: int, *, final: bool = False) -> Path | None:
+        """Write θ, m, V, r and the step counter atomically.
+
+        A periodic checkpoint holds the last θ a majority of participants
+        accepted (with the state and step count it came with), never a θ that
+        nobody has checked yet: a coordinator that crashes right after a forged
+        or corrupted step resumes from a state its key holders vouched for. The
+        final checkpoint holds the run's last state, the one to release.
+        """
         path = self.out_dir / "checkpoint.npz"
-        vectors = {"theta": [self.be.dump(c) for c in self.theta]}
+        if final:
+            theta, state, step = self.theta, self.state, t
+        elif self._good is None:
+            log.info("hedrl: round %d: no accepted θ yet, no checkpoint", t)
+            return None
+        else:
+            theta, state, step = self._good
+        vectors = {"theta": [self.be.dump(c) for c in theta]}
         levels = {"theta": 0}
-        if self.state is not None:
+        if state is not None:
             for j, name in enumerate(msg.STATE_NAMES):
-                vectors[name] = [self.be.dump(c[j]) for c in self.state]
-                levels[name] = self.state[0][j].level
+                vectors[name] = [self.be.dump(c[j]) for c in state]
+                levels[name] = state[0][j].level
         meta = {
-            "step": t,
+            "step": step,
             "run_id": self.run_id,
             "key_run_id": self.key_run_id,
             "backend": self.cfg.backend,
@@ -752,7 +776,8 @@ class Federation:
                         t,
                     )
                     break
-        ckpt = self.checkpoint(t)
+        ckpt = self.checkpoint(t, final=True)
+        assert ckpt is not None
         summary = self._summary(t, returns, reached, time.perf_counter() - start, ckpt)
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(

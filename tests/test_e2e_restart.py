@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from protocol.checkpoint import read_checkpoint
 from tests.flwr_sim import REPO, flwr_cmd, flwr_env, pids_matching, stop_processes
 
 ROUNDS, EVERY = 12, 4
@@ -21,7 +22,7 @@ ROUNDS, EVERY = 12, 4
 
 @pytest.mark.slow
 def test_restart_after_killing_serverapp_process(tmp_path):
-    """Killed after ≥ 6 rounds; resumed from the round-4 checkpoint to 12 rounds."""
+    """Killed after ≥ 6 rounds; resumed from its last checkpoint to 12 rounds."""
     env, flwr_home = flwr_env(tmp_path)
     results = tmp_path / "results"
     base = {
@@ -55,6 +56,10 @@ def test_restart_after_killing_serverapp_process(tmp_path):
         assert EVERY + 2 <= killed_at < ROUNDS
 
         ckpt = results / "first" / "checkpoint.npz"
+        # the round-k checkpoint holds θ_k, accepted by the participants in
+        # round k, with the state after step k − 1
+        step = read_checkpoint(ckpt)[0]["step"]
+        assert step % EVERY == EVERY - 1 and step + 1 <= killed_at, step
         resumed = subprocess.run(
             flwr_cmd({**base, "run-name": "resumed", "resume-from": str(ckpt)}, 4),
             cwd=REPO,
@@ -68,7 +73,7 @@ def test_restart_after_killing_serverapp_process(tmp_path):
             json.loads(x)
             for x in (results / "resumed" / "metrics.jsonl").read_text().splitlines()
         ]
-        assert [r["round"] for r in rows] == list(range(EVERY + 1, ROUNDS + 1)), out[
+        assert [r["round"] for r in rows] == list(range(step + 1, ROUNDS + 1)), out[
             -3000:
         ]
         assert all(

@@ -44,45 +44,66 @@ class Killed(RuntimeError):
     """Stands in for the ServerApp process dying."""
 
 
+def _theta_sent(part, fed: Federation, round_: int, meta: dict, chunks: int):
+    """θ as the participants decrypt it from the coordinator's round message."""
+    train = next(
+        m
+        for m in fed.grid.sent
+        if m.metadata.message_type == "train"
+        and int(m.content["task"]["round"]) == round_
+    )
+    expect = wire_expect(
+        PS,
+        meta["fingerprint"],
+        "ckks",
+        "theta",
+        0,
+        run_id=fed.run_id,
+        layout_digest=meta["layout_digest"],
+        chunk_count=chunks,
+        round=round_,
+    )
+    return receive_plain(part, train.content, "theta", expect)
+
+
 def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
-    """Killed after round 3; resumed from the round-2 checkpoint to 5 steps in all."""
+    """Killed after round 3; resumed from the round-2 checkpoint to 5 steps in all.
+
+    The round-2 checkpoint holds θ_2, the θ every participant accepted in round 2
+    (with m, V, r after step 1), so the resumed run starts at round 2.
+    """
     raw = _raw(tmp_path, **{"run-name": "first"})
 
     def die(t: int, fed: Federation) -> None:
         if t == 3:
             raise Killed("ServerApp killed after round 3")
 
+    first = local_federation(raw, RUN_ID, on_round=die)
     with pytest.raises(Killed):
-        local_federation(raw, RUN_ID, on_round=die).run()
+        first.run()
     ckpt = tmp_path / "results" / "first" / "checkpoint.npz"
     meta, vectors = read_checkpoint(ckpt)
-    assert meta["step"] == 2 and set(vectors) == {"theta", "m", "V", "r"}
+    assert meta["step"] == 1 and set(vectors) == {"theta", "m", "V", "r"}
 
     raw2 = _raw(tmp_path, **{"run-name": "resumed", "resume-from": str(ckpt)})
     fed = local_federation(raw2, RUN_ID + 1)  # a new run: fresh participant state
     fed.run()
-    assert [h["round"] for h in fed.history] == [3, 4, 5]
+    assert [h["round"] for h in fed.history] == [2, 3, 4, 5]
     assert all(h["stepped"] and not h["rejected"] for h in fed.history)
     # no new key was made for the resumed run: it uses the checkpoint's
     assert not (tmp_path / "keys" / f"run-{RUN_ID + 1}").exists()
 
     part, fp = keys.participant_backend(local_key_file(tmp_path, RUN_ID), PS, "ckks")
     assert fp == meta["fingerprint"]
-    first_train = next(m for m in fed.grid.sent if m.metadata.message_type == "train")
-    expect = wire_expect(
-        PS,
-        fp,
-        "ckks",
-        "theta",
-        0,
-        run_id=RUN_ID + 1,
-        layout_digest=meta["layout_digest"],
-        chunk_count=len(vectors["theta"]),
-        round=3,
-    )
-    sent = receive_plain(part, first_train.content, "theta", expect)
+    chunks = len(vectors["theta"])
+    sent = _theta_sent(part, fed, 2, meta, chunks)
     stored = decrypt_chunks(part, vectors["theta"], sent.size)
-    assert np.max(np.abs(sent - stored)) <= ckks_abs_tol(PS, 10.0)
+    tol = ckks_abs_tol(PS, 10.0)
+    assert np.max(np.abs(sent - stored)) <= tol
+    # ... and it is the θ the first run's participants accepted in round 2
+    accepted = _theta_sent(part, first, 2, meta, chunks)
+    assert np.max(np.abs(accepted - stored)) <= tol
+    assert first.history[1]["participants"] == 3 and not first.history[1]["refused"]
 
 
 def test_resume_refuses_mismatched_checkpoint(tmp_path):
@@ -101,6 +122,8 @@ def test_resume_refuses_mismatched_checkpoint(tmp_path):
 def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
     """θ under a foreign key with a valid header passes the coordinator; participants
     refuse it, the coordinator rolls back to the last accepted θ; training goes on.
+    The checkpoint written after the forged step holds the accepted θ, not the
+    forged one: a crash there would not resume from it.
     """
     other = tmp_path / "other"
     keys.write_keys(other, PS, "ckks", force=False)
@@ -109,7 +132,7 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
 
     def forge(t: int, fed: Federation) -> None:
         if t == 2:
-            kept["good"] = [fed.be.dump(c) for c in fed._good[0]]  # θ_2, accepted
+            kept["good"] = [fed.be.dump(c) for c in fed._good.theta]  # θ_2 accepted
             junk = np.random.default_rng(1).normal(0, 0.3, PS.slots)
             fed.theta = [
                 fed.be.to_bottom(fed.be.load(foreign.encrypt(junk), level=3))
@@ -117,6 +140,8 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
             ]
         if t == 3:
             kept["after"] = [fed.be.dump(c) for c in fed.theta]
+            # written after round 2, when θ_3 was already the forged one
+            kept["checkpoint"] = read_checkpoint(fed.out_dir / "checkpoint.npz")
 
     raw = _raw(tmp_path, **{"run-name": "forged", "num-rounds": 4})
     fed = local_federation(raw, RUN_ID, on_round=forge)
@@ -125,6 +150,8 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
     assert r3["rolled_back"] is True and r3["stepped"] is False
     assert r3["participants"] == 0 and len(r3["missing"]) == 3
     assert kept["after"] == kept["good"]  # θ is exactly the last accepted one
+    meta, vectors = kept["checkpoint"]
+    assert meta["step"] == 1 and vectors["theta"] == kept["good"]
     assert fed.history[3]["stepped"] and not fed.history[3]["rejected"]
 
 
