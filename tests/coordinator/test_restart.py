@@ -66,6 +66,20 @@ def _theta_sent(part, fed: Federation, round_: int, meta: dict, chunks: int):
     return receive_plain(part, train.content, "theta", expect)
 
 
+def _record_masks(fed: Federation) -> dict[int, list[np.ndarray]]:
+    """The refresh masks the coordinator draws, per round."""
+    drawn: dict[int, list[np.ndarray]] = {}
+    real = fed._masked_state
+
+    def masked_state():
+        rd, masks, sent = real()
+        drawn.setdefault(fed._round, []).extend(m.copy() for m in masks)
+        return rd, masks, sent
+
+    fed._masked_state = masked_state
+    return drawn
+
+
 def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
     """Killed after round 3; resumed from the round-2 checkpoint to 5 steps in all.
 
@@ -79,6 +93,7 @@ def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
             raise Killed("ServerApp killed after round 3")
 
     first = local_federation(raw, RUN_ID, on_round=die)
+    first_masks = _record_masks(first)
     with pytest.raises(Killed):
         first.run()
     ckpt = tmp_path / "results" / "first" / "checkpoint.npz"
@@ -87,8 +102,15 @@ def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
 
     raw2 = _raw(tmp_path, **{"run-name": "resumed", "resume-from": str(ckpt)})
     fed = local_federation(raw2, RUN_ID + 1)  # a new run: fresh participant state
+    masks = _record_masks(fed)
     fed.run()
     assert [h["round"] for h in fed.history] == [2, 3, 4, 5]
+    # rounds 2 and 3 ran twice: the refresher never sees two states under one mask
+    for t in (2, 3):
+        assert first_masks[t] and masks[t]
+        assert not any(
+            np.array_equal(a, b) for a in first_masks[t] for b in masks[t]
+        ), f"round {t}: a refresh mask of the crashed run was reused"
     assert all(h["stepped"] and not h["rejected"] for h in fed.history)
     # no new key was made for the resumed run: it uses the checkpoint's
     assert not (tmp_path / "keys" / f"run-{RUN_ID + 1}").exists()
