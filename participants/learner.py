@@ -4,10 +4,11 @@ Each iteration the participant collects a rollout with the current global θ;
 then for each of the E×M rounds that follow it sends one fresh
 clipped-surrogate gradient, computed at that round's θ on the next minibatch.
 The rollout buffer and the environments (pickled) live in the node's
-``context.state`` between rounds. Environments whose pickle does not carry
-their state (Box2D/MuJoCo ``EzPickle`` envs such as LunarLander) stay in a
-per-process cache keyed by run, participant and env instead; if a round lands
-in another process the participant starts fresh episodes (logged).
+``context.state`` between rounds, so a round that lands in a fresh process (in
+deployment every message does) continues the same episodes; Box2D/MuJoCo envs
+pickle as a replay of their current episode (:mod:`participants.replay`). A
+process that handled the previous round reuses its live worker instead of
+unpickling it (a per-process cache, checked against a token in the state).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 import pickle
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,7 +29,8 @@ from protocol.config import RunConfig
 from protocol.packing import layout_digest
 
 _BATCH_KEYS = ("obs", "actions", "logprobs", "advantages", "returns")
-_WORKERS: dict[tuple[Any, ...], RolloutWorker] = {}  # unpicklable envs, per process
+# live workers of this process: (token, worker) per run, env, seed and participant
+_WORKERS: dict[tuple[Any, ...], tuple[str, RolloutWorker]] = {}
 log = logging.getLogger("flwr.hedrl.participant")
 
 
@@ -98,26 +101,19 @@ class Learner:
         if not saved:
             return self._new_state()
         st = pickle.loads(saved)
-        if isinstance(st, _NodeState):
-            return st
-        worker = _WORKERS.get(cache_key)  # st is the state without its worker
-        if worker is None:
-            log.warning(
-                "hedrl: participant %d: %s envs were not in this process; starting "
-                "fresh episodes",
-                self.index,
-                self.cfg.env_id,
-            )
-            worker = self._new_state().worker
+        token, worker_bytes = st.pop("token"), st.pop("worker")
+        cached = _WORKERS.get(cache_key)
+        if cached is not None and cached[0] == token:
+            worker = cached[1]  # this process ran the previous round: still live
+        else:
+            worker = pickle.loads(worker_bytes)
         return _NodeState(worker=worker, **st)
 
     def _save(self, st: _NodeState, cache_key: tuple[Any, ...]) -> bytes:
-        try:
-            return pickle.dumps(st)
-        except TypeError:  # env state does not survive pickling: keep it here
-            _WORKERS[cache_key] = st.worker
-            rest = {f: getattr(st, f) for f in ("batch", "order", "pos", "rollouts")}
-            return pickle.dumps(rest)
+        token = secrets.token_hex(8)
+        _WORKERS[cache_key] = (token, st.worker)
+        rest = {f: getattr(st, f) for f in ("batch", "order", "pos", "rollouts")}
+        return pickle.dumps({**rest, "token": token, "worker": pickle.dumps(st.worker)})
 
     def step(
         self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None

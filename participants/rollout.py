@@ -26,6 +26,8 @@ from gymnasium.utils import EzPickle
 from gymnasium.vector import AutoresetMode, SyncVectorEnv, VectorEnv, VectorWrapper
 from gymnasium.wrappers.vector import RecordEpisodeStatistics
 
+from participants.replay import EpisodeReplay
+
 MAX_SCALED_SPAN = 1e6
 """Observation dims whose ``high - low`` is at least this pass through unscaled."""
 
@@ -167,6 +169,15 @@ class ScaleForLearning(VectorWrapper):
         return self.last_obs, rewards, terminations, truncations, infos
 
 
+def _make_one(env_id: str, extra: dict[str, Any]) -> gym.Env:
+    """``gym.make``; envs whose pickle loses their state get :class:`EpisodeReplay`."""
+    env = gym.make(env_id, **extra)
+    if isinstance(env.unwrapped, EzPickle):
+        env.close()
+        return EpisodeReplay(env_id, extra)
+    return env
+
+
 def make_envs(
     env_id: str,
     num_envs: int,
@@ -202,7 +213,7 @@ def make_envs(
     """
     extra = {} if render_mode is None else {"render_mode": render_mode}
     envs = SyncVectorEnv(
-        [partial(gym.make, env_id, **extra) for _ in range(num_envs)],
+        [partial(_make_one, env_id, extra) for _ in range(num_envs)],
         autoreset_mode=AutoresetMode.SAME_STEP,
     )
     wrapped = ScaleForLearning(RecordEpisodeStatistics(envs), reward_scale, obs_scaling)
@@ -284,13 +295,16 @@ class RolloutWorker:
 
         ``EzPickle`` envs (Box2D, MuJoCo) pickle only their constructor
         arguments, so an unpickled copy would not continue the same episodes
-        (LunarLander even segfaults on the next step).
+        (LunarLander even segfaults on the next step); :func:`make_envs` wraps
+        them in :class:`EpisodeReplay`, whose pickle replays the episode.
         """
         for env in self.envs.unwrapped.envs:  # type: ignore[attr-defined]
-            if isinstance(env.unwrapped, EzPickle):
+            if isinstance(env.unwrapped, EzPickle) and not isinstance(
+                env, EpisodeReplay
+            ):
                 raise TypeError(
                     f"{env.spec.id if env.spec else env}: EzPickle env state does not "
-                    "survive pickling; keep this worker in process memory"
+                    "survive pickling; build it with make_envs (EpisodeReplay)"
                 )
         return self.__dict__.copy()
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import copy
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -20,6 +23,7 @@ from participants.rollout import (
     take,
 )
 
+REPO = Path(__file__).resolve().parents[2]
 TOY_ID = "HedrlToy-v0"
 
 
@@ -67,6 +71,15 @@ def _cartpole(seed: int) -> tuple[RolloutWorker, ActorCritic, np.ndarray]:
     theta = init_params(layout, np.random.default_rng(seed))
     worker = RolloutWorker.create("CartPole-v1", seed, PPOConfig(num_envs=4))
     return worker, ActorCritic(layout, continuous=False), theta
+
+
+def _policy_for(worker: RolloutWorker) -> tuple[ActorCritic, np.ndarray]:
+    """An initial discrete-action policy sized for ``worker``'s envs (seed 0)."""
+    obs_dim = worker.envs.single_observation_space.shape[0]
+    layout = make_layout(obs_dim, int(worker.envs.single_action_space.n), False)
+    return ActorCritic(layout, continuous=False), init_params(
+        layout, np.random.default_rng(0)
+    )
 
 
 def test_cartpole_episode_statistics_are_recorded() -> None:
@@ -162,9 +175,42 @@ def test_worker_round_trip_continues_identically(duplicate: str) -> None:
     assert not np.array_equal(fresh.batch["obs"], first.batch["obs"])
 
 
-def test_box2d_worker_refuses_to_pickle() -> None:
-    """EzPickle (Box2D) envs would restart on unpickling, so pickling fails closed."""
+def test_box2d_worker_pickle_replays_the_episode_in_a_fresh_process(tmp_path) -> None:
+    """LunarLander (EzPickle: its pickle holds no state) pickles as a replay of the
+    current episode; a fresh process continues exactly where the original is."""
+    worker = RolloutWorker.create("LunarLander-v3", 0, PPOConfig(num_envs=2))
+    policy, theta = _policy_for(worker)
+    worker.collect(policy, theta, 300, np.random.default_rng(1))
+    replays = [env.replay_length for env in worker.envs.unwrapped.envs]
+    assert all(0 < n <= 300 for n in replays), replays  # mid-episode, not from 0
+    (tmp_path / "worker.pkl").write_bytes(pickle.dumps(worker))
+    np.save(tmp_path / "theta.npy", theta)
+    code = (
+        "import pickle, sys, numpy as np\n"
+        "from tests.participants.test_rollout import _policy_for\n"
+        "d = sys.argv[1]\n"
+        "w = pickle.loads(open(d + '/worker.pkl', 'rb').read())\n"
+        "policy, _ = _policy_for(w)\n"
+        "r = w.collect(policy, np.load(d + '/theta.npy'), 200, "
+        "np.random.default_rng(2))\n"
+        "np.save(d + '/obs.npy', r.batch['obs'])\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], cwd=REPO, check=True, timeout=120
+    )
+    here = worker.collect(policy, theta, 200, np.random.default_rng(2))
+    assert np.array_equal(np.load(tmp_path / "obs.npy"), here.batch["obs"])
+    # a fresh start would look different: the copy really continued
+    fresh = RolloutWorker.create("LunarLander-v3", 0, PPOConfig(num_envs=2))
+    again = fresh.collect(policy, theta, 200, np.random.default_rng(2))
+    assert not np.array_equal(again.batch["obs"], here.batch["obs"])
+
+
+def test_unwrapped_box2d_env_still_refuses_to_pickle() -> None:
+    """An EzPickle env that bypassed make_envs fails closed instead of restarting."""
     worker = RolloutWorker.create("LunarLander-v3", 0, PPOConfig(num_envs=1))
+    inner = worker.envs.unwrapped.envs[0]
+    worker.envs.unwrapped.envs[0] = inner.env  # strip EpisodeReplay
     with pytest.raises(TypeError, match="LunarLander-v3: EzPickle env state"):
         pickle.dumps(worker)
 
@@ -187,10 +233,10 @@ def test_config_rejects_out_of_range_values() -> None:
     assert PPOConfig().rounds_per_rollout == 4
 
 
-def test_learner_keeps_unpicklable_envs_in_process():
-    """LunarLander's envs can't be pickled: the Learner keeps them in memory and
-    the next round continues the same episodes (no fresh reset)."""
-    from participants.learner import _WORKERS, Learner
+def test_learner_continues_box2d_episodes_with_or_without_its_process():
+    """The next round continues the same LunarLander episodes both in the process
+    that ran the previous one (live worker) and in a fresh one (replayed)."""
+    from participants import learner as learner_mod
     from protocol.config import RunConfig
 
     cfg = RunConfig.from_mapping(
@@ -203,13 +249,19 @@ def test_learner_keeps_unpicklable_envs_in_process():
             "backend": "plain",
         }
     )
-    learner = Learner(cfg, 0)
+    learner = learner_mod.Learner(cfg, 0)
     theta = learner.initial_theta()
     _, stats1, saved = learner.step(theta, None, cache_scope="t")
     assert stats1["env_steps"] == 32
-    worker = _WORKERS[("t", "LunarLander-v3", 0, 0)]
-    obs_before = worker.obs.copy()
-    _, stats2, _ = learner.step(theta, saved, cache_scope="t")
+    key = ("t", "LunarLander-v3", 0, 0)
+    live = learner_mod._WORKERS[key][1]
+    obs_before = live.obs.copy()
+    grad_live, stats2, _ = learner.step(theta, saved, cache_scope="t")
     assert stats2["env_steps"] == 32  # one minibatch per rollout: a new rollout
-    assert _WORKERS[("t", "LunarLander-v3", 0, 0)] is worker
-    assert not np.array_equal(worker.obs, obs_before)
+    assert learner_mod._WORKERS[key][1] is live  # the same worker went on
+    assert not np.array_equal(live.obs, obs_before)
+    del learner_mod._WORKERS[key]  # as in a fresh ClientApp process
+    grad_fresh, _, _ = learner.step(theta, saved, cache_scope="t")
+    assert learner_mod._WORKERS[key][1] is not live
+    assert np.array_equal(grad_fresh, grad_live)
+    assert np.array_equal(learner_mod._WORKERS[key][1].obs, live.obs)
