@@ -134,9 +134,6 @@ def run_one(
         "node-wait": 5.0,
         # sweeps run one process per core; the aggregate is traced in-process
         "coordinator-workers": 0,
-        # nobody drops out here: a spare refresher's decrypt/re-encrypt of m, V, r
-        # (~90 ms a round) would never be used
-        "spare-refresher": False,
     }
     run_id = 1000 + seed
     cfg = RunConfig.from_mapping(raw)

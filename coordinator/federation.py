@@ -112,6 +112,7 @@ class Federation:
         self.history: list[dict[str, Any]] = []
         self.pool: ChunkPool | None = None
         self.keep_aggregate = False  # benchmarks: keep Σ x of each step
+        self._spare: dict[str, Any] = {"node": None, "down": 0, "up": 0}  # per round
 
     # ---- helpers ---------------------------------------------------------------
     def _expect(
@@ -326,16 +327,69 @@ class Federation:
         return rd, masks, sent
 
     def _refreshers(self, t: int) -> list[int]:
-        """This round's refresher and, if configured, a spare (rotating)."""
+        """This round's refresher (rotating); a spare is asked only when it fails."""
         if self.state is None:
             return []
+        return [self.nodes[t % len(self.nodes)]]
+
+    def _spare_refresh(
+        self, t: int, tried: list[int], replied: list[int]
+    ) -> _Reply | None:
+        """Ask the next participant that replied this round to refresh m, V, r.
+
+        One extra exchange, only in a round whose refresher failed; the spare
+        gets freshly masked state. Returns its reply, or None if it fails too.
+        """
         k = len(self.nodes)
-        count = 2 if self.cfg.spare_refresher and k > 1 else 1
-        return [self.nodes[(t + i) % k] for i in range(count)]
+        order = [self.nodes[(t + i) % k] for i in range(1, k)]
+        spare = next((n for n in order if n in replied and n not in tried), None)
+        if spare is None:
+            return None
+        tried.append(spare)
+        log.warning(
+            "hedrl: round %d: no usable refresh from %s; asking participant %d",
+            t,
+            tried[:-1],
+            spare,
+        )
+        content = RecordDict({msg.TASK: self._task(t, refresher=1)})
+        srd, masks, sent = self._masked_state()
+        for key, value in srd.items():
+            content[key] = value
+        self._spare.update(node=spare, down=sent)
+        reply = exchange(
+            self.grid,
+            [self._message(spare, msg.REFRESH, content, t)],
+            timeout=self.cfg.round_timeout,
+        )[spare]
+        why = None
+        refresh = None
+        if reply is None or reply.has_error():
+            why = "timeout" if reply is None else reply.error.reason
+        else:
+            self._spare["up"] = _vector_bytes(reply.content)
+            try:
+                refresh = [
+                    read_vector(
+                        reply.content,
+                        msg.state_key("refresh", name),
+                        self._expect("refresh", self.be.top_level, t, name),
+                    )[1]
+                    for name in msg.STATE_NAMES
+                ]
+            except HedrlError as exc:
+                why = f"{type(exc).__name__}: {exc}"
+        if refresh is None:
+            log.warning(
+                "hedrl: round %d: spare refresher %d failed too: %s", t, spare, why
+            )
+            return None
+        return _Reply(spare, [], None, refresh, masks, 0, 0.0, 0, 0)
 
     def run_round(self, t: int) -> dict[str, Any]:
         """Exchange with every participant, refresh, and take HE-Adam step t."""
         self._round = t
+        self._spare = {"node": None, "down": 0, "up": 0}
         t0 = time.perf_counter()
         refreshers = self._refreshers(t)
         theta_rd = RecordDict()
@@ -444,8 +498,9 @@ class Federation:
                 "return_mean": (ret_sum / episodes) if episodes else None,
                 "episodes": episodes,
                 "env_steps": sum(r.env_steps for r in accepted),
-                "upload_bytes": up,
-                "broadcast_bytes": down,
+                "upload_bytes": up + self._spare["up"],
+                "broadcast_bytes": down + self._spare["down"],
+                "spare_refresher": self._spare["node"],
                 "participants": len(accepted),
                 "missing": missing,
                 "rejected": rejected,
@@ -566,6 +621,8 @@ class Federation:
             fresh = self._initial_state(
                 t, accepted[0].node, sq, len(self.nodes) / len(accepted)
             )
+        spares: list[_Reply] = []
+        tried = list(refreshers)
         while True:
             k = len(self.nodes) / len(accepted)
             if fresh is not None:
@@ -577,10 +634,15 @@ class Federation:
                     by_node[n]
                     for n in refreshers
                     if n in by_node and by_node[n].refresh is not None
-                ]
+                ] + [r for r in spares if r.refresh is not None]
+                if not usable and self.cfg.spare_refresher and len(tried) < 2:
+                    spare = self._spare_refresh(t, tried, list(by_node))
+                    if spare is not None:
+                        spares.append(spare)
+                        usable = [spare]
                 if not usable:
                     raise HedrlError(
-                        f"no usable refresh from {refreshers} (refresher and spare)"
+                        f"no usable refresh from {tried} (refresher and spare)"
                     )
                 ref = usable[0]
                 assert ref.refresh is not None and ref.masks is not None

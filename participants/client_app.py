@@ -78,6 +78,12 @@ def train(message: Message, context: Context) -> Message:
     return _handle("train", message, context)
 
 
+@app.query("refresh")
+def refresh(message: Message, context: Context) -> Message:
+    """Spare refresher: re-encrypt the masked m, V, r when the refresher failed."""
+    return _handle("refresh", message, context)
+
+
 @app.query("v0")
 def v0(message: Message, context: Context) -> Message:
     """Round 1 refresher task: V0 = mean g² + δ and r0 = V0^(−1/2) from the sum."""

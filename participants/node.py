@@ -241,22 +241,7 @@ class Node:
                     t,
                 )
         if int(task["refresher"]):
-            with self._timed("refresh"):
-                for name in msg.STATE_NAMES:
-                    values = receive_plain(
-                        be,
-                        content,
-                        msg.state_key("state", name),
-                        self._expect(fp, "state", 0, t, name),
-                    )
-                    send_plain(
-                        be,
-                        out,
-                        msg.state_key("refresh", name),
-                        values,
-                        self._expect(fp, "refresh", be.top_level, None, name),
-                        t,
-                    )
+            self._refresh_into(be, fp, content, t, out)
         out[msg.METRICS] = MetricRecord(
             {
                 "episodes": int(stats["episodes"]),
@@ -264,6 +249,39 @@ class Node:
                 "env-steps": int(stats["env_steps"]),
             }
         )
+        return out
+
+    def _refresh_into(
+        self, be: Backend, fp: str, content: RecordDict, t: int, out: RecordDict
+    ) -> None:
+        """Decrypt the masked m, V, r and re-encrypt them at the top level."""
+        with self._timed("refresh"):
+            for name in msg.STATE_NAMES:
+                values = receive_plain(
+                    be,
+                    content,
+                    msg.state_key("state", name),
+                    self._expect(fp, "state", 0, t, name),
+                )
+                send_plain(
+                    be,
+                    out,
+                    msg.state_key("refresh", name),
+                    values,
+                    self._expect(fp, "refresh", be.top_level, None, name),
+                    t,
+                )
+
+    def refresh(self, content: RecordDict) -> RecordDict:
+        """Spare refresher: the round's refresher failed; refresh only."""
+        task = content[msg.TASK]
+        self.key_run_id = int(task.get("key-run-id", self.run_id))
+        t = self.round = int(task["round"])
+        with self._timed("key"):
+            be, fp = self._backend()
+        self._check_task(task, fp)
+        out = RecordDict()
+        self._refresh_into(be, fp, content, t, out)
         return out
 
     def initial_state(self, content: RecordDict) -> RecordDict:

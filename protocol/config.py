@@ -34,7 +34,7 @@ class RunConfig:
     min_participants: int = 0
     """Fewest usable replies for a step (0: half of num-participants, rounded up)."""
     spare_refresher: bool = True
-    """Also send the masked state to a spare refresher so one dropout can't stall."""
+    """If the refresher fails, ask another participant to refresh (one extra trip)."""
     num_rounds: int = 400
     """Rounds (= HE-Adam steps) to run at most."""
     stop_return: float = 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 SETUP = "query.setup"  # coordinator asks for fingerprint, layout (and context, θ0)
 TRAIN = "train"  # one round: θ down, gradient (and refreshed state) up
+REFRESH = "query.refresh"  # only when the round's refresher failed: masked m, V, r
 V0 = "query.v0"  # round 1 only: squared-gradient sum down, m0, V0, r0 up
 
 TASK = "task"  # ConfigRecord in every request

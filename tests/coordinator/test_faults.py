@@ -177,10 +177,44 @@ def test_replay_of_earlier_round_reply_rejected(tmp_path):
 
 
 def test_refresher_drop_uses_spare(tmp_path):
-    """The refresher of round 2 drops; the spare's refresh is used and the step runs."""
+    """The refresher of round 2 drops; a spare is asked then (only then) to refresh,
+    its refresh is used and the step runs."""
     # round t's refresher is nodes[t % 3]: round 2 → participant index 2
-    _, rows = _run(tmp_path, "ckks", _drop(2, 2))
+    fed, rows = _run(tmp_path, "ckks", _drop(2, 2))
     assert rows[1]["stepped"] and rows[1]["missing"] == [1002]
+    asked = [
+        (_round_of(m), m.metadata.dst_node_id)
+        for m in fed.grid.sent
+        if m.metadata.message_type == "query.refresh"
+    ]
+    assert asked == [(2, 1000)]  # the next in rotation that replied, once
+    assert [r["spare_refresher"] for r in rows] == [None, 1000, None]
+    assert all(r["stepped"] for r in rows)
+
+
+def test_refresher_and_spare_drop_skip_step_and_keep_state(tmp_path):
+    """Refresher and spare both fail in round 2: no step, θ exactly as it was."""
+    thetas: list[list[bytes]] = []
+
+    def on_round(t: int, fed: Federation) -> None:
+        thetas.append([fed.be.dump(c) for c in fed.theta])
+
+    def tamper(request: Message, reply: Message) -> Message | None:
+        kind = request.metadata.message_type
+        if _round_of(request) == 2 and (
+            kind == "query.refresh"
+            or (kind == "train" and request.metadata.dst_node_id == 1002)
+        ):
+            return None
+        return reply
+
+    fed = local_federation(
+        _raw(tmp_path, "plain"), RUN_ID, on_round=on_round, tamper=tamper
+    )
+    fed.run()
+    assert [h["stepped"] for h in fed.history] == [True, False, True]
+    assert fed.history[1]["spare_refresher"] == 1000
+    assert thetas[1] == thetas[0]
 
 
 def test_no_refresh_skips_step_and_keeps_state(tmp_path):
