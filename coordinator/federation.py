@@ -113,6 +113,7 @@ class Federation:
         self.pool: ChunkPool | None = None
         self.keep_aggregate = False  # benchmarks: keep Σ x of each step
         self._spare: dict[str, Any] = {"node": None, "down": 0, "up": 0}  # per round
+        self._step_timings: dict[str, float] = {}  # per round
 
     # ---- helpers ---------------------------------------------------------------
     def _expect(
@@ -390,6 +391,7 @@ class Federation:
         """Exchange with every participant, refresh, and take HE-Adam step t."""
         self._round = t
         self._spare = {"node": None, "down": 0, "up": 0}
+        self._step_timings = {}
         t0 = time.perf_counter()
         refreshers = self._refreshers(t)
         theta_rd = RecordDict()
@@ -516,7 +518,9 @@ class Federation:
             coordinator_s=(t_send - t0) + (done - t_recv),  # parsing included
             round_s=done - t0,
             stepped=stepped,
-            **{"time/exchange_s": t_recv - t_send},
+            **{"time/exchange_s": t_recv - t_send, "time/prepare_s": t_send - t0},
+            # CPU seconds per stage, summed over chunks (and workers)
+            **{f"time/{k}": v for k, v in self._step_timings.items()},
         )
         return rec
 
@@ -697,6 +701,7 @@ class Federation:
                 continue
             break
         self.last_aggregate = res.aggregate
+        self._step_timings = dict(res.timings)
         self.theta = list(res.theta)  # type: ignore[arg-type]
         self.state = list(res.state)  # type: ignore[arg-type]
         return True
