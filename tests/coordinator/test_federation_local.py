@@ -132,6 +132,11 @@ def test_metrics_schema_and_bytes(runs):
     assert rows[1]["return_mean"] is None and rows[1]["episodes"] == 0
     summary = json.loads((fed.out_dir / "summary.json").read_text())
     assert 45 < summary["upload_bytes_per_slot"] < 55
+    stages = ("parse_s", "sum_s", "unmask_s", "adam_s")
+    for r in rows[1:]:  # round 1 builds the state from V0 instead of a refresh
+        assert all(r[f"time/{k}"] > 0 for k in stages), r
+        assert r["time/prepare_s"] + r["time/exchange_s"] <= r["round_s"]
+        assert r["spare_refresher"] is None
 
 
 def test_coordinator_refuses_secret_context_from_participant(tmp_path, monkeypatch):
