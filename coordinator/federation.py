@@ -233,7 +233,10 @@ class Federation:
             )
         log.info(
             "hedrl: coordinator work %s",
-            f"sharded over {workers} worker processes" if self.pool else "in-process",
+            f"sharded over {workers} worker processes"
+            if self.pool
+            else "in-process"
+            + (" (keep_aggregate: workers do not return Σx)" if workers > 0 else ""),
         )
         log.info(
             "hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
@@ -627,6 +630,7 @@ class Federation:
             )
         spares: list[_Reply] = []
         tried = list(refreshers)
+        ref: _Reply | None = None  # the refresh in use (None in round 1: V0)
         while True:
             k = len(self.nodes) / len(accepted)
             if fresh is not None:
@@ -676,7 +680,8 @@ class Federation:
                     if f.source == "gradient":
                         node = accepted[f.index].node
                         rejected.setdefault(str(node), f.error)
-                    else:
+                    else:  # only refresh chunks are not gradients
+                        assert ref is not None, f"{f.source} chunk without a refresh"
                         log.warning(
                             "hedrl: round %d: refresh of participant %d unusable: %s",
                             t,
