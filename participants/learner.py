@@ -23,8 +23,9 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from participants.envs import make_envs
 from participants.policy import ActorCritic, Layout, init_params, make_layout
-from participants.rollout import RolloutWorker, make_envs, minibatches
+from participants.rollout import RolloutWorker, minibatches
 from protocol.config import RunConfig
 from protocol.packing import layout_digest
 

@@ -112,8 +112,8 @@ def evaluate(
     With ``gif``, the frames of the first episode are written as an animated GIF
     (needs Pillow).
     """
+    from participants.envs import make_envs
     from participants.policy import ActorCritic, Layout
-    from participants.rollout import make_envs
 
     theta, info = load_policy(path)
     layout = Layout(tuple(info["names"]), tuple(tuple(s) for s in info["shapes"]))
