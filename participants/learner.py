@@ -24,7 +24,8 @@ import gymnasium as gym
 import numpy as np
 
 from participants.envs import make_envs
-from participants.policy import ActorCritic, Layout, init_params, make_layout
+from participants.layout import Layout, init_params, make_layout
+from participants.policy import ActorCritic
 from participants.rollout import RolloutWorker, minibatches
 from protocol.config import RunConfig
 from protocol.packing import layout_digest

@@ -47,8 +47,8 @@ def release(
     round_to: float = DEFAULT_ROUND_TO,
 ) -> dict[str, Any]:
     """Decrypt the checkpoint's θ, flood with noise, round, and write ``out``."""
+    from participants.layout import make_layout
     from participants.learner import env_spec
-    from participants.policy import make_layout
     from protocol.packing import layout_digest, unpack
 
     if not noise_std > 0 or not round_to > 0:
