@@ -1,0 +1,144 @@
+"""hedrl-bench outputs: per-configuration records (the JSON schema), the
+Markdown table and the PNG of round time vs K and vs P."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+from benchmarks.bench_round import (
+    COORDINATOR_STAGES,
+    PARTICIPANT_STAGES,
+    STAGES,
+    Round,
+)
+
+IDENT = ("backend", "participants", "params", "workers", "param_set")
+
+
+# ---- records -------------------------------------------------------------------------
+def summarise(
+    rounds: dict[str, Round], samples: dict[str, list[dict[str, float]]], workers: int
+) -> list[dict[str, Any]]:
+    """One record per backend: stage medians, bytes and the ckks/plain ratios."""
+    out = {}
+    for b, rnd in rounds.items():
+        p = rnd.p
+        med = {s: statistics.median(x[s] for x in samples[b]) for s in STAGES}
+        coord = sum(med[s] for s in COORDINATOR_STAGES)
+        part = sum(med[s] for s in PARTICIPANT_STAGES)
+        rounds_s = [sum(x[s] for s in STAGES) for x in samples[b]]
+        slots = p.chunks * p.ps.slots
+        out[b] = {
+            "backend": b,
+            "participants": rnd.k,
+            "params": p.params,
+            "workers": workers,
+            "param_set": p.ps.id,
+            "chunks": p.chunks,
+            "reps": len(samples[b]),
+            "stages_s": med,
+            "participant_s": part,
+            "coordinator_s": coord,
+            "round_s": statistics.median(rounds_s),
+            "upload_bytes_per_param": rnd.up_bytes / p.params,
+            "upload_bytes_per_slot": rnd.up_bytes / slots,
+            "broadcast_bytes_per_param": rnd.down_bytes / p.params,
+            "broadcast_bytes_per_slot": rnd.down_bytes / slots,
+            "padding_waste": 1.0 - p.params / slots,
+            "coordinator_params_per_s": p.params / coord if coord > 0 else None,
+            "float32_upload_ratio": rnd.up_bytes / (4 * p.params),
+        }
+    if "ckks" in out and "plain" in out:
+        out["ckks"]["round_ratio"] = out["ckks"]["round_s"] / out["plain"]["round_s"]
+        out["ckks"]["coordinator_ratio"] = (
+            out["ckks"]["coordinator_s"] / out["plain"]["coordinator_s"]
+        )
+    return list(out.values())
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``old`` with every configuration measured again replaced by ``new``, sorted."""
+    new_ids = {tuple(r[i] for i in IDENT) for r in new}
+    kept = [r for r in old if tuple(r[i] for i in IDENT) not in new_ids]
+    return sorted(
+        kept + new,
+        key=lambda r: (r["workers"], r["params"], r["participants"], r["backend"]),
+    )
+
+
+# ---- outputs -------------------------------------------------------------------------
+def _fmt_p(n: int) -> str:
+    if n % 10**6 == 0:
+        return f"{n // 10**6}M"
+    if n % 10**3 == 0:
+        return f"{n // 10**3}k"
+    return str(n)
+
+
+def markdown_table(records: list[dict[str, Any]]) -> str:
+    """One row per configuration and backend."""
+    head = (
+        "| backend | K | P | workers | round s | coordinator s | step s | "
+        "coord. params/s | up B/param | down B/param | padding | ckks/plain |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+    )
+    rows = []
+    for r in records:
+        ratio = r.get("round_ratio")
+        rows.append(
+            f"| {r['backend']} | {r['participants']} | {_fmt_p(r['params'])} | "
+            f"{r['workers']} | {r['round_s']:.3f} | {r['coordinator_s']:.3f} | "
+            f"{r['stages_s']['step_s']:.3f} | "
+            f"{r['coordinator_params_per_s']:,.0f} | "
+            f"{r['upload_bytes_per_param']:.2f} | "
+            f"{r['broadcast_bytes_per_param']:.2f} | "
+            f"{100 * r['padding_waste']:.1f}% | "
+            f"{'' if ratio is None else f'{ratio:.1f}×'} |"
+        )
+    return head + "\n".join(rows) + "\n"
+
+
+def plot(records: list[dict[str, Any]], path: Path) -> None:
+    """Round time vs K (one line per backend and P) and vs P (per backend and K)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    w0 = min(r["workers"] for r in records)
+    recs = [r for r in records if r["workers"] == w0]
+    fig, (ax_k, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
+    style = {"ckks": "-o", "plain": "--s"}
+    for b in sorted({r["backend"] for r in recs}):
+        for P in sorted({r["params"] for r in recs}):
+            pts = sorted(
+                (r["participants"], r["round_s"])
+                for r in recs
+                if r["backend"] == b and r["params"] == P
+            )
+            if pts:
+                ax_k.plot(*zip(*pts, strict=True), style[b], label=f"{b} P={_fmt_p(P)}")
+        for K in sorted({r["participants"] for r in recs}):
+            pts = sorted(
+                (r["params"], r["round_s"])
+                for r in recs
+                if r["backend"] == b and r["participants"] == K
+            )
+            if pts:
+                ax_p.plot(*zip(*pts, strict=True), style[b], label=f"{b} K={K}")
+    for ax, xl in ((ax_k, "participants K"), (ax_p, "parameters P")):
+        ax.set_xscale("log", base=2 if ax is ax_k else 10)
+        ax.set_yscale("log")
+        ax.set_xlabel(xl)
+        ax.set_ylabel("seconds per round (median)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(
+        f"hedrl aggregation round (coordinator + participant critical path), "
+        f"{recs[0]['param_set']}, workers={w0}"
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

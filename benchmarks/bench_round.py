@@ -1,0 +1,198 @@
+"""hedrl-bench: one synthetic aggregation round, its stages timed.
+
+No environment: each participant draws a random gradient of P parameters and the
+round runs through the real code of both sides —
+
+    participant  clip/scale (participants.learner) → encrypt + records (protocol.codec
+                 send_plain) → Flower wire bytes (flwr serde)
+    coordinator  headers (read_vector) → ciphertext parsing, homomorphic sum,
+                 unmasking of the refresher's re-encrypted state and HE-Adam
+                 (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
+                 as the federation calls them) → θ records at the bottom level
+                 (send_cts) → masked state for the next refresher
+                 (Federation._masked_state)
+    participant  θ decrypt (receive_plain); the refresher decrypts and re-encrypts
+                 the masked m, V, r (as participants.node does)
+
+Stage names (``STAGES``) are the keys of ``stages_s`` in the JSON records.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import RecordDict
+
+from benchmarks.bench_party import (
+    RUN_ID,
+    Clock,
+    Keys,
+    Party,
+    from_wire_bytes,
+    to_wire_bytes,
+)
+from coordinator.federation import Federation
+from coordinator.workers import STEP_STAGES, ChunkPool, step_chunks
+from participants.learner import clip_and_scale
+from participants.policy import Layout
+from protocol import messages as msg
+from protocol.adam import AdamHyper
+from protocol.codec import receive_plain, send_cts, send_plain
+from protocol.config import RunConfig
+from protocol.records import read_vector
+from protocol.wire import Expect
+
+PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
+COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "mask_s")
+STAGES = PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
+
+
+# ---- the round -----------------------------------------------------------------------
+class Round:
+    """Synthetic rounds of one configuration (K participants, P parameters)."""
+
+    def __init__(
+        self,
+        party: Party,
+        participants: int,
+        hp: AdamHyper,
+        mask_bits: int,
+        rng: np.random.Generator,
+        pool: ChunkPool | None,
+    ) -> None:
+        self.p, self.k, self.hp = party, participants, hp
+        self.rng, self.pool = rng, pool
+        self.layout = Layout(("theta",), ((party.params,),))
+        self.clip = 0.1
+        # the coordinator's real masking code, on a minimal Federation
+        fed = Federation.__new__(Federation)
+        fed.cfg = RunConfig(mask_bits=mask_bits, backend=party.backend)
+        fed.params, fed.be, fed.fingerprint = party.ps, party.coord, party.fingerprint
+        fed.run_id, fed.layout_digest, fed.n_chunks = RUN_ID, "bench", party.chunks
+        fed._mask_rng = rng
+        self.fed = fed
+
+    # participant side ------------------------------------------------------------
+    def _gradient(self, clock: Clock) -> np.ndarray:
+        p = self.p
+        g = self.rng.normal(0.0, self.clip, p.params)  # ~1/3 of the entries clip
+        with clock("p_encode_s"):
+            g_n = clip_and_scale(g, self.layout, self.clip)
+            return self.hp.c * (1.0 / self.k) * p.part.gradient_factor * g_n
+
+    def _participant(self, theta_wire: bytes, clock: Clock) -> bytes:
+        p = self.p
+        with clock("p_records_s"):
+            receive_plain(
+                p.part, from_wire_bytes(theta_wire), msg.THETA, p.expect("theta", 0)
+            )
+        values = self._gradient(clock)
+        with clock("p_records_s"):
+            rd = RecordDict()
+            self.up_bytes = send_plain(
+                p.part,
+                rd,
+                msg.GRADIENT,
+                values,
+                p.expect("gradient", p.ps.depth),
+                p.t,
+            )
+            return to_wire_bytes(rd)
+
+    def _refresher(self, state_wire: bytes, clock: Clock) -> bytes:
+        p, top = self.p, self.p.ps.depth
+        crypto = clock.t["_decrypt"], clock.t["_encrypt"]
+        try:
+            return self._refresh(state_wire, clock, p, top)
+        finally:  # its decrypt/encrypt stay in refresh_s only
+            clock.t["_decrypt"], clock.t["_encrypt"] = crypto
+
+    def _refresh(self, state_wire: bytes, clock: Clock, p: Party, top: int) -> bytes:
+        with clock("refresh_s"):
+            content, out = from_wire_bytes(state_wire), RecordDict()
+            for name in msg.STATE_NAMES:
+                values = receive_plain(
+                    p.part,
+                    content,
+                    msg.state_key("state", name),
+                    p.expect("state", 0, name),
+                )
+                send_plain(
+                    p.part,
+                    out,
+                    msg.state_key("refresh", name),
+                    values,
+                    p.expect("refresh", top, name),
+                    p.t,
+                )
+            return to_wire_bytes(out)
+
+    # coordinator side -------------------------------------------------------------
+    def _broadcast(self, clock: Clock) -> bytes:
+        p = self.p
+        with clock("broadcast_s"):
+            rd = RecordDict()
+            self.down_bytes = send_cts(
+                p.coord, rd, msg.THETA, p.theta, p.expect("theta", 0), p.t, p.params
+            )
+            return to_wire_bytes(rd)
+
+    def _mask(self, clock: Clock) -> tuple[bytes, list[np.ndarray]]:
+        p, fed = self.p, self.fed
+        with clock("mask_s"):
+            fed.state, fed._round = p.state, p.t
+            rd, masks, _ = fed._masked_state()
+            return to_wire_bytes(rd), masks
+
+    def _headers(self, wire: bytes, keys_exps: list[tuple[str, Expect]], clock: Clock):
+        """Header checks and raw chunks, as Federation._parse_reply does."""
+        with clock("headers_s"):
+            rd = from_wire_bytes(wire)
+            return [read_vector(rd, key, exp)[1] for key, exp in keys_exps]
+
+    def run(self, keys: Keys) -> dict[str, float]:
+        """One timed round: stage seconds (participant stages per participant)."""
+        p, be, top, n = self.p, self.p.coord, self.p.ps.depth, self.p.chunks
+        clock = keys.current = Clock()
+        theta_wire = self._broadcast(clock)
+        state_wire, masks = self._mask(clock)
+        refresh = self._headers(
+            self._refresher(state_wire, clock),
+            [
+                (msg.state_key("refresh", name), p.expect("refresh", top, name))
+                for name in msg.STATE_NAMES
+            ],
+            clock,
+        )
+        grads = [
+            self._headers(
+                self._participant(theta_wire, clock),
+                [(msg.GRADIENT, p.expect("gradient", top))],
+                clock,
+            )[0]
+            for _ in range(self.k)
+        ]
+        unmask = [[masks[j * n + i] for j in range(3)] for i in range(n)]
+        args = (
+            p.theta,
+            list(zip(*refresh, strict=True)),
+            top,
+            unmask,
+            [[g[i] for g in grads] for i in range(n)],
+            p.t,
+            self.hp,
+        )
+        with clock("step_s"):
+            if self.pool is None:
+                res = step_chunks(be, *args)
+            else:
+                res = self.pool.step(*args)
+        p.theta, p.state = res.theta, res.state
+        p.t += 1
+        t = clock.t
+        t.update(res.timings)
+        t["p_records_s"] -= t["_decrypt"] + t["_encrypt"]
+        t["p_decrypt_s"], t["p_encrypt_s"] = t["_decrypt"], t["_encrypt"]
+        out_t = {s: t.get(s, 0.0) for s in STAGES}
+        for s in PARTICIPANT_STAGES:
+            out_t[s] /= self.k
+        return out_t
