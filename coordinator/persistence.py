@@ -1,0 +1,169 @@
+"""Checkpoints of a run and resuming from one.
+
+A periodic checkpoint holds the last θ a majority of participants accepted
+(:class:`Good`), never one nobody has checked yet; the final one holds the
+run's last state. Resuming checks that the checkpoint belongs to this
+backend, parameter set and environment (:func:`load_resume`, at construction)
+and, once the participants' key is known, to their key and layout
+(:func:`resume_state`, at setup).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from protocol import messages as msg
+from protocol.backend import Backend, Ct
+from protocol.checkpoint import read_checkpoint, write_checkpoint
+from protocol.config import RunConfig
+from protocol.errors import ConfigError, FingerprintMismatch, HeaderMismatch
+from protocol.params import ParamSet
+
+log = logging.getLogger("flwr.hedrl.coordinator")
+
+State = list[tuple[Ct, Ct, Ct]]
+"""m, V, r per chunk."""
+Resume = tuple[dict[str, Any], dict[str, list[bytes]]]
+"""A checkpoint's metadata and its vectors (per name, per chunk)."""
+
+
+class Good(NamedTuple):
+    """θ a majority accepted in round ``step + 1``, with the state it came with."""
+
+    theta: list[Ct]
+    state: State | None
+    step: int
+
+
+def load_resume(path: Path, cfg: RunConfig, param_set: str) -> Resume:
+    """Read the checkpoint to resume from; raise ConfigError if it does not fit.
+
+    It must come from a run with this backend, parameter set and environment,
+    and stop before ``cfg.num_rounds``. Old checkpoints without a
+    ``key_run_id`` used the key of their own run.
+    """
+    try:
+        meta, vectors = read_checkpoint(path)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"resume-from {path}: unreadable checkpoint: {exc}") from exc
+    for key, want in (
+        ("backend", cfg.backend),
+        ("param_set", param_set),
+        ("env_id", cfg.env_id),
+    ):
+        if meta.get(key) != want:
+            raise ConfigError(
+                f"resume-from {path}: checkpoint {key} is {meta.get(key)!r}, "
+                f"this run's is {want!r}"
+            )
+    if int(meta["step"]) >= cfg.num_rounds:
+        raise ConfigError(
+            f"resume-from {path}: checkpoint is at step {meta['step']}, "
+            f"num-rounds is {cfg.num_rounds}: nothing left to run"
+        )
+    meta.setdefault("key_run_id", meta["run_id"])
+    return meta, vectors
+
+
+def resume_state(
+    be: Backend,
+    meta: dict[str, Any],
+    vectors: dict[str, list[bytes]],
+    *,
+    fingerprint: str,
+    layout_digest: str,
+) -> tuple[list[Ct], State | None, int]:
+    """The checkpoint's θ, its m, V, r (None if it has none) and its step.
+
+    Raises FingerprintMismatch or HeaderMismatch unless the checkpoint was
+    written for the participants' key (``fingerprint``) and policy layout.
+    """
+    if meta["fingerprint"] != fingerprint:
+        raise FingerprintMismatch(
+            expected=meta["fingerprint"],
+            received=fingerprint,
+            where="participants' key vs checkpoint",
+        )
+    if meta["layout_digest"] != layout_digest:
+        raise HeaderMismatch(
+            field="layout_digest",
+            expected=meta["layout_digest"],
+            received=layout_digest,
+        )
+    levels = meta["levels"]
+    theta = [be.load(c, level=int(levels["theta"])) for c in vectors["theta"]]
+    state = None
+    if all(n in vectors for n in msg.STATE_NAMES):
+        per = [
+            [be.load(c, level=int(levels[n])) for c in vectors[n]]
+            for n in msg.STATE_NAMES
+        ]
+        state = list(zip(*per, strict=True))
+    step = int(meta["step"])
+    log.info(
+        "hedrl: resumed from a checkpoint at step %d (key of run %s)",
+        step,
+        int(meta["key_run_id"]),
+    )
+    return theta, state, step
+
+
+class CheckpointMixin:
+    """``Federation.checkpoint``: the run's identity and its θ, m, V, r on disk.
+
+    A mixin: it reads the attributes annotated below, which the Federation
+    sets (``_good`` each round a majority accepts θ).
+    """
+
+    be: Backend
+    cfg: RunConfig
+    params: ParamSet
+    out_dir: Path
+    run_id: int
+    key_run_id: int
+    fingerprint: str
+    layout_digest: str
+    param_count: int
+    theta: list[Ct]
+    state: State | None
+    _good: Good | None
+
+    def checkpoint(self, t: int, *, final: bool = False) -> Path | None:
+        """Write θ, m, V, r and the step counter atomically.
+
+        A periodic checkpoint holds the last θ a majority of participants
+        accepted (with the state and step count it came with), never a θ that
+        nobody has checked yet: a coordinator that crashes right after a forged
+        or corrupted step resumes from a state its key holders vouched for. The
+        final checkpoint holds the run's last state, the one to release.
+        """
+        path = self.out_dir / "checkpoint.npz"
+        if final:
+            theta, state, step = self.theta, self.state, t
+        elif self._good is None:
+            log.info("hedrl: round %d: no accepted θ yet, no checkpoint", t)
+            return None
+        else:
+            theta, state, step = self._good
+        vectors = {"theta": [self.be.dump(c) for c in theta]}
+        levels = {"theta": 0}
+        if state is not None:
+            for j, name in enumerate(msg.STATE_NAMES):
+                vectors[name] = [self.be.dump(c[j]) for c in state]
+                levels[name] = state[0][j].level
+        meta = {
+            "step": step,
+            "run_id": self.run_id,
+            "key_run_id": self.key_run_id,
+            "backend": self.cfg.backend,
+            "param_set": self.params.id,
+            "fingerprint": self.fingerprint,
+            "layout_digest": self.layout_digest,
+            "param_count": self.param_count,
+            "levels": levels,
+            "env_id": self.cfg.env_id,
+        }
+        write_checkpoint(path, meta, vectors)
+        return path
