@@ -130,6 +130,16 @@ class Node:
                 where="task from coordinator",
             )
 
+    def _begin(self, content: RecordDict) -> tuple[Any, int, Backend, str]:
+        """A round's task: (task, round, backend, fingerprint), checked."""
+        task = content[msg.TASK]
+        self.key_run_id = int(task.get("key-run-id", self.run_id))
+        t = self.round = int(task["round"])
+        with self._timed("key"):
+            be, fp = self._backend()
+        self._check_task(task, fp)
+        return task, t, be, fp
+
     # ---- handlers ------------------------------------------------------------
     def setup(self, content: RecordDict) -> RecordDict:
         """Provision/load the key; report fingerprint, layout (maybe context, θ0)."""
@@ -200,12 +210,7 @@ class Node:
 
     def train(self, content: RecordDict) -> RecordDict:
         """Decrypt θ, one PPO minibatch gradient, encrypt; refresh state if asked."""
-        task = content[msg.TASK]
-        self.key_run_id = int(task.get("key-run-id", self.run_id))
-        t = self.round = int(task["round"])
-        with self._timed("key"):
-            be, fp = self._backend()
-        self._check_task(task, fp)
+        task, t, be, fp = self._begin(content)
         with self._timed("decrypt"):
             theta = self._decrypt_theta(
                 be, fp, content, t, int(task["num-participants"])
@@ -274,24 +279,14 @@ class Node:
 
     def refresh(self, content: RecordDict) -> RecordDict:
         """Spare refresher: the round's refresher failed; refresh only."""
-        task = content[msg.TASK]
-        self.key_run_id = int(task.get("key-run-id", self.run_id))
-        t = self.round = int(task["round"])
-        with self._timed("key"):
-            be, fp = self._backend()
-        self._check_task(task, fp)
+        task, t, be, fp = self._begin(content)
         out = RecordDict()
         self._refresh_into(be, fp, content, t, out)
         return out
 
     def initial_state(self, content: RecordDict) -> RecordDict:
         """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))."""
-        task = content[msg.TASK]
-        self.key_run_id = int(task.get("key-run-id", self.run_id))
-        t = self.round = int(task["round"])
-        with self._timed("key"):
-            be, fp = self._backend()
-        self._check_task(task, fp)
+        task, t, be, fp = self._begin(content)
         squares = receive_plain(
             be, content, msg.SQUARES, self._expect(fp, "squares", be.top_level, t)
         )
