@@ -244,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--seeds", type=int, default=5, help="seeds 0..N-1 (default 5)")
     ap.add_argument(
+        "--seed-list",
+        default=None,
+        help="comma-separated seeds instead of 0..N-1, e.g. '1,3' to split a "
+        "sweep over two processes (each writes its own result files)",
+    )
+    ap.add_argument(
         "--variants",
         default="ckks,plain,exact",
         help="comma-separated subset of ckks,plain,exact",
@@ -274,9 +280,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.report:
         fidelity_report.main(args.out)
         return 0
+    if args.seed_list:
+        try:
+            seeds = [int(x) for x in args.seed_list.split(",")]
+        except ValueError:
+            ap.error(f"--seed-list: expected integers like 1,3, got {args.seed_list!r}")
+        if min(seeds) < 0:
+            ap.error("--seed-list: seeds must be >= 0")
+    else:
+        seeds = list(range(args.seeds))
     sweep(
         args.envs.split(","),
-        list(range(args.seeds)),
+        seeds,
         args.variants.split(","),
         args.out,
         args.max_rounds,
