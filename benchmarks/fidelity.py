@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -197,6 +198,48 @@ def write_result(out: Path, res: dict[str, Any]) -> Path:
     return path
 
 
+def claim_path(path: Path) -> Path:
+    return path.with_suffix(".running")
+
+
+def claim(path: Path) -> bool:
+    """Claim a run for this process, so that sweeps started in parallel
+    share the work; a claim whose process is gone (crash, kill) is taken over."""
+    lock = claim_path(path)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                text = lock.read_text()
+                age = time.time() - lock.stat().st_mtime
+            except OSError:
+                continue  # its owner just finished; try again
+            if not text and age < 60:
+                return False  # just created, pid not written yet
+            pid = int(text) if text.isdigit() else 0
+            if pid and _alive(pid):
+                return False
+            log.info("taking over %s from process %d (gone)", lock, pid)
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as fh:
+            fh.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def sweep(
     envs: list[str],
     seeds: list[int],
@@ -212,10 +255,18 @@ def sweep(
                 if path.exists():
                     log.info("skip %s (done)", path)
                     continue
-                with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
-                    log.info("run %s seed %d %s", env, seed, variant)
-                    res = run_one(env, seed, variant, Path(tmp), max_rounds=max_rounds)
-                write_result(out, res)
+                if not claim(path):
+                    log.info("skip %s (another process is running it)", path)
+                    continue
+                try:
+                    with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
+                        log.info("run %s seed %d %s", env, seed, variant)
+                        res = run_one(
+                            env, seed, variant, Path(tmp), max_rounds=max_rounds
+                        )
+                    write_result(out, res)
+                finally:
+                    claim_path(path).unlink(missing_ok=True)
                 log.info(
                     "%s seed %d %s: final return %s, solved at %s, %.0f s",
                     env,
@@ -275,6 +326,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    # flwr's logger is at DEBUG; keep the participants' per-message lines
+    # (DEBUG after a process's first) out of the root handler
+    logging.getLogger("flwr.hedrl.participant").setLevel(logging.INFO)
     if args.quick:
         return fidelity_quick.main(args.out)
     if args.report:

@@ -1,0 +1,81 @@
+"""Parallel fidelity sweeps share work through claim files (no CKKS here:
+the closed-loop runs are replaced by a stub that records what would run)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import fidelity
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_claim_is_exclusive_and_stale_claims_are_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "env" / "ckks-seed0.json"
+    assert fidelity.claim(path)
+    lock = fidelity.claim_path(path)
+    assert lock.read_text() == str(os.getpid())
+    assert not fidelity.claim(path)  # held by a live process (this one)
+    lock.write_text(str(_dead_pid()))
+    assert fidelity.claim(path)  # owner gone: taken over
+    assert lock.read_text() == str(os.getpid())
+
+
+def _stub(calls: list[tuple[str, int, str]], fail: bool = False):
+    def run_one(env, seed, variant, work, *, max_rounds=None):
+        calls.append((env, seed, variant))
+        if fail:
+            raise RuntimeError("run crashed")
+        return {
+            "env": env,
+            "seed": seed,
+            "variant": variant,
+            "final_return": 1.0,
+            "rounds_to_solve": None,
+            "wall_s": 0.0,
+            "_traces": {"theta": np.zeros(2)},
+        }
+
+    return run_one
+
+
+def test_sweep_skips_claimed_and_done_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(fidelity, "run_one", _stub(calls))
+    claimed = fidelity.result_path(tmp_path, "cartpole", "plain", 1)
+    claimed.parent.mkdir(parents=True)
+    fidelity.claim_path(claimed).write_text(str(os.getpid()))  # "another" sweep
+    fidelity.sweep(["cartpole"], [0, 1], ["plain"], tmp_path, None)
+    assert calls == [("cartpole", 0, "plain")]
+    assert fidelity.result_path(tmp_path, "cartpole", "plain", 0).exists()
+    assert not fidelity.claim_path(
+        fidelity.result_path(tmp_path, "cartpole", "plain", 0)
+    ).exists()
+    assert not claimed.exists()
+    # a second sweep skips the finished run and still respects the live claim
+    fidelity.sweep(["cartpole"], [0, 1], ["plain"], tmp_path, None)
+    assert calls == [("cartpole", 0, "plain")]
+
+
+def test_crashed_run_releases_its_claim_and_writes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(fidelity, "run_one", _stub(calls, fail=True))
+    with pytest.raises(RuntimeError, match="run crashed"):
+        fidelity.sweep(["cartpole"], [0], ["ckks"], tmp_path, None)
+    path = fidelity.result_path(tmp_path, "cartpole", "ckks", 0)
+    assert not path.exists()
+    assert not fidelity.claim_path(path).exists()
