@@ -67,6 +67,8 @@ class _NodeState:
     order: list[np.ndarray] = field(default_factory=list)
     pos: int = 0
     rollouts: int = 0
+    # the worker's pickle as loaded; None once a rollout has changed the worker
+    worker_bytes: bytes | None = None
 
 
 class Learner:
@@ -109,13 +111,14 @@ class Learner:
             worker = cached[1]  # this process ran the previous round: still live
         else:
             worker = pickle.loads(worker_bytes)
-        return _NodeState(worker=worker, **st)
+        return _NodeState(worker=worker, worker_bytes=worker_bytes, **st)
 
     def _save(self, st: _NodeState, cache_key: tuple[Any, ...]) -> bytes:
         token = secrets.token_hex(8)
         _WORKERS[cache_key] = (token, st.worker)
         rest = {f: getattr(st, f) for f in ("batch", "order", "pos", "rollouts")}
-        return pickle.dumps({**rest, "token": token, "worker": pickle.dumps(st.worker)})
+        worker = st.worker_bytes or pickle.dumps(st.worker)
+        return pickle.dumps({**rest, "token": token, "worker": worker})
 
     def step(
         self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
@@ -130,7 +133,7 @@ class Learner:
             batch, returns, _lengths, steps = st.worker.collect(
                 self.policy, theta, cfg.num_steps, rng
             )
-            st.batch = batch
+            st.batch, st.worker_bytes = batch, None
             size = len(batch["obs"])
             st.order = [
                 idx

@@ -265,3 +265,42 @@ def test_learner_continues_box2d_episodes_with_or_without_its_process():
     assert learner_mod._WORKERS[key][1] is not live
     assert np.array_equal(grad_fresh, grad_live)
     assert np.array_equal(learner_mod._WORKERS[key][1].obs, live.obs)
+
+
+def test_worker_pickle_reused_between_rollouts_and_renewed_after_one():
+    """Rounds without a rollout reuse the worker's pickle (the worker did not
+    change); after a rollout the saved worker is the new one: a fresh process
+    resumed from it continues exactly like the live worker."""
+    import pickle
+
+    from participants import learner as learner_mod
+    from protocol.config import RunConfig
+
+    cfg = RunConfig.from_mapping(
+        {
+            "env-id": "CartPole-v1",
+            "num-envs": 2,
+            "num-steps": 16,
+            "update-epochs": 1,
+            "num-minibatches": 2,
+            "backend": "plain",
+        }
+    )
+    learner = learner_mod.Learner(cfg, 0)
+    theta = learner.initial_theta()
+    key = ("w", "CartPole-v1", 0, 0)
+    _, s1, saved1 = learner.step(theta, None, cache_scope="w")  # rollout
+    _, s2, saved2 = learner.step(theta, saved1, cache_scope="w")  # 2nd minibatch
+    assert (s1["env_steps"], s2["env_steps"]) == (32, 0)
+    w1, w2 = (pickle.loads(s)["worker"] for s in (saved1, saved2))
+    assert w2 == w1
+    live = learner_mod._WORKERS[key][1]
+    grad_live, s3, saved3 = learner.step(theta, saved2, cache_scope="w")  # rollout
+    assert s3["env_steps"] == 32
+    w3 = pickle.loads(saved3)["worker"]
+    assert w3 != w2
+    assert np.array_equal(pickle.loads(w3).obs, live.obs)
+    del learner_mod._WORKERS[key]  # a fresh process, resumed from round 2
+    grad_fresh, _, _ = learner.step(theta, saved2, cache_scope="w")
+    assert np.array_equal(grad_fresh, grad_live)
+    assert np.array_equal(learner_mod._WORKERS[key][1].obs, live.obs)
