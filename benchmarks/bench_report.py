@@ -111,23 +111,22 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
     recs = [r for r in records if r["workers"] == w0]
     fig, (ax_k, ax_p) = plt.subplots(1, 2, figsize=(11, 4.2))
     style = {"ckks": "-o", "plain": "--s"}
-    for b in sorted({r["backend"] for r in recs}):
-        for P in sorted({r["params"] for r in recs}):
-            pts = sorted(
-                (r["participants"], r["round_s"])
-                for r in recs
-                if r["backend"] == b and r["params"] == P
-            )
-            if pts:
-                ax_k.plot(*zip(*pts, strict=True), style[b], label=f"{b} P={_fmt_p(P)}")
-        for K in sorted({r["participants"] for r in recs}):
-            pts = sorted(
-                (r["params"], r["round_s"])
-                for r in recs
-                if r["backend"] == b and r["participants"] == K
-            )
-            if pts:
-                ax_p.plot(*zip(*pts, strict=True), style[b], label=f"{b} K={K}")
+    # one line per (backend, fixed value of the other axis)
+    for ax, x_key, fixed_key, label in (
+        (ax_k, "participants", "params", lambda v: f"P={_fmt_p(v)}"),
+        (ax_p, "params", "participants", lambda v: f"K={v}"),
+    ):
+        for b in sorted({r["backend"] for r in recs}):
+            for fixed in sorted({r[fixed_key] for r in recs}):
+                pts = sorted(
+                    (r[x_key], r["round_s"])
+                    for r in recs
+                    if r["backend"] == b and r[fixed_key] == fixed
+                )
+                if pts:
+                    ax.plot(
+                        *zip(*pts, strict=True), style[b], label=f"{b} {label(fixed)}"
+                    )
     for ax, xl in ((ax_k, "participants K"), (ax_p, "parameters P")):
         ax.set_xscale("log", base=2 if ax is ax_k else 10)
         ax.set_yscale("log")
