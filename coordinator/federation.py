@@ -235,10 +235,14 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         )
 
     # ---- one round ---------------------------------------------------------------
-    def _masked_state(self) -> tuple[RecordDict, list[np.ndarray], int]:
+    def _masked_state(
+        self, into: RecordDict | None = None
+    ) -> tuple[RecordDict, list[np.ndarray], int]:
+        """m, V, r at the bottom level plus fresh masks, as records (added to
+        ``into`` if given): (records, masks, bytes)."""
         assert self.state is not None
         bound = float(2**self.cfg.mask_bits)
-        rd = RecordDict()
+        rd = RecordDict() if into is None else into
         masks, sent = [], 0
         for j, name in enumerate(msg.STATE_NAMES):
             cts = []
@@ -296,9 +300,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             content[msg.THETA + ".hdr"] = theta_rd[msg.THETA + ".hdr"]
             down += theta_bytes
             if node in refreshers:
-                srd, masks[node], sent = self._masked_state()
-                for key, value in srd.items():
-                    content[key] = value
+                _, masks[node], sent = self._masked_state(into=content)
                 down += sent
             out.append(self._message(node, msg.TRAIN, content, t))
         t_send = time.perf_counter()

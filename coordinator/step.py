@@ -57,7 +57,7 @@ class StepMixin:
     _expect: ExpectFor
     _message: Callable[[int, str, RecordDict, int], Message]
     _task: Callable[..., ConfigRecord]
-    _masked_state: Callable[[], tuple[RecordDict, list[np.ndarray], int]]
+    _masked_state: Callable[..., tuple[RecordDict, list[np.ndarray], int]]
 
     def _aggregate_and_step(
         self,
@@ -221,9 +221,7 @@ class StepMixin:
             spare,
         )
         content = RecordDict({msg.TASK: self._task(t, refresher=1)})
-        srd, masks, sent = self._masked_state()
-        for key, value in srd.items():
-            content[key] = value
+        _, masks, sent = self._masked_state(into=content)
         self._spare.update(node=spare, down=sent)
         reply = exchange(
             self.grid,

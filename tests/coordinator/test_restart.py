@@ -71,8 +71,8 @@ def _record_masks(fed: Federation) -> dict[int, list[np.ndarray]]:
     drawn: dict[int, list[np.ndarray]] = {}
     real = fed._masked_state
 
-    def masked_state():
-        rd, masks, sent = real()
+    def masked_state(into=None):
+        rd, masks, sent = real(into)
         drawn.setdefault(fed._round, []).extend(m.copy() for m in masks)
         return rd, masks, sent
 
