@@ -171,6 +171,9 @@ def run_one(
         },
         "solve_threshold": bench["solve-threshold"],
         "random_return": bench["random-return"],
+        # the preset this run used: a later re-tune makes it stale (re-run, and
+        # left out of the report)
+        "preset": overrides,
     }
 
 
@@ -196,6 +199,22 @@ def write_result(out: Path, res: dict[str, Any]) -> Path:
     tmp_path.write_text(json.dumps(res))
     tmp_path.replace(path)
     return path
+
+
+def stale(path: Path, env: str) -> str | None:
+    """Why a finished result no longer matches its env's preset (None: current)."""
+    current, _ = load_preset(env)
+    used = json.loads(path.read_text()).get("preset")
+    if used is None:
+        return "no preset recorded"
+    if used != current:
+        keys = sorted(
+            k for k in set(used) | set(current) if used.get(k) != current.get(k)
+        )
+        return "preset changed since: " + ", ".join(
+            f"{k} {used.get(k)!r} -> {current.get(k)!r}" for k in keys
+        )
+    return None
 
 
 def claim_path(path: Path) -> Path:
@@ -253,8 +272,11 @@ def sweep(
             for variant in variants:
                 path = result_path(out, env, variant, seed)
                 if path.exists():
-                    log.info("skip %s (done)", path)
-                    continue
+                    why = stale(path, env)
+                    if why is None:
+                        log.info("skip %s (done)", path)
+                        continue
+                    log.warning("re-running %s: %s", path, why)
                 if not claim(path):
                     log.info("skip %s (another process is running it)", path)
                     continue

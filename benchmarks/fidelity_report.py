@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +12,19 @@ import numpy as np
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- fidelity-table:begin -->", "<!-- fidelity-table:end -->"
 BOOTSTRAP = 10_000
+log = logging.getLogger(__name__)
 
 
 def _load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
+    """Result records by env, variant and seed; runs of an older preset are left out."""
+    from benchmarks.fidelity import stale
+
     data: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for path in sorted((out / "fidelity").glob("*/*-seed*.json")):
+        why = stale(path, path.parent.name)
+        if why is not None:
+            log.warning("report leaves out %s: %s", path, why)
+            continue
         res = json.loads(path.read_text())
         data.setdefault(res["env"], {}).setdefault(res["variant"], {})[res["seed"]] = (
             res

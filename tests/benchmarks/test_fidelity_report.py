@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from benchmarks import fidelity
 from benchmarks.fidelity_report import summarise, table
 
 FINALS = {  # env "toy": threshold 100, random 0 → scale 100
@@ -15,8 +16,18 @@ FINALS = {  # env "toy": threshold 100, random 0 → scale 100
 }
 
 
+TOY_PRESET = {"env-id": "Toy-v0", "lr": 0.001}
+
+
 @pytest.fixture
-def out(tmp_path):
+def out(tmp_path, monkeypatch):
+    presets = tmp_path / "presets"
+    presets.mkdir()
+    (presets / "toy.toml").write_text(
+        'env-id = "Toy-v0"\nlr = 0.001\n\n[benchmark]\nsolve-threshold = 100.0\n'
+        "random-return = 0.0\nmax-rounds = 10\n"
+    )
+    monkeypatch.setattr(fidelity, "PRESETS", presets)
     for variant, seeds in FINALS.items():
         d = tmp_path / "fidelity" / "toy"
         d.mkdir(parents=True, exist_ok=True)
@@ -34,6 +45,7 @@ def out(tmp_path):
                 "median_round_s": 0.1,
                 "solve_threshold": 100.0,
                 "random_return": 0.0,
+                "preset": TOY_PRESET,
             }
             (d / f"{variant}-seed{seed}.json").write_text(json.dumps(res))
     return tmp_path
@@ -60,3 +72,14 @@ def test_table_compares_complete_seeds_and_counts_the_rest(out):
     assert v["ckks"]["solved_complete"] == 2 and v["ckks"]["solved"] == 2
     row = table(summary).splitlines()[-1]
     assert row == ("| Toy-v0 | 2 | 85.0 / 86.5 / 90.0 | 2/2/2 | 0.050 | 0.015 | 1 |")
+
+
+def test_runs_of_an_older_preset_are_left_out(out):
+    """A result made before the preset was re-tuned does not enter the report."""
+    path = out / "fidelity" / "toy" / "ckks-seed2.json"
+    res = json.loads(path.read_text())
+    res["preset"] = {**TOY_PRESET, "lr": 0.002}
+    path.write_text(json.dumps(res))
+    assert fidelity.stale(path, "toy") == "preset changed since: lr 0.002 -> 0.001"
+    v = summarise(out)["toy"]["variants"]
+    assert v["ckks"]["mean_final_return"] == pytest.approx(85.0)  # seeds 0, 1 only

@@ -3,6 +3,7 @@ the closed-loop runs are replaced by a stub that records what would run)."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -44,6 +45,7 @@ def _stub(calls: list[tuple[str, int, str]], fail: bool = False):
             "rounds_to_solve": None,
             "wall_s": 0.0,
             "_traces": {"theta": np.zeros(2)},
+            "preset": fidelity.load_preset(env)[0],
         }
 
     return run_one
@@ -79,3 +81,18 @@ def test_crashed_run_releases_its_claim_and_writes_nothing(
     path = fidelity.result_path(tmp_path, "cartpole", "ckks", 0)
     assert not path.exists()
     assert not fidelity.claim_path(path).exists()
+
+
+def test_sweep_reruns_results_of_an_older_preset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(fidelity, "run_one", _stub(calls))
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, None)
+    path = fidelity.result_path(tmp_path, "cartpole", "plain", 0)
+    res = json.loads(path.read_text())
+    res["preset"] = {**res["preset"], "lr": 1.0}  # made before a re-tune
+    path.write_text(json.dumps(res))
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, None)
+    assert calls == [("cartpole", 0, "plain")] * 2
+    assert json.loads(path.read_text())["preset"] == fidelity.load_preset("cartpole")[0]
