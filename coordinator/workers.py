@@ -25,9 +25,12 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -182,8 +185,10 @@ def auto_workers(n_chunks: int) -> int:
 _worker_be: Backend | None = None
 
 
-def _init_worker(context: bytes, param_set: str, backend: str) -> None:
+def _init_worker(context_file: str, param_set: str, backend: str) -> None:
     global _worker_be
+    with open(context_file, "rb") as fh:
+        context = fh.read()
     _worker_be, _ = keys.coordinator_backend(context, get_param_set(param_set), backend)
 
 
@@ -210,6 +215,13 @@ def _shards(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
+_MAIN_GUARD = (
+    "coordinator worker processes (run-config coordinator-workers) start by "
+    "importing the main module; a script that builds a Federation must do so "
+    'under `if __name__ == "__main__":`, or set coordinator-workers=0'
+)
+
+
 class ChunkPool:
     """A reusable pool of processes holding the evaluation context.
 
@@ -231,19 +243,45 @@ class ChunkPool:
     ) -> None:
         if workers < 1:
             raise ConfigError(f"workers must be ≥ 1, received {workers}")
+        if getattr(multiprocessing.current_process(), "_inheriting", False):
+            # This is a worker being spawned: it imports the user's main module,
+            # which builds a Federation again. Starting workers from here would
+            # deadlock parent and child, and a mere exception leaves this process
+            # hanging at exit; so say why and leave: the parent reports it.
+            sys.stderr.write(f"hedrl: {_MAIN_GUARD}\n")
+            sys.stderr.flush()
+            os._exit(1)
         # fail here, in the caller's process, before any worker starts
         self.be, _ = keys.coordinator_backend(
             context, get_param_set(param_set), backend
         )
         self.workers = workers
-        self._pool = ProcessPoolExecutor(
-            max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
-            initializer=_init_worker,
-            initargs=(context, param_set, backend),
-        )
-        # start every worker now so the first round does not pay for it
-        list(self._pool.map(_noop, range(workers)))
+        # The context goes to the workers through a file, not pickled into the
+        # spawn: spawn writes its data into a pipe and blocks for good if that
+        # exceeds the pipe buffer and the child dies before reading it all.
+        fd, ctx_file = tempfile.mkstemp(prefix="hedrl-ctx-")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(context)
+            self._pool = ProcessPoolExecutor(
+                max_workers=workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_init_worker,
+                initargs=(ctx_file, param_set, backend),
+            )
+            # start every worker now (each reads the file in its initializer)
+            # so the first round does not pay for it
+            try:
+                list(self._pool.map(_noop, range(workers)))
+            except BrokenProcessPool as exc:
+                self._pool.shutdown(wait=False, cancel_futures=True)
+                raise ConfigError(
+                    "coordinator workers did not start: a worker process died "
+                    "during start-up (its error is above). A common cause: "
+                    + _MAIN_GUARD
+                ) from exc
+        finally:
+            os.unlink(ctx_file)
 
     def __enter__(self) -> ChunkPool:
         return self
