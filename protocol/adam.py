@@ -20,6 +20,9 @@ class AdamHyper:
     """Second-moment decay."""
     u_max: float = 1.0
     """Bound on u = x²r² for clipped gradients; sets δ = c²/u_max."""
+    anneal_steps: int = 0
+    """If > 0, lr decays linearly over this many steps: lr·(1 − (t−1)/T), never
+    below lr/T (a public scalar of 0 would make CKKS ciphertexts transparent)."""
 
     @property
     def c(self) -> float:
@@ -36,9 +39,16 @@ class AdamHyper:
         """The δ floor inside the square root (normalised gradient units)."""
         return self.c**2 / self.u_max
 
+    def lr_at(self, t: int) -> float:
+        """The learning rate of step t (t counts from 1)."""
+        if self.anneal_steps <= 0:
+            return self.lr
+        T = self.anneal_steps
+        return self.lr * max(1.0 - (t - 1) / T, 1.0 / T)
+
     def a(self, t: int) -> float:
-        """Step size a_t = lr/(1−β1^t) (V starts from data: no √(1−β2^t))."""
-        return self.lr / (1 - self.beta1**t)
+        """Step size a_t = lr_t/(1−β1^t) (V starts from data: no √(1−β2^t))."""
+        return self.lr_at(t) / (1 - self.beta1**t)
 
 
 def initial_state(

@@ -45,6 +45,8 @@ class RunConfig:
     """he-adam (the circuit), or exact-adam (exact √; backend plain only)."""
     lr: float = 2e-3
     """HE-Adam learning rate."""
+    anneal_lr: bool = False
+    """Decay the learning rate linearly over num-rounds (a public scalar)."""
     beta1: float = 0.9
     """HE-Adam β1."""
     beta2: float = 0.999
@@ -101,7 +103,12 @@ class RunConfig:
     @property
     def hyper(self) -> AdamHyper:
         """HE-Adam constants."""
-        return AdamHyper(lr=self.lr, beta1=self.beta1, beta2=self.beta2)
+        return AdamHyper(
+            lr=self.lr,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            anneal_steps=self.num_rounds if self.anneal_lr else 0,
+        )
 
     @property
     def rounds_per_rollout(self) -> int:

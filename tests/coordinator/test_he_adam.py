@@ -215,3 +215,56 @@ def test_dropout_step_matches_plaintext_twin(k, ckks_pair, plain, ps):
     assert new.theta.level == 0 and new.r.level == 0
     dec_r = part.decrypt(coord.dump(new.r))
     assert np.max(np.abs(dec_r / ref[3] - 1)) < 1e-3
+
+
+def test_annealed_learning_rate_schedule():
+    """anneal-lr: lr·(1 − (t−1)/T), never below lr/T; a_t keeps its bias term."""
+    from protocol.config import RunConfig
+
+    hp = AdamHyper(lr=0.01, anneal_steps=100)
+    assert [hp.lr_at(t) for t in (1, 51, 100, 150)] == pytest.approx(
+        [0.01, 0.005, 1e-4, 1e-4]
+    )
+    assert hp.a(3) == pytest.approx(0.01 * 0.98 / (1 - 0.9**3))
+    assert AdamHyper(lr=0.01).lr_at(10**6) == 0.01
+    cfg = RunConfig.from_mapping({"anneal-lr": "true", "num-rounds": 40})
+    assert cfg.hyper.anneal_steps == 40
+    assert RunConfig.from_mapping({"num-rounds": 40}).hyper.anneal_steps == 0
+
+
+def test_encrypted_circuit_with_annealed_lr_tracks_float64(ckks_pair, ps):
+    """Down to lr/T on the last step, the encrypted circuit stays within tolerance
+    of the float64 circuit under the same schedule."""
+    part, coord, _, _ = ckks_pair
+    n, steps = ps.slots, 12
+    hp = AdamHyper(lr=HP.lr, anneal_steps=steps)
+    rng = np.random.default_rng(5)
+    theta0 = rng.normal(0, 0.5, n)
+    grads = _grads(n, steps, seed=6)
+    m, v, r = initial_state(grads[0] ** 2, hp)
+    ref = (theta0, m, v, r)
+
+    def enc(values: np.ndarray) -> Ct:
+        return coord.load(part.encrypt(values), level=ps.depth)
+
+    def dec(ct: Ct) -> np.ndarray:
+        return part.decrypt(coord.dump(ct))
+
+    st = ChunkState(theta=coord.to_bottom(enc(theta0)), m=enc(m), V=enc(v), r=enc(r))
+    gf = coord.gradient_factor
+    for t, g in enumerate(grads, start=1):
+        x = hp.c * g
+        ref = circuit_reference(*ref, x, t, hp)
+        xc = enc(x * gf)
+        xc.factor = gf
+        new = step_chunk(coord, st, xc, t, hp)
+        st = ChunkState(
+            theta=new.theta, m=enc(dec(new.m)), V=enc(dec(new.V)), r=enc(dec(new.r))
+        )
+    const = (theta0, m, v, r)  # the same steps at constant lr
+    for t, g in enumerate(grads, start=1):
+        const = circuit_reference(*const, HP.c * g, t, HP)
+    moved = np.abs(ref[0] - theta0).sum()
+    assert moved < 0.8 * np.abs(const[0] - theta0).sum()  # the schedule slowed it
+    err = _rel(dec(st.theta), ref[0], theta0)
+    assert err < ckks_circuit_tol(ps), f"relative θ error {err:.2e}"
