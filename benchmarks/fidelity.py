@@ -271,15 +271,15 @@ def sweep(
         for seed in seeds:
             for variant in variants:
                 path = result_path(out, env, variant, seed)
-                if path.exists():
-                    why = stale(path, env)
-                    if why is None:
-                        log.info("skip %s (done)", path)
-                        continue
-                    log.warning("re-running %s: %s", path, why)
+                why = stale(path, env) if path.exists() else "not run yet"
+                if why is None:
+                    log.info("skip %s (done)", path)
+                    continue
                 if not claim(path):
                     log.info("skip %s (another process is running it)", path)
                     continue
+                if path.exists():
+                    log.warning("re-running %s: %s", path, why)
                 try:
                     with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
                         log.info("run %s seed %d %s", env, seed, variant)
