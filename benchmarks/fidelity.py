@@ -279,6 +279,11 @@ def sweep(
                     log.info("skip %s (another process is running it)", path)
                     continue
                 if path.exists():
+                    why = stale(path, env)  # again: it may have finished meanwhile
+                    if why is None:
+                        claim_path(path).unlink(missing_ok=True)
+                        log.info("skip %s (done)", path)
+                        continue
                     log.warning("re-running %s: %s", path, why)
                 try:
                     with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
