@@ -28,6 +28,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -215,6 +216,13 @@ def _shards(n: int, parts: int) -> list[slice]:
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 _MAIN_GUARD = (
     "coordinator worker processes (run-config coordinator-workers) start by "
     "importing the main module; a script that builds a Federation must do so "
@@ -258,30 +266,28 @@ class ChunkPool:
         self.workers = workers
         # The context goes to the workers through a file, not pickled into the
         # spawn: spawn writes its data into a pipe and blocks for good if that
-        # exceeds the pipe buffer and the child dies before reading it all.
-        fd, ctx_file = tempfile.mkstemp(prefix="hedrl-ctx-")
+        # exceeds the pipe buffer and the child dies before reading it all. The
+        # file (public material only) lives as long as the pool: a worker may
+        # start after the first tasks have run.
+        fd, self._ctx_file = tempfile.mkstemp(prefix="hedrl-ctx-")
+        self._cleanup = weakref.finalize(self, _unlink, self._ctx_file)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(context)
+        self._pool = ProcessPoolExecutor(
+            max_workers=workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(self._ctx_file, param_set, backend),
+        )
+        # start every worker now so the first round does not pay for it
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(context)
-            self._pool = ProcessPoolExecutor(
-                max_workers=workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_init_worker,
-                initargs=(ctx_file, param_set, backend),
-            )
-            # start every worker now (each reads the file in its initializer)
-            # so the first round does not pay for it
-            try:
-                list(self._pool.map(_noop, range(workers)))
-            except BrokenProcessPool as exc:
-                self._pool.shutdown(wait=False, cancel_futures=True)
-                raise ConfigError(
-                    "coordinator workers did not start: a worker process died "
-                    "during start-up (its error is above). A common cause: "
-                    + _MAIN_GUARD
-                ) from exc
-        finally:
-            os.unlink(ctx_file)
+            list(self._pool.map(_noop, range(workers)))
+        except BrokenProcessPool as exc:
+            self.close()
+            raise ConfigError(
+                "coordinator workers did not start: a worker process died "
+                "during start-up (its error is above). A common cause: " + _MAIN_GUARD
+            ) from exc
 
     def __enter__(self) -> ChunkPool:
         return self
@@ -292,6 +298,7 @@ class ChunkPool:
     def close(self) -> None:
         """Stop the worker processes."""
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._cleanup()
 
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
