@@ -26,9 +26,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import sys
-import tempfile
 import time
-import weakref
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -186,10 +184,9 @@ def auto_workers(n_chunks: int) -> int:
 _worker_be: Backend | None = None
 
 
-def _init_worker(context_file: str, param_set: str, backend: str) -> None:
+def _init_worker(contexts: Any, param_set: str, backend: str) -> None:
     global _worker_be
-    with open(context_file, "rb") as fh:
-        context = fh.read()
+    context = contexts.get(timeout=600)
     _worker_be, _ = keys.coordinator_backend(context, get_param_set(param_set), backend)
 
 
@@ -214,13 +211,6 @@ def _shards(n: int, parts: int) -> list[slice]:
     """``parts`` contiguous, near-equal slices of range(n) (empty ones dropped)."""
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
     return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
-
-
-def _unlink(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
 
 
 _MAIN_GUARD = (
@@ -264,20 +254,20 @@ class ChunkPool:
             context, get_param_set(param_set), backend
         )
         self.workers = workers
-        # The context goes to the workers through a file, not pickled into the
-        # spawn: spawn writes its data into a pipe and blocks for good if that
-        # exceeds the pipe buffer and the child dies before reading it all. The
-        # file (public material only) lives as long as the pool: a worker may
-        # start after the first tasks have run.
-        fd, self._ctx_file = tempfile.mkstemp(prefix="hedrl-ctx-")
-        self._cleanup = weakref.finalize(self, _unlink, self._ctx_file)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(context)
+        # The context reaches the workers through a queue (one copy each, fed by
+        # a background thread), not pickled into the spawn: spawn writes its data
+        # into a pipe and blocks for good if that exceeds the pipe buffer and
+        # the child dies before reading it all.
+        mp = multiprocessing.get_context("spawn")
+        self._contexts = mp.Queue()
+        for _ in range(workers):
+            self._contexts.put(context)
+        self._contexts.cancel_join_thread()  # a dead worker must not block exit
         self._pool = ProcessPoolExecutor(
             max_workers=workers,
-            mp_context=multiprocessing.get_context("spawn"),
+            mp_context=mp,
             initializer=_init_worker,
-            initargs=(self._ctx_file, param_set, backend),
+            initargs=(self._contexts, param_set, backend),
         )
         # start every worker now so the first round does not pay for it
         try:
@@ -298,7 +288,7 @@ class ChunkPool:
     def close(self) -> None:
         """Stop the worker processes."""
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._cleanup()
+        self._contexts.close()
 
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
