@@ -255,7 +255,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        pass  # alive, owned by another user
     return True
 
 
@@ -271,21 +271,18 @@ def sweep(
         for seed in seeds:
             for variant in variants:
                 path = result_path(out, env, variant, seed)
-                why = stale(path, env) if path.exists() else "not run yet"
-                if why is None:
-                    log.info("skip %s (done)", path)
-                    continue
+                # claim first, then look: a run another process just finished
+                # is seen as done, never started twice
                 if not claim(path):
                     log.info("skip %s (another process is running it)", path)
                     continue
-                if path.exists():
-                    why = stale(path, env)  # again: it may have finished meanwhile
-                    if why is None:
-                        claim_path(path).unlink(missing_ok=True)
-                        log.info("skip %s (done)", path)
-                        continue
-                    log.warning("re-running %s: %s", path, why)
                 try:
+                    if path.exists():
+                        why = stale(path, env)
+                        if why is None:
+                            log.info("skip %s (done)", path)
+                            continue
+                        log.warning("re-running %s: %s", path, why)
                     with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
                         log.info("run %s seed %d %s", env, seed, variant)
                         res = run_one(
