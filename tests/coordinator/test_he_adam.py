@@ -42,14 +42,14 @@ def _rel(a: np.ndarray, b: np.ndarray, theta0: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b - theta0)))
 
 
-def test_encrypted_circuit_tracks_float64_circuit(ckks_pair, ps):
-    """60 encrypted steps (refreshed each step) stay within the CKKS tolerance."""
+def _encrypted_vs_float64(
+    ckks_pair, ps, theta0: np.ndarray, grads: list[np.ndarray], hp: AdamHyper
+) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
+    """Run ``grads`` through the encrypted circuit (the refresher's decrypt and
+    re-encrypt of m, V, r after each step) and through the float64 circuit:
+    (decrypted θ, decrypted r, float64 (θ, m, V, r))."""
     part, coord, _, _ = ckks_pair
-    n, steps = ps.slots, 60
-    rng = np.random.default_rng(3)
-    theta0 = rng.normal(0, 0.5, n)
-    grads = _grads(n, steps)
-    m, v, r = initial_state(grads[0] ** 2, HP)
+    m, v, r = initial_state(grads[0] ** 2, hp)
     ref = (theta0, m, v, r)
 
     def enc(values: np.ndarray) -> Ct:
@@ -61,19 +61,27 @@ def test_encrypted_circuit_tracks_float64_circuit(ckks_pair, ps):
     st = ChunkState(theta=coord.to_bottom(enc(theta0)), m=enc(m), V=enc(v), r=enc(r))
     gf = coord.gradient_factor
     for t, g in enumerate(grads, start=1):
-        x = HP.c * g
-        ref = circuit_reference(*ref, x, t, HP)
+        x = hp.c * g
+        ref = circuit_reference(*ref, x, t, hp)
         xc = enc(x * gf)
         xc.factor = gf
-        new = step_chunk(coord, st, xc, t, HP)
+        new = step_chunk(coord, st, xc, t, hp)
         assert (new.theta.level, new.r.level) == (0, 0)
-        # the refresher's job: decrypt and re-encrypt m, V, r at the top level
         st = ChunkState(
             theta=new.theta, m=enc(dec(new.m)), V=enc(dec(new.V)), r=enc(dec(new.r))
         )
-    err = _rel(dec(st.theta), ref[0], theta0)
+    return dec(st.theta), dec(st.r), ref
+
+
+def test_encrypted_circuit_tracks_float64_circuit(ckks_pair, ps):
+    """60 encrypted steps (refreshed each step) stay within the CKKS tolerance."""
+    theta0 = np.random.default_rng(3).normal(0, 0.5, ps.slots)
+    theta, r, ref = _encrypted_vs_float64(
+        ckks_pair, ps, theta0, _grads(ps.slots, 60), HP
+    )
+    err = _rel(theta, ref[0], theta0)
     assert err < ckks_circuit_tol(ps), f"relative θ error {err:.2e}"
-    assert np.max(np.abs(dec(st.r) / ref[3] - 1)) < 1e-3
+    assert np.max(np.abs(r / ref[3] - 1)) < 1e-3
 
 
 def test_plain_backend_is_the_float64_circuit(plain, ps):
@@ -235,36 +243,15 @@ def test_annealed_learning_rate_schedule():
 def test_encrypted_circuit_with_annealed_lr_tracks_float64(ckks_pair, ps):
     """Down to lr/T on the last step, the encrypted circuit stays within tolerance
     of the float64 circuit under the same schedule."""
-    part, coord, _, _ = ckks_pair
-    n, steps = ps.slots, 12
+    steps = 12
     hp = AdamHyper(lr=HP.lr, anneal_steps=steps)
-    rng = np.random.default_rng(5)
-    theta0 = rng.normal(0, 0.5, n)
-    grads = _grads(n, steps, seed=6)
-    m, v, r = initial_state(grads[0] ** 2, hp)
-    ref = (theta0, m, v, r)
-
-    def enc(values: np.ndarray) -> Ct:
-        return coord.load(part.encrypt(values), level=ps.depth)
-
-    def dec(ct: Ct) -> np.ndarray:
-        return part.decrypt(coord.dump(ct))
-
-    st = ChunkState(theta=coord.to_bottom(enc(theta0)), m=enc(m), V=enc(v), r=enc(r))
-    gf = coord.gradient_factor
-    for t, g in enumerate(grads, start=1):
-        x = hp.c * g
-        ref = circuit_reference(*ref, x, t, hp)
-        xc = enc(x * gf)
-        xc.factor = gf
-        new = step_chunk(coord, st, xc, t, hp)
-        st = ChunkState(
-            theta=new.theta, m=enc(dec(new.m)), V=enc(dec(new.V)), r=enc(dec(new.r))
-        )
-    const = (theta0, m, v, r)  # the same steps at constant lr
+    theta0 = np.random.default_rng(5).normal(0, 0.5, ps.slots)
+    grads = _grads(ps.slots, steps, seed=6)
+    theta, _, ref = _encrypted_vs_float64(ckks_pair, ps, theta0, grads, hp)
+    const = (theta0, *initial_state(grads[0] ** 2, HP))  # same steps, constant lr
     for t, g in enumerate(grads, start=1):
         const = circuit_reference(*const, HP.c * g, t, HP)
     moved = np.abs(ref[0] - theta0).sum()
     assert moved < 0.8 * np.abs(const[0] - theta0).sum()  # the schedule slowed it
-    err = _rel(dec(st.theta), ref[0], theta0)
+    err = _rel(theta, ref[0], theta0)
     assert err < ckks_circuit_tol(ps), f"relative θ error {err:.2e}"

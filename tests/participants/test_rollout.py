@@ -233,23 +233,30 @@ def test_config_rejects_out_of_range_values() -> None:
     assert PPOConfig().rounds_per_rollout == 4
 
 
-def test_learner_continues_box2d_episodes_with_or_without_its_process():
-    """The next round continues the same LunarLander episodes both in the process
-    that ran the previous one (live worker) and in a fresh one (replayed)."""
-    from participants import learner as learner_mod
+def _small_learner(env_id: str, num_minibatches: int):
+    """Participant 0's learner: 2 envs × 16 steps per rollout, one epoch."""
+    from participants.learner import Learner
     from protocol.config import RunConfig
 
     cfg = RunConfig.from_mapping(
         {
-            "env-id": "LunarLander-v3",
+            "env-id": env_id,
             "num-envs": 2,
             "num-steps": 16,
             "update-epochs": 1,
-            "num-minibatches": 1,
+            "num-minibatches": num_minibatches,
             "backend": "plain",
         }
     )
-    learner = learner_mod.Learner(cfg, 0)
+    return Learner(cfg, 0)
+
+
+def test_learner_continues_box2d_episodes_with_or_without_its_process():
+    """The next round continues the same LunarLander episodes both in the process
+    that ran the previous one (live worker) and in a fresh one (replayed)."""
+    from participants import learner as learner_mod
+
+    learner = _small_learner("LunarLander-v3", num_minibatches=1)
     theta = learner.initial_theta()
     _, stats1, saved = learner.step(theta, None, cache_scope="t")
     assert stats1["env_steps"] == 32
@@ -274,19 +281,8 @@ def test_worker_pickle_reused_between_rollouts_and_renewed_after_one():
     import pickle
 
     from participants import learner as learner_mod
-    from protocol.config import RunConfig
 
-    cfg = RunConfig.from_mapping(
-        {
-            "env-id": "CartPole-v1",
-            "num-envs": 2,
-            "num-steps": 16,
-            "update-epochs": 1,
-            "num-minibatches": 2,
-            "backend": "plain",
-        }
-    )
-    learner = learner_mod.Learner(cfg, 0)
+    learner = _small_learner("CartPole-v1", num_minibatches=2)
     theta = learner.initial_theta()
     key = ("w", "CartPole-v1", 0, 0)
     _, s1, saved1 = learner.step(theta, None, cache_scope="w")  # rollout
