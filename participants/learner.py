@@ -28,6 +28,7 @@ from participants.layout import Layout, init_params, make_layout
 from participants.policy import ActorCritic
 from participants.rollout import RolloutWorker, minibatches
 from protocol.config import RunConfig
+from protocol.errors import ConfigError
 from protocol.packing import layout_digest
 
 _BATCH_KEYS = ("obs", "actions", "logprobs", "advantages", "returns")
@@ -52,11 +53,42 @@ def env_spec(env_id: str) -> tuple[int, int, bool]:
         env.close()
 
 
-def clip_and_scale(grad: np.ndarray, layout: Layout, bound: float) -> np.ndarray:
-    """Per-layer element-wise clip to ±bound, divided by bound: values in [−1, 1]."""
+def layer_bounds(
+    layout: Layout, clip_bound: float, rules: tuple[tuple[str, float], ...] = ()
+) -> tuple[float, ...]:
+    """Each tensor's clip bound G: the longest matching ``rules`` prefix, else
+    ``clip_bound``. A prefix matches a dotted name component-wise ("actor.1"
+    matches "actor.1.weight", not "actor.10.weight"); one that matches no
+    tensor is a :class:`ConfigError`."""
+    matched: set[str] = set()
+    out = []
+    for name in layout.names:
+        bound = clip_bound
+        for prefix, value in rules:  # longest first
+            if name == prefix or name.startswith(prefix + "."):
+                bound = value
+                matched.add(prefix)
+                break
+        out.append(bound)
+    unmatched = [prefix for prefix, _ in rules if prefix not in matched]
+    if unmatched:
+        raise ConfigError(
+            f"layer-bounds: {unmatched} match no layer; layers: {list(layout.names)}"
+        )
+    return tuple(out)
+
+
+def clip_and_scale(
+    grad: np.ndarray, layout: Layout, bound: float | tuple[float, ...]
+) -> np.ndarray:
+    """Per-layer element-wise clip to ±G, divided by G: values in [−1, 1].
+
+    ``bound`` is one G for every tensor or one per tensor (:func:`layer_bounds`).
+    """
+    bounds = (bound,) * len(layout.names) if np.isscalar(bound) else bound
     out = np.empty_like(grad)
-    for _, sl in layout.slices():
-        out[sl] = np.clip(grad[sl], -bound, bound) / bound
+    for (_, sl), g in zip(layout.slices(), bounds, strict=True):
+        out[sl] = np.clip(grad[sl], -g, g) / g
     return out
 
 
@@ -83,6 +115,7 @@ class Learner:
             zip(self.layout.names, self.layout.shapes, strict=True)
         )
         self.policy = ActorCritic(self.layout, self.continuous)
+        self.bounds = layer_bounds(self.layout, cfg.clip_bound, cfg.layer_bound_rules)
 
     def initial_theta(self) -> np.ndarray:
         """θ0 from the run's root seed (the same on every participant)."""

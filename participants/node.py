@@ -224,7 +224,7 @@ class Node:
             )
             self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
             weight = 1.0 / int(task["num-participants"])
-            g_n = clip_and_scale(grad, self.learner.layout, self.cfg.clip_bound)
+            g_n = clip_and_scale(grad, self.learner.layout, self.learner.bounds)
         hp = self.cfg.hyper
         out = RecordDict()
         with self._timed("encrypt"):

@@ -53,6 +53,9 @@ class RunConfig:
     """HE-Adam β2."""
     clip_bound: float = 0.1
     """Per-layer element-wise gradient clip G; participants send clip(g, ±G)/G."""
+    layer_bounds: str = ""
+    """Per-layer G overriding clip-bound: 'prefix=G,...' on dotted layer names
+    (e.g. 'actor.0=0.1,critic=0.01'); the longest matching prefix wins."""
     num_envs: int = 4
     """Vector envs per participant."""
     num_steps: int = 128
@@ -99,6 +102,11 @@ class RunConfig:
     def min_participants_for(self, k: int) -> int:
         """Resolved min-participants for k registered participants."""
         return self.min_participants or max(1, -(-k // 2))
+
+    @property
+    def layer_bound_rules(self) -> tuple[tuple[str, float], ...]:
+        """layer-bounds parsed: (prefix, G) pairs, longest prefix first."""
+        return parse_layer_bounds(self.layer_bounds)
 
     @property
     def hyper(self) -> AdamHyper:
@@ -198,10 +206,31 @@ class RunConfig:
                 "coordinator-workers: must be -1 (one per core), 0 (in-process) or "
                 f"1..64, received {self.coordinator_workers}"
             )
+        self.layer_bound_rules  # noqa: B018 - raises ConfigError if malformed
         if not 1 <= self.mask_bits <= 22:
             raise ConfigError(
                 f"mask-bits: must be in [1, 22], received {self.mask_bits}"
             )
+
+
+def parse_layer_bounds(spec: str) -> tuple[tuple[str, float], ...]:
+    """Parse ``'prefix=G,...'``; (prefix, G) pairs, longest prefix first."""
+    rules: dict[str, float] = {}
+    for entry in filter(None, (e.strip() for e in spec.split(","))):
+        prefix, sep, value = (part.strip() for part in entry.partition("="))
+        try:
+            bound = float(value) if sep and prefix else float("nan")
+        except ValueError:
+            bound = float("nan")
+        if not bound > 0 or bound == float("inf"):
+            raise ConfigError(
+                f"layer-bounds: expected 'layer-prefix=bound' with a finite bound "
+                f"> 0, received {entry!r}"
+            )
+        if prefix in rules:
+            raise ConfigError(f"layer-bounds: prefix {prefix!r} given twice")
+        rules[prefix] = bound
+    return tuple(sorted(rules.items(), key=lambda rule: -len(rule[0])))
 
 
 def expand_dir(value: str) -> Path:

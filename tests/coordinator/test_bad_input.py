@@ -103,6 +103,11 @@ def test_absurd_magnitude_refused_before_encryption(plain, ps):
         ({"optimizer": "exact-adam"}, "only with backend 'plain'"),
         ({"num-rounds": "many"}, "expected int"),
         ({"spare-refresher": "maybe"}, "expected bool"),
+        ({"layer-bounds": "actor.0=0"}, "layer-bounds: expected 'layer-prefix=bound'"),
+        ({"layer-bounds": "actor.0"}, "layer-bounds: expected 'layer-prefix=bound'"),
+        ({"layer-bounds": "=0.1"}, "layer-bounds: expected 'layer-prefix=bound'"),
+        ({"layer-bounds": "critic=nan"}, "layer-bounds: expected 'layer-prefix=bound'"),
+        ({"layer-bounds": "critic=0.1,critic=0.2"}, "prefix 'critic' given twice"),
     ],
 )
 def test_impossible_run_config_fails_at_start(raw, match):
