@@ -21,6 +21,7 @@ mean over the last 100 episodes. ``gap`` uses exact Adam as the reference,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -51,11 +52,35 @@ TRACE_ROUNDS = 20
 log = logging.getLogger("hedrl.fidelity")
 
 
-def load_preset(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run-config overrides, benchmark settings) of a preset."""
+def load_preset(
+    name: str, extra: dict[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run-config overrides, benchmark settings) of a preset, with ``extra``
+    (``--set``) run-config values on top."""
     data = tomllib.loads((PRESETS / f"{name}.toml").read_text())
     bench = data.pop("benchmark")
-    return data, bench
+    return {**data, **(extra or {})}, bench
+
+
+def parse_set(items: list[str]) -> dict[str, Any]:
+    """``--set key=value`` pairs: TOML values (bare words are strings); keys
+    must be run-config keys, so that a typo cannot pass as the preset."""
+    known = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or key not in known:
+            raise ValueError(
+                f"--set {item!r}: expected run-config-key=value with a key of "
+                "[tool.flwr.app.config] (README, Run configuration)"
+            )
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out[key] = value
+    return out
 
 
 def final_return(rows: list[dict[str, Any]], episodes: int = 100) -> float | None:
@@ -118,9 +143,10 @@ def run_one(
     *,
     max_rounds: int | None = None,
     participants: int = 4,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One closed-loop federation; returns its result record."""
-    overrides, bench = load_preset(env)
+    overrides, bench = load_preset(env, extra)
     raw = {
         **overrides,
         **VARIANTS[variant],
@@ -201,9 +227,9 @@ def write_result(out: Path, res: dict[str, Any]) -> Path:
     return path
 
 
-def stale(path: Path, env: str) -> str | None:
+def stale(path: Path, env: str, extra: dict[str, Any] | None = None) -> str | None:
     """Why a finished result no longer matches its env's preset (None: current)."""
-    current, _ = load_preset(env)
+    current, _ = load_preset(env, extra)
     used = json.loads(path.read_text()).get("preset")
     if used is None:
         return "no preset recorded"
@@ -265,8 +291,13 @@ def sweep(
     variants: list[str],
     out: Path,
     max_rounds: int | None,
+    extra: dict[str, Any] | None = None,
 ) -> None:
-    """Run every missing (env, seed, variant); each result is written on finish."""
+    """Run every missing (env, seed, variant); each result is written on finish.
+
+    ``extra`` (``--set``) overrides preset values; results record them, so the
+    report leaves such runs out of the committed table (they are stale).
+    """
     for env in envs:
         for seed in seeds:
             for variant in variants:
@@ -278,7 +309,7 @@ def sweep(
                     continue
                 try:
                     if path.exists():
-                        why = stale(path, env)
+                        why = stale(path, env, extra)
                         if why is None:
                             log.info("skip %s (done)", path)
                             continue
@@ -286,7 +317,12 @@ def sweep(
                     with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
                         log.info("run %s seed %d %s", env, seed, variant)
                         res = run_one(
-                            env, seed, variant, Path(tmp), max_rounds=max_rounds
+                            env,
+                            seed,
+                            variant,
+                            Path(tmp),
+                            max_rounds=max_rounds,
+                            extra=extra,
                         )
                     write_result(out, res)
                 finally:
@@ -337,6 +373,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a preset's run-config value (repeatable; TOML values, "
+        "e.g. --set lr=5e-4 --set layer-bounds=critic=0.01) for screening; "
+        "needs --out outside the committed results",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help="open-loop check: replay the twin's gradients into the "
@@ -367,12 +412,21 @@ def main(argv: list[str] | None = None) -> int:
             ap.error("--seed-list: seeds must be >= 0")
     else:
         seeds = list(range(args.seeds))
+    try:
+        extra = parse_set(args.set)
+    except ValueError as exc:
+        ap.error(str(exc))
+    if extra and args.out.resolve() == RESULTS.resolve():
+        ap.error(
+            "--set runs are screening runs: give --out DIR (not the committed results)"
+        )
     sweep(
         args.envs.split(","),
         seeds,
         args.variants.split(","),
         args.out,
         args.max_rounds,
+        extra,
     )
     return 0
 

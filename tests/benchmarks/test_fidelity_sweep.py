@@ -33,7 +33,7 @@ def test_claim_is_exclusive_and_stale_claims_are_taken_over(tmp_path: Path) -> N
 
 
 def _stub(calls: list[tuple[str, int, str]], fail: bool = False):
-    def run_one(env, seed, variant, work, *, max_rounds=None):
+    def run_one(env, seed, variant, work, *, max_rounds=None, extra=None):
         calls.append((env, seed, variant))
         if fail:
             raise RuntimeError("run crashed")
@@ -45,7 +45,7 @@ def _stub(calls: list[tuple[str, int, str]], fail: bool = False):
             "rounds_to_solve": None,
             "wall_s": 0.0,
             "_traces": {"theta": np.zeros(2)},
-            "preset": fidelity.load_preset(env)[0],
+            "preset": fidelity.load_preset(env, extra)[0],
         }
 
     return run_one
@@ -96,3 +96,35 @@ def test_sweep_reruns_results_of_an_older_preset(
     fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, None)
     assert calls == [("cartpole", 0, "plain")] * 2
     assert json.loads(path.read_text())["preset"] == fidelity.load_preset("cartpole")[0]
+
+
+def test_set_overrides_are_recorded_and_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--set values reach the run and its record; a run of the plain preset is
+    stale for a --set sweep (and vice versa); unknown keys are refused."""
+    extra = fidelity.parse_set(
+        ["lr=5e-4", "layer-bounds=critic=0.01", "anneal-lr=true"]
+    )
+    assert extra == {"lr": 5e-4, "layer-bounds": "critic=0.01", "anneal-lr": True}
+    calls: list[tuple[str, int, str]] = []
+    monkeypatch.setattr(fidelity, "run_one", _stub(calls))
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, None)
+    path = fidelity.result_path(tmp_path, "cartpole", "plain", 0)
+    assert fidelity.stale(path, "cartpole") is None
+    assert "lr" in fidelity.stale(path, "cartpole", extra)
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, None, extra)
+    assert len(calls) == 2  # re-run with the overrides
+    used = json.loads(path.read_text())["preset"]
+    assert used["lr"] == 5e-4 and used["layer-bounds"] == "critic=0.01"
+    assert "layer-bounds" in fidelity.stale(path, "cartpole")  # not the preset
+    with pytest.raises(ValueError, match="run-config-key=value"):
+        fidelity.parse_set(["learning-rate=0.1"])
+    with pytest.raises(ValueError, match="run-config-key=value"):
+        fidelity.parse_set(["lr"])
+
+
+def test_set_refuses_the_committed_results(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        fidelity.main(["--envs", "cartpole", "--set", "lr=0.1"])
+    assert "screening runs: give --out DIR" in capsys.readouterr().err
