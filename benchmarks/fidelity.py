@@ -25,6 +25,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -338,6 +339,10 @@ def sweep(
                 )
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
     from benchmarks import fidelity_quick, fidelity_report
@@ -416,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         extra = parse_set(args.set)
     except ValueError as exc:
         ap.error(str(exc))
+    # `kill` unwinds like Ctrl-C: the run's claim and temp directory go away
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if extra and args.out.resolve() == RESULTS.resolve():
         ap.error(
             "--set runs are screening runs: give --out DIR (not the committed results)"

@@ -128,3 +128,37 @@ def test_set_refuses_the_committed_results(capsys: pytest.CaptureFixture) -> Non
     with pytest.raises(SystemExit):
         fidelity.main(["--envs", "cartpole", "--set", "lr=0.1"])
     assert "screening runs: give --out DIR" in capsys.readouterr().err
+
+
+_SLOW_SWEEP = """
+import sys, time
+from benchmarks import fidelity
+def run_one(env, seed, variant, work, **kw):
+    print(work, flush=True)
+    time.sleep(120)
+fidelity.run_one = run_one
+sys.exit(fidelity.main(["--envs", "cartpole", "--seed-list", "0",
+                        "--variants", "plain", "--out", sys.argv[1]]))
+"""
+
+
+def test_sigterm_releases_claim_and_temp_dir(tmp_path: Path) -> None:
+    """`kill` on a sweep mid-run leaves no claim, no temp dir and no result."""
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _SLOW_SWEEP, str(tmp_path)],
+        cwd=root,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        work = Path(proc.stdout.readline().strip())  # the run has started
+        path = fidelity.result_path(tmp_path, "cartpole", "plain", 0)
+        assert work.is_dir() and fidelity.claim_path(path).exists()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + 15
+    finally:
+        proc.kill()
+    assert not work.exists()
+    assert not fidelity.claim_path(path).exists()
+    assert not path.exists()
