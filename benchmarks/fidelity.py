@@ -49,6 +49,11 @@ VARIANTS = {
     "plain": {"backend": "plain", "optimizer": "he-adam"},
     "exact": {"backend": "plain", "optimizer": "exact-adam"},
 }
+# run-config keys the benchmark sets itself (flags: --seeds, --variants, --max-rounds)
+SWEEP_KEYS = frozenset(
+    "seed num-rounds num-participants backend optimizer stop-return results-dir "
+    "keys-dir run-name checkpoint-every node-wait coordinator-workers".split()
+)
 TRACE_ROUNDS = 20
 log = logging.getLogger("hedrl.fidelity")
 
@@ -80,6 +85,11 @@ def parse_set(items: list[str]) -> dict[str, Any]:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
+        if key in SWEEP_KEYS:
+            raise ValueError(
+                f"--set {key}: set by the benchmark itself (seeds, variants and "
+                "the round budget have their own flags)"
+            )
         out[key] = value
     return out
 

@@ -122,6 +122,8 @@ def test_set_overrides_are_recorded_and_checked(
         fidelity.parse_set(["learning-rate=0.1"])
     with pytest.raises(ValueError, match="run-config-key=value"):
         fidelity.parse_set(["lr"])
+    with pytest.raises(ValueError, match="--set seed: set by the benchmark"):
+        fidelity.parse_set(["seed=3"])
 
 
 def test_set_refuses_the_committed_results(capsys: pytest.CaptureFixture) -> None:
