@@ -49,11 +49,6 @@ VARIANTS = {
     "plain": {"backend": "plain", "optimizer": "he-adam"},
     "exact": {"backend": "plain", "optimizer": "exact-adam"},
 }
-# run-config keys the benchmark sets itself (flags: --seeds, --variants, --max-rounds)
-SWEEP_KEYS = frozenset(
-    "seed num-rounds num-participants backend optimizer stop-return results-dir "
-    "keys-dir run-name checkpoint-every node-wait coordinator-workers".split()
-)
 TRACE_ROUNDS = 20
 log = logging.getLogger("hedrl.fidelity")
 
@@ -66,6 +61,30 @@ def load_preset(
     data = tomllib.loads((PRESETS / f"{name}.toml").read_text())
     bench = data.pop("benchmark")
     return {**data, **(extra or {})}, bench
+
+
+def sweep_settings(
+    env: str, seed: int, variant: str, work: Path, rounds: int, participants: int
+) -> dict[str, Any]:
+    """The run-config values the benchmark sets itself, over the preset's."""
+    return {
+        **VARIANTS[variant],
+        "seed": seed,
+        "num-rounds": rounds,
+        "num-participants": participants,
+        "stop-return": 0.0,
+        "results-dir": str(work / "results"),
+        "keys-dir": str(work / "keys"),
+        "run-name": f"{env}-{variant}-{seed}",
+        "checkpoint-every": 10**6,
+        "node-wait": 5.0,
+        # sweeps run one process per core; the aggregate is traced in-process
+        "coordinator-workers": 0,
+    }
+
+
+# keys --set may not override (flags: --seeds, --variants, --max-rounds)
+SWEEP_KEYS = frozenset(sweep_settings("env", 0, "plain", Path(), 1, 1))
 
 
 def parse_set(items: list[str]) -> dict[str, Any]:
@@ -81,15 +100,15 @@ def parse_set(items: list[str]) -> dict[str, Any]:
                 f"--set {item!r}: expected run-config-key=value with a key of "
                 "[tool.flwr.app.config] (README, Run configuration)"
             )
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
         if key in SWEEP_KEYS:
             raise ValueError(
                 f"--set {key}: set by the benchmark itself (seeds, variants and "
                 "the round budget have their own flags)"
             )
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
         out[key] = value
     return out
 
@@ -158,20 +177,10 @@ def run_one(
 ) -> dict[str, Any]:
     """One closed-loop federation; returns its result record."""
     overrides, bench = load_preset(env, extra)
+    rounds = max_rounds or int(bench["max-rounds"])
     raw = {
         **overrides,
-        **VARIANTS[variant],
-        "seed": seed,
-        "num-rounds": max_rounds or int(bench["max-rounds"]),
-        "num-participants": participants,
-        "stop-return": 0.0,
-        "results-dir": str(work / "results"),
-        "keys-dir": str(work / "keys"),
-        "run-name": f"{env}-{variant}-{seed}",
-        "checkpoint-every": 10**6,
-        "node-wait": 5.0,
-        # sweeps run one process per core; the aggregate is traced in-process
-        "coordinator-workers": 0,
+        **sweep_settings(env, seed, variant, work, rounds, participants),
     }
     run_id = 1000 + seed
     cfg = RunConfig.from_mapping(raw)
