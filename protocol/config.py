@@ -206,7 +206,7 @@ class RunConfig:
                 "coordinator-workers: must be -1 (one per core), 0 (in-process) or "
                 f"1..64, received {self.coordinator_workers}"
             )
-        self.layer_bound_rules  # noqa: B018 - raises ConfigError if malformed
+        parse_layer_bounds(self.layer_bounds)  # ConfigError if malformed
         if not 1 <= self.mask_bits <= 22:
             raise ConfigError(
                 f"mask-bits: must be in [1, 22], received {self.mask_bits}"
