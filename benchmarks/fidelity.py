@@ -8,9 +8,14 @@ Each (env, seed, variant) runs the real coordinator (``Federation``) and the
 real ClientApp through an in-process grid (:mod:`benchmarks.local_grid`; the
 Flower transport is the only thing left out) and writes its own result file
 under ``benchmarks/results/fidelity/`` as soon as it finishes; finished ones are
-skipped, so a long sweep survives being stopped. Variants: ``ckks`` (CKKS +
-HE-Adam), ``plain`` (the twin: same circuit in float64) and ``exact`` (twin
-with exact Adam — the paper's "unencrypted counterpart").
+skipped, so a long sweep survives being stopped. A run in progress checkpoints
+every ``CHECKPOINT_EVERY`` rounds into ``fidelity/.work/``; a stopped run
+resumes from there (the coordinator's ``resume-from``; the participants start
+fresh episodes) and its result lists the rounds it resumed at.
+
+Variants: ``ckks`` (CKKS + HE-Adam), ``plain`` (the twin: same circuit in
+float64) and ``exact`` (twin with exact Adam — the paper's "unencrypted
+counterpart").
 
 Gap (per env): |mean final return encrypted − mean final return reference| over
 the seeds, divided by |solve threshold − random-policy return|; final return =
@@ -25,9 +30,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import signal
 import sys
-import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -39,6 +44,7 @@ from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from protocol import keys
 from protocol.backend import Ct
+from protocol.checkpoint import read_checkpoint
 from protocol.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent
@@ -50,6 +56,9 @@ VARIANTS = {
     "exact": {"backend": "plain", "optimizer": "exact-adam"},
 }
 TRACE_ROUNDS = 20
+# a stopped run loses at most this many rounds (a checkpoint of the 9k-parameter
+# policies is a few hundred kB; writing it costs a few ms)
+CHECKPOINT_EVERY = 250
 log = logging.getLogger("hedrl.fidelity")
 
 
@@ -76,7 +85,7 @@ def sweep_settings(
         "results-dir": str(work / "results"),
         "keys-dir": str(work / "keys"),
         "run-name": f"{env}-{variant}-{seed}",
-        "checkpoint-every": 10**6,
+        "checkpoint-every": CHECKPOINT_EVERY,
         "node-wait": 5.0,
         # sweeps run one process per core; the aggregate is traced in-process
         "coordinator-workers": 0,
@@ -164,6 +173,88 @@ class ThetaTrace:
             agg = [Ct(c.data, c.level) for c in fed.last_aggregate]
             self.aggregate.append(dec(agg) / fed.be.gradient_factor)
 
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {"theta": np.array(self.theta), "aggregate": np.array(self.aggregate)}
+
+    def load(self, path: Path) -> None:
+        """The trace of a stopped run's first rounds (it resumes later)."""
+        with np.load(path) as data:
+            self.theta = list(data["theta"])
+            self.aggregate = list(data["aggregate"])
+
+
+def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
+    """Earlier parts of this run in ``work``: (results dir, checkpoint step) each.
+
+    Everything in ``work`` is discarded if it was started with other settings
+    (a re-tuned preset, another round budget) or cannot be resumed; a part
+    stopped before its first checkpoint is dropped.
+    """
+    meta = work / "run.json"
+    found: list[tuple[Path, int]] = []
+    if meta.exists():
+        why = None
+        if json.loads(meta.read_text()) != ident:
+            why = "started with other settings"
+        elif not (work / "trace.npz").exists():
+            why = f"stopped before round {TRACE_ROUNDS} (no trace)"
+        else:
+            for part in sorted(
+                (work / "results").glob("part-*"), key=lambda d: int(d.name[5:])
+            ):
+                ckpt = part / "checkpoint.npz"
+                step = int(read_checkpoint(ckpt)[0]["step"]) if ckpt.exists() else 0
+                if step <= (found[-1][1] if found else 0):
+                    shutil.rmtree(part)
+                    continue
+                found.append((part, step))
+            if found and found[-1][1] >= ident["rounds"]:
+                why, found = "finished but never written", []
+        if why:
+            log.warning("discarding %s: %s", work, why)
+            found = []
+    if not found and work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(ident))
+    return found
+
+
+def _resumed_rows(parts: list[tuple[Path, int]]) -> tuple[list[dict[str, Any]], float]:
+    """Metrics rows of earlier parts up to their checkpoints; their wall time."""
+    rows: list[dict[str, Any]] = []
+    wall, prev = 0.0, 0
+    for part, step in parts:
+        with open(part / "metrics.jsonl") as fh:
+            for line in fh:
+                rec = json.loads(line)
+                if prev < rec["round"] <= step:
+                    rows.append(rec)
+        elapsed = json.loads((part / "elapsed.json").read_text())
+        wall += elapsed[str(step)]
+        prev = step
+    return rows, wall
+
+
+class _Progress:
+    """Per-round hook: the θ trace (saved once complete) and the part's elapsed
+    time per round (saved at each checkpoint round, for a later resume)."""
+
+    def __init__(self, trace: ThetaTrace, work: Path, part: Path) -> None:
+        self.trace, self.work, self.part = trace, work, part
+        self.start = time.perf_counter()
+        self.elapsed: dict[str, float] = {}
+
+    def __call__(self, t: int, fed: Federation) -> None:
+        self.trace(t, fed)
+        if t == TRACE_ROUNDS:
+            np.savez(self.work / "trace.npz", **self.trace.arrays())
+        self.elapsed[str(t)] = time.perf_counter() - self.start
+        if t % CHECKPOINT_EVERY == 0:
+            tmp = self.part / "elapsed.json.tmp"
+            tmp.write_text(json.dumps(self.elapsed))
+            tmp.replace(self.part / "elapsed.json")
+
 
 def run_one(
     env: str,
@@ -175,27 +266,49 @@ def run_one(
     participants: int = 4,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """One closed-loop federation; returns its result record."""
+    """One closed-loop federation; returns its result record.
+
+    ``work`` keeps the run's keys and checkpoints: if it holds a stopped run
+    with the same settings, this one resumes it from its last checkpoint.
+    """
     overrides, bench = load_preset(env, extra)
     rounds = max_rounds or int(bench["max-rounds"])
+    ident = {"preset": overrides, "rounds": rounds, "participants": participants}
+    parts = _segments(work, ident)
     raw = {
         **overrides,
         **sweep_settings(env, seed, variant, work, rounds, participants),
     }
+    part = work / "results" / f"part-{len(parts)}"
+    raw["run-name"] = part.name
     run_id = 1000 + seed
-    cfg = RunConfig.from_mapping(raw)
     trace = ThetaTrace(
         work / "keys" / f"run-{run_id}" / keys.PARTICIPANT_FILE,
-        cfg.backend,
+        str(raw["backend"]),
         TRACE_ROUNDS,
     )
+    rows, wall = [], 0.0
+    if parts:
+        raw["resume-from"] = str((parts[-1][0] / "checkpoint.npz").resolve())
+        rows, wall = _resumed_rows(parts)
+        trace.load(work / "trace.npz")
+        log.info(
+            "resuming %s seed %d %s at round %d (%s)",
+            env,
+            seed,
+            variant,
+            parts[-1][1] + 1,
+            work,
+        )
+    cfg = RunConfig.from_mapping(raw)
     grid = LocalGrid(run_id, raw, participants, keep_history=False)
-    start = time.perf_counter()
-    fed = Federation(grid, cfg, run_id, on_round=trace)
+    part.mkdir(parents=True, exist_ok=True)
+    progress = _Progress(trace, work, part)
+    fed = Federation(grid, cfg, run_id, on_round=progress)
     fed.keep_aggregate = True
-    summary = fed.run()
-    wall = time.perf_counter() - start
-    rows = fed.history
+    fed.run()
+    wall += time.perf_counter() - progress.start
+    rows += fed.history
     solved = rounds_to_solve(rows, float(bench["solve-threshold"]))
     return {
         "env": env,
@@ -207,14 +320,14 @@ def run_one(
         "rounds_to_solve": solved[0] if solved else None,
         "env_steps_to_solve": solved[1] if solved else None,
         "wall_s": wall,
-        "median_round_s": summary["median_round_s"],
+        "median_round_s": float(np.median([r["round_s"] for r in rows])),
+        # rounds a stopped run continued at (from a checkpoint; the
+        # participants' environments started fresh episodes there)
+        "resumed_at": [step + 1 for _, step in parts],
         "curve": [
             [r["round"], r["return_mean"], r["episodes"]] for r in rows if r["episodes"]
         ],
-        "_traces": {
-            "theta": np.array(trace.theta),
-            "aggregate": np.array(trace.aggregate),
-        },
+        "_traces": trace.arrays(),
         "solve_threshold": bench["solve-threshold"],
         "random_return": bench["random-return"],
         # the preset this run used: a later re-tune makes it stale (re-run, and
@@ -225,6 +338,11 @@ def run_one(
 
 def result_path(out: Path, env: str, variant: str, seed: int) -> Path:
     return out / "fidelity" / env / f"{variant}-seed{seed}.json"
+
+
+def work_path(out: Path, env: str, variant: str, seed: int) -> Path:
+    """Keys and checkpoints of a run in progress (removed when it finishes)."""
+    return out / "fidelity" / ".work" / env / f"{variant}-seed{seed}"
 
 
 def trace_path(out: Path, env: str, variant: str, seed: int) -> Path:
@@ -334,17 +452,23 @@ def sweep(
                             log.info("skip %s (done)", path)
                             continue
                         log.warning("re-running %s: %s", path, why)
-                    with tempfile.TemporaryDirectory(prefix="hedrl-fid-") as tmp:
-                        log.info("run %s seed %d %s", env, seed, variant)
+                    work = work_path(out, env, variant, seed)
+                    log.info("run %s seed %d %s", env, seed, variant)
+                    try:
                         res = run_one(
                             env,
                             seed,
                             variant,
-                            Path(tmp),
+                            work,
                             max_rounds=max_rounds,
                             extra=extra,
                         )
+                    except BaseException:
+                        if work.exists():
+                            log.warning("stopped; %s resumes from %s", path.name, work)
+                        raise
                     write_result(out, res)
+                    shutil.rmtree(work, ignore_errors=True)
                 finally:
                     claim_path(path).unlink(missing_ok=True)
                 log.info(
@@ -440,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = parse_set(args.set)
     except ValueError as exc:
         ap.error(str(exc))
-    # `kill` unwinds like Ctrl-C: the run's claim and temp directory go away
+    # `kill` unwinds like Ctrl-C: the run's claim goes away, its checkpoints stay
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if extra and args.out.resolve() == RESULTS.resolve():
         ap.error(

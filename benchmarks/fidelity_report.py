@@ -110,6 +110,8 @@ def summarise(out: Path) -> dict[str, Any]:
                             "median_round_s",
                         )
                     }
+                    # rounds a stopped run resumed at (older results: none)
+                    | {"resumed_at": r.get("resumed_at", [])}
                     for s, r in sorted(seeds.items())
                 },
                 "mean_final_return": float(

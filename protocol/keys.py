@@ -125,8 +125,10 @@ def provision(directory: Path, params: ParamSet, backend: str) -> KeyInfo:
 
 # Loading a secret context regenerates keys (~0.3 s at N=8192): cache a few per
 # process, least recently used first out (a long benchmark sweep makes many keys).
+# The file's identity is part of the cache key: a key replaced at the same path
+# (rotated, or a run directory started over) is loaded again, not served stale.
 _CACHE_SIZE = 4
-_cache: OrderedDict[tuple[str, str, str], tuple[Backend, str]] = OrderedDict()
+_cache: OrderedDict[tuple[object, ...], tuple[Backend, str]] = OrderedDict()
 _cache_lock = threading.Lock()
 
 
@@ -142,7 +144,11 @@ def participant_backend(
     path: Path, params: ParamSet, backend: str
 ) -> tuple[Backend, str]:
     """Load the secret context at ``path`` once per process: (backend, fingerprint)."""
-    key = (str(path), params.id, backend)
+    try:
+        st = path.stat()
+    except OSError as exc:
+        raise KeyMaterialError(f"cannot read participant context: {exc}") from exc
+    key = (str(path), st.st_ino, st.st_mtime_ns, st.st_size, params.id, backend)
     with _cache_lock:
         if key in _cache:
             _cache.move_to_end(key)

@@ -136,6 +136,8 @@ _SLOW_SWEEP = """
 import sys, time
 from benchmarks import fidelity
 def run_one(env, seed, variant, work, **kw):
+    work.mkdir(parents=True)
+    (work / "checkpoint.npz").write_bytes(b"x")
     print(work, flush=True)
     time.sleep(120)
 fidelity.run_one = run_one
@@ -144,8 +146,9 @@ sys.exit(fidelity.main(["--envs", "cartpole", "--seed-list", "0",
 """
 
 
-def test_sigterm_releases_claim_and_temp_dir(tmp_path: Path) -> None:
-    """`kill` on a sweep mid-run leaves no claim, no temp dir and no result."""
+def test_sigterm_releases_claim_and_keeps_checkpoints(tmp_path: Path) -> None:
+    """`kill` on a sweep mid-run leaves no claim and no result; the run's work
+    directory (its checkpoints, for a later resume) stays."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW_SWEEP, str(tmp_path)],
@@ -161,6 +164,7 @@ def test_sigterm_releases_claim_and_temp_dir(tmp_path: Path) -> None:
         assert proc.wait(timeout=30) == 128 + 15
     finally:
         proc.kill()
-    assert not work.exists()
+    assert work == fidelity.work_path(tmp_path, "cartpole", "plain", 0)
+    assert (work / "checkpoint.npz").exists()
     assert not fidelity.claim_path(path).exists()
     assert not path.exists()

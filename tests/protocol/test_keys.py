@@ -127,3 +127,21 @@ def test_participant_context_loads_without_relin_keys_but_exports_them(ps):
     assert np.max(np.abs(got - 0.25)) < 1e-5
     with pytest.raises(KeyMaterialError, match="relinearisation"):
         part.mul(Ct(x.data, x.level), Ct(x.data, x.level))
+
+
+def test_key_replaced_at_the_same_path_is_loaded_again(tmp_path, ps):
+    """The per-process key cache must not serve a key whose file was replaced
+    (rotated with --force, or a run directory started over)."""
+    first = keys.write_keys(tmp_path, ps, "ckks", force=True)
+    be1, fp1 = keys.participant_backend(tmp_path / keys.PARTICIPANT_FILE, ps, "ckks")
+    assert fp1 == first.fingerprint
+    second = keys.write_keys(tmp_path, ps, "ckks", force=True)
+    assert second.fingerprint != first.fingerprint
+    be2, fp2 = keys.participant_backend(tmp_path / keys.PARTICIPANT_FILE, ps, "ckks")
+    assert fp2 == second.fingerprint
+    # the loaded key is the new one: it decrypts what the new key encrypts,
+    # which the old one cannot
+    x = np.linspace(-1, 1, ps.slots)
+    chunk = be2.encrypt(x)
+    assert np.abs(be2.decrypt(chunk)[: ps.slots] - x).max() < 1e-4
+    assert np.abs(be1.decrypt(chunk)[: ps.slots] - x).max() > 1.0

@@ -1,0 +1,84 @@
+"""A fidelity run stopped mid-way resumes from its last checkpoint (real
+CartPole federation, plaintext twin, in-process grid)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from benchmarks import fidelity
+
+EVERY, TRACE, ROUNDS, STOP = 10, 5, 30, 25
+
+
+@pytest.fixture
+def short(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(fidelity, "CHECKPOINT_EVERY", EVERY)
+    monkeypatch.setattr(fidelity, "TRACE_ROUNDS", TRACE)
+
+
+def _stop_at(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
+    """Ctrl-C right after ``round_`` (the sweep's SIGTERM handler raises too)."""
+    orig = fidelity.ThetaTrace.__call__
+
+    def call(self, t, fed):
+        orig(self, t, fed)
+        if t == round_:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(fidelity.ThetaTrace, "__call__", call)
+
+
+def test_stopped_run_resumes_from_its_checkpoint(
+    tmp_path: Path, short: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        _stop_at(m, STOP)
+        with pytest.raises(KeyboardInterrupt):
+            fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS)
+    path = fidelity.result_path(tmp_path, "cartpole", "plain", 0)
+    work = fidelity.work_path(tmp_path, "cartpole", "plain", 0)
+    assert not path.exists() and not fidelity.claim_path(path).exists()
+    part = work / "results" / "part-0"
+    # the checkpoint of round 20 holds θ_20, which the participants accepted
+    # in round 20: step 19; rounds 20-25 are run again
+    first = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in first] == list(range(1, STOP + 1))
+    elapsed = json.loads((part / "elapsed.json").read_text())
+
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS)
+    res = json.loads(path.read_text())
+    assert res["resumed_at"] == [2 * EVERY]
+    assert res["rounds"] == ROUNDS
+    rounds = [c[0] for c in res["curve"]]
+    assert rounds == sorted(set(rounds)) and rounds[-1] <= ROUNDS
+    # the part before the checkpoint is the first run's, round for round
+    kept = [
+        [r["round"], r["return_mean"], r["episodes"]]
+        for r in first
+        if r["round"] < 2 * EVERY and r["episodes"]
+    ]
+    assert res["curve"][: len(kept)] == kept
+    assert res["wall_s"] > elapsed[str(2 * EVERY - 1)]
+    with np.load(fidelity.trace_path(tmp_path, "cartpole", "plain", 0)) as tr:
+        assert tr["theta"].shape[0] == TRACE
+    assert not work.exists()  # removed once the result is written
+
+
+def test_work_of_other_settings_is_discarded(
+    tmp_path: Path, short: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as m:
+        _stop_at(m, STOP)
+        with pytest.raises(KeyboardInterrupt):
+            fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS)
+    work = fidelity.work_path(tmp_path, "cartpole", "plain", 0)
+    assert (work / "results" / "part-0" / "checkpoint.npz").exists()
+    # another round budget: the stopped run does not fit, start over
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS + 5)
+    res = json.loads(fidelity.result_path(tmp_path, "cartpole", "plain", 0).read_text())
+    assert res["resumed_at"] == []
+    assert res["rounds"] == ROUNDS + 5
