@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import logging
 import os
@@ -194,7 +195,7 @@ def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
     found: list[tuple[Path, int]] = []
     if meta.exists():
         why = None
-        if json.loads(meta.read_text()) != ident:
+        if _read_json(meta) != ident:
             why = "started with other settings"
         elif not (work / "trace.npz").exists():
             why = f"stopped before round {TRACE_ROUNDS} (no trace)"
@@ -216,8 +217,22 @@ def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
     if not found and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    meta.write_text(json.dumps(ident))
+    _write_atomic(meta, json.dumps(ident).encode())
     return found
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return None
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` so that a kill at any moment leaves the old or the new file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
 def _resumed_rows(parts: list[tuple[Path, int]]) -> tuple[list[dict[str, Any]], float]:
@@ -227,7 +242,10 @@ def _resumed_rows(parts: list[tuple[Path, int]]) -> tuple[list[dict[str, Any]], 
     for part, step in parts:
         with open(part / "metrics.jsonl") as fh:
             for line in fh:
-                rec = json.loads(line)
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    break  # the line a kill cut short: past the checkpoint
                 if prev < rec["round"] <= step:
                     rows.append(rec)
         elapsed = json.loads((part / "elapsed.json").read_text())
@@ -248,12 +266,12 @@ class _Progress:
     def __call__(self, t: int, fed: Federation) -> None:
         self.trace(t, fed)
         if t == TRACE_ROUNDS:
-            np.savez(self.work / "trace.npz", **self.trace.arrays())
+            buf = io.BytesIO()
+            np.savez(buf, **self.trace.arrays())
+            _write_atomic(self.work / "trace.npz", buf.getvalue())
         self.elapsed[str(t)] = time.perf_counter() - self.start
-        if t % CHECKPOINT_EVERY == 0:
-            tmp = self.part / "elapsed.json.tmp"
-            tmp.write_text(json.dumps(self.elapsed))
-            tmp.replace(self.part / "elapsed.json")
+        if t % CHECKPOINT_EVERY == 0:  # before the checkpoint of round t
+            _write_atomic(self.part / "elapsed.json", json.dumps(self.elapsed).encode())
 
 
 def run_one(

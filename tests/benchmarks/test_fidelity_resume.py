@@ -48,6 +48,8 @@ def test_stopped_run_resumes_from_its_checkpoint(
     first = [json.loads(x) for x in (part / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in first] == list(range(1, STOP + 1))
     elapsed = json.loads((part / "elapsed.json").read_text())
+    with open(part / "metrics.jsonl", "a") as fh:
+        fh.write('{"round": 26, "ret')  # a kill -9 in the middle of a line
 
     fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS)
     res = json.loads(path.read_text())
