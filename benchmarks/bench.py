@@ -207,8 +207,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=lambda s: parse_list(s, int),
         default="0",
         help="coordinator worker processes sharding the ciphertext chunks (parse, "
-        "sum, unmask, HE-Adam, masking); 0 runs in-process (the federation's "
-        "current path). A list (0,1,2) measures each",
+        "sum, unmask, HE-Adam, masking); 0 runs in-process on one core (the "
+        "federation does so with coordinator-workers = 0 or for a single chunk; "
+        "its default, -1, takes one worker per core). A list (0,1,2) measures each",
     )
     ap.add_argument(
         "--param-set", default="8k-35x3", help="CKKS parameter set (protocol/params.py)"
