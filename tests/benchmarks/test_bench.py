@@ -69,6 +69,15 @@ def test_schema(records):
         assert r["params"] == 12288 and r["padding_waste"] == 0.0
         assert r["round_s"] > 0 and r["coordinator_params_per_s"] > 0
         assert ("round_ratio" in r) == (r["backend"] == "ckks")
+        # the critical path: parse/sum/unmask/adam are inside step_s, not on top
+        st = r["stages_s"]
+        assert r["round_s"] == pytest.approx(
+            r["coordinator_s"] + r["participant_s"] + st["refresh_s"], rel=1e-12
+        )
+        assert r["coordinator_s"] == pytest.approx(
+            sum(st[k] for k in ("headers_s", "step_s", "broadcast_s", "mask_s")),
+            rel=1e-12,
+        )
 
 
 def test_bytes_within_targets(records):
