@@ -166,18 +166,31 @@ def step_chunks(
     return StepResult(theta_out, state_out, aggregate, clock)
 
 
-def auto_workers(n_chunks: int) -> int:
-    """Worker processes for ``coordinator-workers = -1``: one per usable core.
+def auto_workers(n_chunks: int, cores: int | None = None) -> int:
+    """Worker processes for ``coordinator-workers = -1``.
 
-    No pool (0) on a single core or for a single chunk, at most 8 and at most
-    one per chunk.
+    One per usable core, and more than that when it balances the load: the
+    chunks' step is the unit of work, so 3 chunks on 2 workers take two steps
+    of time while 3 workers sharing the 2 cores take 1.5. The smallest count
+    whose makespan, max(⌈n/w⌉, n/cores) steps, is within 10% of the best is
+    taken (extra processes cost memory and switching). No pool (0) on a single
+    core or for a single chunk; at most 8, at most one per chunk.
     """
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cores = os.cpu_count() or 1
-    n = min(cores, n_chunks, 8)
-    return n if n >= 2 else 0
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    top = min(n_chunks, 8)
+    if cores < 2 or top < 2:
+        return 0
+    first = min(cores, top)
+
+    def makespan(w: int) -> float:
+        return max(-(-n_chunks // w), n_chunks / cores)
+
+    best = min(makespan(w) for w in range(first, top + 1))
+    return next(w for w in range(first, top + 1) if makespan(w) <= 1.1 * best)
 
 
 # ---- worker side ------------------------------------------------------------------
