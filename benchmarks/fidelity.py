@@ -297,7 +297,8 @@ def run_one(
         **overrides,
         **sweep_settings(env, seed, variant, work, rounds, participants),
     }
-    part = work / "results" / f"part-{len(parts)}"
+    # after the last part kept (a name never reused: its rows are read below)
+    part = work / "results" / f"part-{int(parts[-1][0].name[5:]) + 1 if parts else 0}"
     raw["run-name"] = part.name
     run_id = 1000 + seed
     trace = ThetaTrace(
