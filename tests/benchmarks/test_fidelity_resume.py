@@ -84,3 +84,20 @@ def test_work_of_other_settings_is_discarded(
     res = json.loads(fidelity.result_path(tmp_path, "cartpole", "plain", 0).read_text())
     assert res["resumed_at"] == []
     assert res["rounds"] == ROUNDS + 5
+
+
+def test_run_stopped_twice_resumes_twice(
+    tmp_path: Path, short: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rounds = 4 * EVERY
+    for stop in (STOP, STOP + EVERY):  # after rounds 25 and 35
+        with monkeypatch.context() as m:
+            _stop_at(m, stop)
+            with pytest.raises(KeyboardInterrupt):
+                fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, rounds)
+    fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, rounds)
+    res = json.loads(fidelity.result_path(tmp_path, "cartpole", "plain", 0).read_text())
+    assert res["resumed_at"] == [2 * EVERY, 3 * EVERY]
+    assert res["rounds"] == rounds
+    rounds_seen = [c[0] for c in res["curve"]]
+    assert rounds_seen == sorted(set(rounds_seen))
