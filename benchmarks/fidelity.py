@@ -378,9 +378,7 @@ def write_result(out: Path, res: dict[str, Any]) -> Path:
     np.savez_compressed(tpath, **traces)
     path = result_path(out, env, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_suffix(".tmp")
-    tmp_path.write_text(json.dumps(res))
-    tmp_path.replace(path)
+    _write_atomic(path, json.dumps(res).encode())
     return path
 
 
