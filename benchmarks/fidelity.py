@@ -200,9 +200,7 @@ def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
         elif not (work / "trace.npz").exists():
             why = f"stopped before round {TRACE_ROUNDS} (no trace)"
         else:
-            for part in sorted(
-                (work / "results").glob("part-*"), key=lambda d: int(d.name[5:])
-            ):
+            for part in sorted((work / "results").glob("part-*"), key=_part_no):
                 ckpt = part / "checkpoint.npz"
                 step = int(read_checkpoint(ckpt)[0]["step"]) if ckpt.exists() else 0
                 if step <= (found[-1][1] if found else 0):
@@ -219,6 +217,11 @@ def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
     work.mkdir(parents=True, exist_ok=True)
     _write_atomic(meta, json.dumps(ident).encode())
     return found
+
+
+def _part_no(part: Path) -> int:
+    """k of a run's k-th part, ``results/part-<k>``."""
+    return int(part.name.removeprefix("part-"))
 
 
 def _read_json(path: Path) -> Any:
@@ -298,7 +301,7 @@ def run_one(
         **sweep_settings(env, seed, variant, work, rounds, participants),
     }
     # after the last part kept (a name never reused: its rows are read below)
-    part = work / "results" / f"part-{int(parts[-1][0].name[5:]) + 1 if parts else 0}"
+    part = work / "results" / f"part-{_part_no(parts[-1][0]) + 1 if parts else 0}"
     raw["run-name"] = part.name
     run_id = 1000 + seed
     trace = ThetaTrace(
