@@ -20,25 +20,28 @@ def short(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fidelity, "TRACE_ROUNDS", TRACE)
 
 
-def _stop_at(monkeypatch: pytest.MonkeyPatch, round_: int) -> None:
-    """Ctrl-C right after ``round_`` (the sweep's SIGTERM handler raises too)."""
+def _stopped_sweep(
+    monkeypatch: pytest.MonkeyPatch, out: Path, rounds: int, stop: int
+) -> None:
+    """A sweep that gets Ctrl-C right after round ``stop`` (the sweep's SIGTERM
+    handler raises too)."""
     orig = fidelity.ThetaTrace.__call__
 
     def call(self, t, fed):
         orig(self, t, fed)
-        if t == round_:
+        if t == stop:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(fidelity.ThetaTrace, "__call__", call)
+    with monkeypatch.context() as m:
+        m.setattr(fidelity.ThetaTrace, "__call__", call)
+        with pytest.raises(KeyboardInterrupt):
+            fidelity.sweep(["cartpole"], [0], ["plain"], out, rounds)
 
 
 def test_stopped_run_resumes_from_its_checkpoint(
     tmp_path: Path, short: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        _stop_at(m, STOP)
-        with pytest.raises(KeyboardInterrupt):
-            fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS)
+    _stopped_sweep(monkeypatch, tmp_path, ROUNDS, STOP)
     path = fidelity.result_path(tmp_path, "cartpole", "plain", 0)
     work = fidelity.work_path(tmp_path, "cartpole", "plain", 0)
     assert not path.exists() and not fidelity.claim_path(path).exists()
@@ -73,10 +76,7 @@ def test_stopped_run_resumes_from_its_checkpoint(
 def test_work_of_other_settings_is_discarded(
     tmp_path: Path, short: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with monkeypatch.context() as m:
-        _stop_at(m, STOP)
-        with pytest.raises(KeyboardInterrupt):
-            fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, ROUNDS)
+    _stopped_sweep(monkeypatch, tmp_path, ROUNDS, STOP)
     work = fidelity.work_path(tmp_path, "cartpole", "plain", 0)
     assert (work / "results" / "part-0" / "checkpoint.npz").exists()
     # another round budget: the stopped run does not fit, start over
@@ -91,10 +91,7 @@ def test_run_stopped_twice_resumes_twice(
 ) -> None:
     rounds = 4 * EVERY
     for stop in (STOP, STOP + EVERY):  # after rounds 25 and 35
-        with monkeypatch.context() as m:
-            _stop_at(m, stop)
-            with pytest.raises(KeyboardInterrupt):
-                fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, rounds)
+        _stopped_sweep(monkeypatch, tmp_path, rounds, stop)
     fidelity.sweep(["cartpole"], [0], ["plain"], tmp_path, rounds)
     res = json.loads(fidelity.result_path(tmp_path, "cartpole", "plain", 0).read_text())
     assert res["resumed_at"] == [2 * EVERY, 3 * EVERY]
