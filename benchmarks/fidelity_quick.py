@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.fidelity import ThetaTrace, load_preset
+from benchmarks.fidelity import ThetaTrace, load_preset, sweep_settings
 from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from participants import learner as learner_mod
@@ -63,18 +63,9 @@ def _run(
     replay: dict | None,
 ) -> ThetaTrace:
     overrides, _ = load_preset(env)
-    raw = {
-        **overrides,
-        "backend": backend,
-        "seed": seed,
-        "num-rounds": rounds,
-        "num-participants": 4,
-        "results-dir": str(work / "results"),
-        "keys-dir": str(work / "keys"),
-        "run-name": backend,
-        "checkpoint-every": 10**6,
-        "node-wait": 5.0,
-    }
+    # the closed-loop sweep's settings; variant "ckks"/"plain" is this backend
+    # with HE-Adam (keep_aggregate keeps the step in-process either way)
+    raw = {**overrides, **sweep_settings(env, seed, backend, work, rounds, 4)}
     run_id = 77
     cfg = RunConfig.from_mapping(raw)
     trace = ThetaTrace(
