@@ -36,7 +36,12 @@ from coordinator.persistence import (
     load_resume,
     resume_state,
 )
-from coordinator.replies import Reply, parse_reply, vector_bytes
+from coordinator.replies import (
+    Reply,
+    parse_reply,
+    participant_stages,
+    vector_bytes,
+)
 from coordinator.run_loop import RunLoopMixin
 from coordinator.step import StepMixin
 from coordinator.workers import ChunkPool, auto_workers
@@ -401,6 +406,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             **{"time/exchange_s": t_recv - t_send, "time/prepare_s": t_send - t0},
             # CPU seconds per stage, summed over chunks (and workers)
             **{f"time/{k}": v for k, v in self._step_timings.items()},
+            **participant_stages(accepted),
         )
         return rec
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, RecordDict
@@ -53,6 +54,7 @@ class Reply:
     return_sum: float
     env_steps: int
     gradient_bytes: int
+    stage_s: dict[str, float] = field(default_factory=dict)  # participant timings
 
 
 def read_refresh(
@@ -114,6 +116,7 @@ def parse_reply(
             f"metrics out of range: episodes={episodes}, env-steps={env_steps}, "
             f"return-sum={return_sum}"
         )
+    stage_s = _stage_seconds(metrics)
     _, grad = read_vector(content, msg.GRADIENT, expect("gradient", top, t))
     sq = None
     if squares:
@@ -134,5 +137,38 @@ def parse_reply(
         RecordDict({k: content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")})
     )
     return Reply(
-        node, grad, sq, refresh, masks, episodes, return_sum, env_steps, gbytes
+        node, grad, sq, refresh, masks, episodes, return_sum, env_steps, gbytes, stage_s
     )
+
+
+def _stage_seconds(metrics: Any) -> dict[str, float]:
+    """The participant's per-stage seconds (optional; for the round's breakdown)."""
+    out = {}
+    for stage in msg.PARTICIPANT_STAGES:
+        key = f"time-{stage}"
+        if key not in metrics:
+            continue
+        try:
+            value = float(metrics[key])
+        except (TypeError, ValueError) as exc:
+            raise WireFormatError(f"metrics record malformed: {key}: {exc}") from exc
+        if not (np.isfinite(value) and 0.0 <= value < 1e6):
+            raise WireFormatError(f"metrics out of range: {key}={value}")
+        out[stage] = value
+    return out
+
+
+def participant_stages(replies: list[Reply]) -> dict[str, float]:
+    """The round's participant-side breakdown: per stage, the slowest reply's
+    seconds (``participant/<stage>_s``), and ``participant/busy_s``, the largest
+    sum of one reply's stages (the participants' share of the critical path,
+    transport and waiting excluded)."""
+    timed = [r.stage_s for r in replies if r.stage_s]
+    if not timed:
+        return {}
+    out = {
+        f"participant/{stage}_s": max(s.get(stage, 0.0) for s in timed)
+        for stage in msg.PARTICIPANT_STAGES
+    }
+    out["participant/busy_s"] = max(sum(s.values()) for s in timed)
+    return out

@@ -252,6 +252,11 @@ class Node:
                 "episodes": int(stats["episodes"]),
                 "return-sum": float(stats["return_sum"]),
                 "env-steps": int(stats["env_steps"]),
+                # seconds of this handler's stages (the round's breakdown)
+                **{
+                    f"time-{k}": float(self.timings.get(k, 0.0))
+                    for k in msg.PARTICIPANT_STAGES
+                },
             }
         )
         return out

@@ -15,6 +15,8 @@ THETA = "theta"
 GRADIENT = "gradient"
 SQUARES = "squares"
 STATE_NAMES = ("m", "V", "r")
+# a train reply's metrics carry "time-<stage>" seconds for these stages
+PARTICIPANT_STAGES = ("decrypt", "learn", "encrypt", "refresh")
 
 
 def state_key(prefix: str, name: str) -> str:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from flwr.app import Array, Message, RecordDict
+from flwr.app import Array, ConfigRecord, Message, RecordDict
 
 from coordinator.exchange import exchange
+from coordinator.replies import Reply, parse_reply, participant_stages
+from protocol import messages as msg
 from protocol.codec import receive_cts, send_plain
 from protocol.config import RunConfig
 from protocol.errors import (
@@ -190,3 +192,49 @@ def test_ciphertext_at_wrong_scale_rejected(ckks_pair, ps):
         match=r"ciphertext scale 2\^35\.0000\d+ \(x1\.0000\d+ of Δ\), expected 2\^35",
     ):
         receive_cts(coord, rd, "gradient", exp)
+
+
+@pytest.mark.parametrize(
+    "value, match",
+    [(float("nan"), "time-encrypt=nan"), (-1.0, "time-encrypt=-1"), ("x", "malformed")],
+)
+def test_bad_stage_timing_rejects_reply_before_ciphertexts(plain, ps, value, match):
+    """A timing that is not a finite, non-negative number rejects the reply
+    (WireFormatError naming the field) before any ciphertext is read."""
+    metrics = {"episodes": 1, "return-sum": 1.0, "env-steps": 4}
+    metrics["time-encrypt"] = value
+    content = RecordDict({msg.METRICS: ConfigRecord(metrics)})  # no gradient at all
+    with pytest.raises(WireFormatError, match=match):
+        parse_reply(
+            content,
+            t=2,
+            node=7,
+            masks=None,
+            be=plain,
+            expect=lambda *a, **k: None,
+            squares=False,
+        )
+
+
+def test_participant_stages_are_the_slowest_reply_per_stage():
+    """Per stage the maximum over replies; busy is the largest per-reply sum;
+    replies without timings (or none at all) add nothing."""
+    times = [
+        {"decrypt": 0.01, "learn": 0.05, "encrypt": 0.02, "refresh": 0.0},
+        {"decrypt": 0.03, "learn": 0.01, "encrypt": 0.02, "refresh": 0.09},
+        {},
+    ]
+    replies = [
+        Reply(n, [], None, None, None, 0, 0.0, 0, 0, s) for n, s in enumerate(times)
+    ]
+    got = participant_stages(replies)
+    assert got == pytest.approx(
+        {
+            "participant/decrypt_s": 0.03,
+            "participant/learn_s": 0.05,
+            "participant/encrypt_s": 0.02,
+            "participant/refresh_s": 0.09,
+            "participant/busy_s": 0.15,
+        }
+    )
+    assert participant_stages(replies[2:]) == {}

@@ -16,6 +16,7 @@ from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from participants.learner import Learner
 from protocol import keys
+from protocol import messages as msg
 from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, KeyMaterialError, SecretKeyRefused
 from protocol.params import get_param_set
@@ -87,7 +88,9 @@ def test_coordinator_never_holds_a_secret_key(runs):
 def test_participants_never_send_decrypted_values(runs):
     """Every reply carries only ciphertext vectors, headers and env counts."""
     _, grid, _, _ = runs["ckks"]
-    allowed_metrics = {"episodes", "return-sum", "env-steps"}
+    allowed_metrics = {"episodes", "return-sum", "env-steps"} | {
+        f"time-{k}" for k in msg.PARTICIPANT_STAGES
+    }
     for reply in grid.received:
         for key, record in reply.content.items():
             if key == "metrics":
@@ -137,6 +140,14 @@ def test_metrics_schema_and_bytes(runs):
         assert all(r[f"time/{k}"] > 0 for k in stages), r
         assert r["time/prepare_s"] + r["time/exchange_s"] <= r["round_s"]
         assert r["spare_refresher"] is None
+    # participant-side breakdown: no refresher in round 1 (no state yet), one
+    # after; the in-process grid runs the handlers inside the exchange window
+    assert rows[0]["participant/refresh_s"] == 0.0
+    for r in rows:
+        stages = [r[f"participant/{k}_s"] for k in msg.PARTICIPANT_STAGES]
+        assert all(v >= 0 for v in stages) and r["participant/encrypt_s"] > 0, r
+        assert max(stages) <= r["participant/busy_s"] <= r["time/exchange_s"], r
+    assert all(r["participant/refresh_s"] > 0 for r in rows[1:])
 
 
 def test_coordinator_refuses_secret_context_from_participant(tmp_path, monkeypatch):
