@@ -162,7 +162,8 @@ def participant_stages(replies: list[Reply]) -> dict[str, float]:
     """The round's participant-side breakdown: per stage, the slowest reply's
     seconds (``participant/<stage>_s``), and ``participant/busy_s``, the largest
     sum of one reply's stages (the participants' share of the critical path,
-    transport and waiting excluded)."""
+    transport and waiting excluded), and ``participant/total_s``, the sum over
+    all replies (their CPU cost when they share cores)."""
     timed = [r.stage_s for r in replies if r.stage_s]
     if not timed:
         return {}
@@ -171,4 +172,5 @@ def participant_stages(replies: list[Reply]) -> dict[str, float]:
         for stage in msg.PARTICIPANT_STAGES
     }
     out["participant/busy_s"] = max(sum(s.values()) for s in timed)
+    out["participant/total_s"] = sum(sum(s.values()) for s in timed)
     return out

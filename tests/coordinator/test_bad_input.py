@@ -235,6 +235,7 @@ def test_participant_stages_are_the_slowest_reply_per_stage():
             "participant/encrypt_s": 0.02,
             "participant/refresh_s": 0.09,
             "participant/busy_s": 0.15,
+            "participant/total_s": 0.23,
         }
     )
     assert participant_stages(replies[2:]) == {}

@@ -146,7 +146,9 @@ def test_metrics_schema_and_bytes(runs):
     for r in rows:
         stages = [r[f"participant/{k}_s"] for k in msg.PARTICIPANT_STAGES]
         assert all(v >= 0 for v in stages) and r["participant/encrypt_s"] > 0, r
-        assert max(stages) <= r["participant/busy_s"] <= r["time/exchange_s"], r
+        assert max(stages) <= r["participant/busy_s"] <= r["participant/total_s"]
+        # the in-process grid runs the handlers one after another
+        assert r["participant/total_s"] <= r["time/exchange_s"], r
     assert all(r["participant/refresh_s"] > 0 for r in rows[1:])
 
 
