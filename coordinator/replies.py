@@ -145,7 +145,7 @@ def _stage_seconds(metrics: Any) -> dict[str, float]:
     """The participant's per-stage seconds (optional; for the round's breakdown)."""
     out = {}
     for stage in msg.PARTICIPANT_STAGES:
-        key = f"time-{stage}"
+        key = msg.stage_time_key(stage)
         if key not in metrics:
             continue
         try:
@@ -171,6 +171,7 @@ def participant_stages(replies: list[Reply]) -> dict[str, float]:
         f"participant/{stage}_s": max(s.get(stage, 0.0) for s in timed)
         for stage in msg.PARTICIPANT_STAGES
     }
-    out["participant/busy_s"] = max(sum(s.values()) for s in timed)
-    out["participant/total_s"] = sum(sum(s.values()) for s in timed)
+    per_reply = [sum(s.values()) for s in timed]
+    out["participant/busy_s"] = max(per_reply)
+    out["participant/total_s"] = sum(per_reply)
     return out

@@ -254,7 +254,7 @@ class Node:
                 "env-steps": int(stats["env_steps"]),
                 # seconds of this handler's stages (the round's breakdown)
                 **{
-                    f"time-{k}": float(self.timings.get(k, 0.0))
+                    msg.stage_time_key(k): float(self.timings.get(k, 0.0))
                     for k in msg.PARTICIPANT_STAGES
                 },
             }

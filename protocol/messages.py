@@ -15,8 +15,13 @@ THETA = "theta"
 GRADIENT = "gradient"
 SQUARES = "squares"
 STATE_NAMES = ("m", "V", "r")
-# a train reply's metrics carry "time-<stage>" seconds for these stages
+# a train reply's metrics carry each stage's seconds under stage_time_key(stage)
 PARTICIPANT_STAGES = ("decrypt", "learn", "encrypt", "refresh")
+
+
+def stage_time_key(stage: str) -> str:
+    """Metrics key of a participant stage's seconds, e.g. ``time-encrypt``."""
+    return f"time-{stage}"
 
 
 def state_key(prefix: str, name: str) -> str:

@@ -89,7 +89,7 @@ def test_participants_never_send_decrypted_values(runs):
     """Every reply carries only ciphertext vectors, headers and env counts."""
     _, grid, _, _ = runs["ckks"]
     allowed_metrics = {"episodes", "return-sum", "env-steps"} | {
-        f"time-{k}" for k in msg.PARTICIPANT_STAGES
+        msg.stage_time_key(k) for k in msg.PARTICIPANT_STAGES
     }
     for reply in grid.received:
         for key, record in reply.content.items():
@@ -140,8 +140,7 @@ def test_metrics_schema_and_bytes(runs):
         assert all(r[f"time/{k}"] > 0 for k in stages), r
         assert r["time/prepare_s"] + r["time/exchange_s"] <= r["round_s"]
         assert r["spare_refresher"] is None
-    # participant-side breakdown: no refresher in round 1 (no state yet), one
-    # after; the in-process grid runs the handlers inside the exchange window
+    # participant-side breakdown: no refresher in round 1 (no state yet), one after
     assert rows[0]["participant/refresh_s"] == 0.0
     for r in rows:
         stages = [r[f"participant/{k}_s"] for k in msg.PARTICIPANT_STAGES]
