@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import fidelity
-from benchmarks.fidelity_report import summarise, table
+from benchmarks.fidelity_report import late_return, summarise, table
 
 FINALS = {  # env "toy": threshold 100, random 0 → scale 100
     "ckks": {0: 90.0, 1: 80.0, 2: 70.0},
@@ -71,7 +71,36 @@ def test_table_compares_complete_seeds_and_counts_the_rest(out):
     assert v["ckks"]["mean_final_return"] == pytest.approx(80.0)  # all 3 seeds
     assert v["ckks"]["solved_complete"] == 2 and v["ckks"]["solved"] == 2
     row = table(summary).splitlines()[-1]
-    assert row == ("| Toy-v0 | 2 | 85.0 / 86.5 / 90.0 | 2/2/2 | 0.050 | 0.015 | 1 |")
+    assert row == (
+        "| Toy-v0 | 2 | 85.0 / 86.5 / 90.0 | 2/2/2 | 0.050 | 0.015 "
+        "| – / – / – | – | 1 |"
+    )
+
+
+def test_late_return_weights_episodes_after_the_midpoint():
+    """Rounds ≤ rounds/2 and rounds without episodes do not count."""
+    res = {"rounds": 10, "curve": [[2, 50.0, 10], [6, 80.0, 10], [8, 100.0, 30]]}
+    assert late_return(res) == pytest.approx((80 * 10 + 100 * 30) / 40)
+    assert late_return({"rounds": 10, "curve": [[3, 1.0, 5]]}) is None
+    assert late_return({"rounds": 10}) is None  # results without a curve
+
+
+def test_second_half_gap_is_paired_like_the_headline(out):
+    """gap_late pairs the seeds' second-half returns, CKKS vs exact Adam."""
+    late = {"ckks": {0: 60.0, 1: 70.0}, "exact": {0: 64.0, 1: 72.0}}
+    for variant, seeds in late.items():
+        for seed, value in seeds.items():
+            path = out / "fidelity" / "toy" / f"{variant}-seed{seed}.json"
+            res = json.loads(path.read_text())
+            # first half at 0 would pull a plain mean down; the midpoint is 5
+            res["curve"] = [[3, 0.0, 50], [7, value, 20], [9, value, 10]]
+            path.write_text(json.dumps(res))
+    e = summarise(out)["toy"]
+    assert e["gap_late"] == pytest.approx(abs((60 - 64) + (70 - 72)) / 2 / 100)
+    assert e["gap_late_detail"]["seeds"] == [0, 1]
+    assert e["variants"]["ckks"]["mean_late_return_complete"] == pytest.approx(65.0)
+    assert e["variants"]["ckks"]["per_seed"]["0"]["late_return"] == pytest.approx(60)
+    assert e["gap"] == pytest.approx(0.05)  # the headline is unchanged
 
 
 def test_runs_of_an_older_preset_are_left_out(out):
