@@ -42,8 +42,8 @@ from benchmarks.bench_party import (
 )
 from benchmarks.bench_report import markdown_table, merge, plot, summarise
 from benchmarks.bench_round import (
+    BENCH_PARTICIPANT_STAGES,
     COORDINATOR_STAGES,
-    PARTICIPANT_STAGES,
     STAGES,
     Round,
 )
@@ -52,7 +52,7 @@ from protocol.adam import AdamHyper
 
 __all__ = [  # what this module has always offered, now from its parts
     "COORDINATOR_STAGES",
-    "PARTICIPANT_STAGES",
+    "BENCH_PARTICIPANT_STAGES",
     "RUN_ID",
     "STAGES",
     "Clock",

@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.bench_round import (
+    BENCH_PARTICIPANT_STAGES,
     COORDINATOR_STAGES,
-    PARTICIPANT_STAGES,
     STAGES,
     Round,
 )
@@ -27,7 +27,7 @@ def summarise(
         p = rnd.p
         med = {s: statistics.median(x[s] for x in samples[b]) for s in STAGES}
         coord = sum(med[s] for s in COORDINATOR_STAGES)
-        part = sum(med[s] for s in PARTICIPANT_STAGES)
+        part = sum(med[s] for s in BENCH_PARTICIPANT_STAGES)
         slots = p.chunks * p.ps.slots
         out[b] = {
             "backend": b,

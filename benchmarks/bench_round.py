@@ -41,9 +41,9 @@ from protocol.config import RunConfig
 from protocol.records import read_vector
 from protocol.wire import Expect
 
-PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
+BENCH_PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
 COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "mask_s")
-STAGES = PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
+STAGES = BENCH_PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
 
 
 # ---- the round -----------------------------------------------------------------------
@@ -193,6 +193,6 @@ class Round:
         t["p_records_s"] -= t["_decrypt"] + t["_encrypt"]
         t["p_decrypt_s"], t["p_encrypt_s"] = t["_decrypt"], t["_encrypt"]
         out_t = {s: t.get(s, 0.0) for s in STAGES}
-        for s in PARTICIPANT_STAGES:
+        for s in BENCH_PARTICIPANT_STAGES:
             out_t[s] /= self.k
         return out_t
