@@ -120,9 +120,6 @@ def summarise(out: Path) -> dict[str, Any]:
         )
         entry["complete_seeds"] = complete
         for variant, seeds in variants.items():
-            finals = [r["final_return"] for r in seeds.values()]
-            paired = [seeds[s]["final_return"] for s in complete]
-            paired = [f for f in paired if f is not None]
             entry["variants"][variant] = {
                 "per_seed": {
                     str(s): {
@@ -141,14 +138,10 @@ def summarise(out: Path) -> dict[str, Any]:
                     | {"resumed_at": r.get("resumed_at", [])}
                     for s, r in sorted(seeds.items())
                 },
-                "mean_final_return": float(
-                    np.mean([f for f in finals if f is not None])
-                )
-                if any(f is not None for f in finals)
-                else None,
-                "mean_final_return_complete": float(np.mean(paired))
-                if paired
-                else None,
+                "mean_final_return": _mean(r["final_return"] for r in seeds.values()),
+                "mean_final_return_complete": _mean(
+                    seeds[s]["final_return"] for s in complete
+                ),
                 "mean_late_return_complete": _mean(
                     seeds[s]["late_return"] for s in complete
                 ),
