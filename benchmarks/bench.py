@@ -7,7 +7,8 @@ Participants run in parallel in a federation, so a round's critical path is
 ``round_s = coordinator_s + participant_s + refresh_s`` (one participant's own
 work, plus the refresher's extra work); transport latency is not included.
 ``--workers N`` shards the coordinator's per-chunk work (ciphertext parsing, sum,
-unmask, HE-Adam) over N processes (coordinator.workers.ChunkPool); ``step_s`` is
+unmask, HE-Adam) over N processes, the coordinator's own included
+(coordinator.workers.ChunkPool); ``step_s`` is
 that work's wall time and parse/sum/unmask/adam its breakdown (CPU seconds summed
 over the workers when sharded).
 Backends of one configuration run interleaved in one process; every number is the
@@ -206,10 +207,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=lambda s: parse_list(s, int),
         default="0",
-        help="coordinator worker processes sharding the ciphertext chunks (parse, "
-        "sum, unmask, HE-Adam, masking); 0 runs in-process on one core (the "
-        "federation does so with coordinator-workers = 0 or for a single chunk; "
-        "its default, -1, takes one worker per core). A list (0,1,2) measures each",
+        help="processes sharding the coordinator's per-chunk work (parse, sum, "
+        "unmask, HE-Adam): the coordinator's own process takes one shard and N−1 "
+        "spawned workers the others; 0 runs step_chunks in-process on one core, 1 "
+        "the same through the pool (the federation runs in-process with "
+        "coordinator-workers 0 or 1 or for a single chunk; its default, -1, takes "
+        "one process per core). A list (0,2) measures each",
     )
     ap.add_argument(
         "--param-set", default="8k-35x3", help="CKKS parameter set (protocol/params.py)"

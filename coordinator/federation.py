@@ -216,7 +216,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         workers = self.cfg.coordinator_workers
         if workers < 0:
             workers = auto_workers(self.n_chunks)
-        if workers > 0 and not self.keep_aggregate:
+        if workers > 1 and not self.keep_aggregate:
             self.pool = ChunkPool(
                 context=ctx_bytes,
                 param_set=self.params.id,
@@ -225,10 +225,10 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             )
         log.info(
             "hedrl: coordinator work %s",
-            f"sharded over {workers} worker processes"
+            f"sharded over {workers} processes (this one and {workers - 1} workers)"
             if self.pool
             else "in-process"
-            + (" (keep_aggregate: workers do not return Σx)" if workers > 0 else ""),
+            + (" (keep_aggregate: workers do not return Σx)" if workers > 1 else ""),
         )
         log.info(
             "hedrl: evaluation context accepted (no secret key), fingerprint %s…; "

@@ -1,12 +1,15 @@
-"""The coordinator's per-chunk work, in-process or sharded over worker processes.
+"""The coordinator's per-chunk work, in-process or sharded over processes.
 
 Every slot-chunk of the parameter vector is independent: parsing its K
 gradient ciphertexts, their sum, unmasking its refreshed m, V, r, its HE-Adam
 step and switching the new state to the bottom level touch no other chunk.
 :func:`step_chunks` does that work for a list of chunks; the federation calls
-it directly (``coordinator-workers = 0``) or through :class:`ChunkPool`, which
-cuts the chunk indices into one contiguous shard per worker process (TenSEAL's
-``n_threads`` does not speed up element-wise work, ARCHITECTURE §5).
+it directly (``coordinator-workers`` 0 or 1) or through :class:`ChunkPool`, which
+cuts the chunk indices into one contiguous shard per process: the calling
+process works on the first, spawned worker processes on the others (TenSEAL's
+``n_threads`` does not speed up element-wise work, ARCHITECTURE §5, and
+sealapi's calls hold the GIL, so threads do not either: measured, 2 threads took
+38 ms per chunk where one took 34).
 
 Ciphertexts arrive here as the bytes the participants sent, so parsing — the
 check that a chunk is a ciphertext of this context at the expected level and
@@ -28,7 +31,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,11 +170,11 @@ def step_chunks(
 
 
 def auto_workers(n_chunks: int, cores: int | None = None) -> int:
-    """Worker processes for ``coordinator-workers = -1``.
+    """Processes (the coordinator's own included) for ``coordinator-workers = -1``.
 
     One per usable core, and more than that when it balances the load: the
-    chunks' step is the unit of work, so 3 chunks on 2 workers take two steps
-    of time while 3 workers sharing the 2 cores take 1.5. The smallest count
+    chunks' step is the unit of work, so 3 chunks on 2 processes take two steps
+    of time while 3 processes sharing the 2 cores take 1.5. The smallest count
     whose makespan, max(⌈n/w⌉, n/cores) steps, is within 10% of the best is
     taken (extra processes cost memory and switching). No pool (0) on a single
     core or for a single chunk; at most 8, at most one per chunk.
@@ -234,7 +237,13 @@ _MAIN_GUARD = (
 
 
 class ChunkPool:
-    """A reusable pool of processes holding the evaluation context.
+    """The coordinator's process plus a reusable pool holding the evaluation context.
+
+    ``workers`` processes share each step's chunks: the calling process takes
+    the first shard itself, in-process, while ``workers − 1`` spawned processes
+    take the others. Its own shard costs no copying: only the other shards'
+    ciphertexts cross a process boundary (as bytes), which was ~20 % on top of a
+    shard's work when every shard went to a spawned process.
 
     Parameters
     ----------
@@ -246,7 +255,7 @@ class ChunkPool:
     backend : str
         ``"ckks"`` or ``"plain"``.
     workers : int
-        Number of worker processes (≥ 1).
+        Processes sharing the work, the caller's included (≥ 1; 1 spawns none).
     """
 
     def __init__(
@@ -267,24 +276,27 @@ class ChunkPool:
             context, get_param_set(param_set), backend
         )
         self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+        if workers == 1:
+            return
         # The context reaches the workers through a queue (one copy each, fed by
         # a background thread), not pickled into the spawn: spawn writes its data
         # into a pipe and blocks for good if that exceeds the pipe buffer and
         # the child dies before reading it all.
         mp = multiprocessing.get_context("spawn")
         self._contexts = mp.Queue()
-        for _ in range(workers):
+        for _ in range(workers - 1):
             self._contexts.put(context)
         self._contexts.cancel_join_thread()  # a dead worker must not block exit
         self._pool = ProcessPoolExecutor(
-            max_workers=workers,
+            max_workers=workers - 1,
             mp_context=mp,
             initializer=_init_worker,
             initargs=(self._contexts, param_set, backend),
         )
         # start every worker now so the first round does not pay for it
         try:
-            list(self._pool.map(_noop, range(workers)))
+            list(self._pool.map(_noop, range(workers - 1)))
         except BrokenProcessPool as exc:
             self.close()
             raise ConfigError(
@@ -300,8 +312,10 @@ class ChunkPool:
 
     def close(self) -> None:
         """Stop the worker processes."""
-        self._pool.shutdown(wait=True, cancel_futures=True)
-        self._contexts.close()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._contexts.close()
+            self._pool = None
 
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
@@ -319,33 +333,58 @@ class ChunkPool:
         optimizer: str = "he-adam",
         k: float = 1.0,
     ) -> StepResult:
-        """:func:`step_chunks` sharded over the workers; results as handles."""
+        """:func:`step_chunks` sharded over the workers; results as handles.
+
+        The first shard runs here while the spawned workers run the others.
+        """
         n = len(theta)
         if len(state) != n or len(grads) != n:
             raise ValueError(
                 f"{n} θ chunks, {len(state)} state chunks, {len(grads)} gradient "
                 "chunks: expected equal counts"
             )
-        theta_b = [self._bytes(c) for c in theta]
-        state_b = [tuple(self._bytes(c) for c in s) for s in state]
-        grads_b = [[self._bytes(c) for c in g] for g in grads]
-        futures = [
-            self._pool.submit(
-                _step_shard,
-                theta_b[sl],
-                state_b[sl],
+        own, *others = _shards(n, self.workers)
+        futures = []
+        if others:
+            assert self._pool is not None, "step on a closed pool"
+            theta_b = [self._bytes(c) for c in theta]
+            state_b = [tuple(self._bytes(c) for c in s) for s in state]
+            grads_b = [[self._bytes(c) for c in g] for g in grads]
+            futures = [
+                self._pool.submit(
+                    _step_shard,
+                    theta_b[sl],
+                    state_b[sl],
+                    state_level,
+                    None if unmask is None else list(unmask[sl]),
+                    grads_b[sl],
+                    t,
+                    hp,
+                    optimizer=optimizer,
+                    k=k,
+                    first_chunk=sl.start,
+                )
+                for sl in others
+            ]
+        try:
+            mine: StepResult | BadChunks = step_chunks(
+                self.be,
+                theta[own],
+                state[own],
                 state_level,
-                None if unmask is None else list(unmask[sl]),
-                grads_b[sl],
+                None if unmask is None else unmask[own],
+                grads[own],
                 t,
                 hp,
                 optimizer=optimizer,
                 k=k,
-                first_chunk=sl.start,
+                first_chunk=own.start,
             )
-            for sl in _shards(n, self.workers)
-        ]
-        results = [f.result() for f in futures]
+        except BadChunks as exc:  # the other shards' failures are reported too
+            mine = exc
+        finally:
+            wait(futures)  # never leave a shard running into the next step
+        results = [mine] + [f.result() for f in futures]
         failures = [f for r in results if isinstance(r, BadChunks) for f in r.failures]
         if failures:
             raise BadChunks(failures)
@@ -355,9 +394,9 @@ class ChunkPool:
             assert isinstance(r, StepResult)
             for stage, dt in r.timings.items():
                 out.timings[stage] += dt
-            out.theta.extend(be.load(c, level=0) for c in r.theta)
+            out.theta.extend(_handle(be, c, 0) for c in r.theta)
             out.state.extend(
-                tuple(be.load(c, level=0) for c in s)  # type: ignore[misc]
+                tuple(_handle(be, c, 0) for c in s)  # type: ignore[misc]
                 for s in r.state
             )
         return out

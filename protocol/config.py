@@ -203,8 +203,8 @@ class RunConfig:
             )
         if not -1 <= self.coordinator_workers <= 64:
             raise ConfigError(
-                "coordinator-workers: must be -1 (one per core), 0 (in-process) or "
-                f"1..64, received {self.coordinator_workers}"
+                "coordinator-workers: must be -1 (one per core), 0 or 1 (in-process "
+                f"only) or 2..64, received {self.coordinator_workers}"
             )
         parse_layer_bounds(self.layer_bounds)  # ConfigError if malformed
         if not 1 <= self.mask_bits <= 22:

@@ -95,11 +95,13 @@ def test_pool_refuses_a_secret_context(ps):
     """A worker pool is never given a secret key (refused before any worker starts)."""
     sec, _, _ = generate(ps, "ckks")
     with pytest.raises(SecretKeyRefused):
-        ChunkPool(context=sec, param_set=ps.id, backend="ckks", workers=1)
+        ChunkPool(context=sec, param_set=ps.id, backend="ckks", workers=2)
 
 
-def test_pool_step_equals_in_process_step(ps, plain):
-    """Sharded over 2 workers, the twin's whole step is bit-for-bit the same."""
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_pool_step_equals_in_process_step(ps, plain, workers):
+    """Sharded over this process and workers − 1 spawned ones (1: none, 3: one
+    chunk each), the twin's whole step is bit-for-bit the same."""
     _, pub, _ = generate(ps, "plain")
     rng = np.random.default_rng(0)
     hp = AdamHyper()
@@ -116,8 +118,12 @@ def test_pool_step_equals_in_process_step(ps, plain):
     grads = [[chunk(top, -0.01, 0.01) for _ in range(4)] for _ in range(n)]
     args = (theta, state, top, masks, grads, 5, hp)
     want = step_chunks(plain, *args)
-    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+    with ChunkPool(
+        context=pub, param_set=ps.id, backend="plain", workers=workers
+    ) as pool:
+        spawned = 0 if pool._pool is None else len(pool._pool._processes)
         got = pool.step(*args)
+    assert spawned == workers - 1
     assert len(got.theta) == len(want.theta) == n
     for g, w in zip(
         got.theta + [c for s in got.state for c in s],

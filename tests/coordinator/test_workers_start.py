@@ -21,7 +21,7 @@ SCRIPT = textwrap.dedent(
     ps = get_param_set("8k-35x3")
     _, evaluation_context, _ = generate(ps, "ckks")  # MBs: more than a pipe holds
     pool = ChunkPool(context=evaluation_context, param_set=ps.id, backend="ckks",
-                     workers=1)
+                     workers=2)  # this process and one spawned worker
     print("STARTED")
     pool.close()
     """
