@@ -6,11 +6,12 @@ round runs through the real code of both sides —
     participant  clip/scale (participants.learner) → encrypt + records (protocol.codec
                  send_plain) → Flower wire bytes (flwr serde)
     coordinator  headers (read_vector) → ciphertext parsing, homomorphic sum,
-                 unmasking of the refresher's re-encrypted state and HE-Adam
+                 unmasking of the refresher's re-encrypted state, HE-Adam and
+                 masking the new state for the next refresher
                  (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
                  as the federation calls them) → θ records at the bottom level
-                 (send_cts) → masked state for the next refresher
-                 (Federation._masked_state)
+                 (send_cts) → records of the state the step masked for the next
+                 refresher (Federation._masked_state)
     participant  θ decrypt (receive_plain); the refresher decrypts and re-encrypts
                  the masked m, V, r (as participants.node does)
 
@@ -31,7 +32,7 @@ from benchmarks.bench_party import (
     to_wire_bytes,
 )
 from coordinator.federation import Federation
-from coordinator.workers import STEP_STAGES, ChunkPool, step_chunks
+from coordinator.workers import STEP_STAGES, ChunkPool, masks_by_chunk, step_chunks
 from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import messages as msg
@@ -42,7 +43,7 @@ from protocol.records import read_vector
 from protocol.wire import Expect
 
 BENCH_PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
-COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "mask_s")
+COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "state_s")
 STAGES = BENCH_PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
 
 
@@ -68,7 +69,7 @@ class Round:
         fed.cfg = RunConfig(mask_bits=mask_bits, backend=party.backend)
         fed.params, fed.be, fed.fingerprint = party.ps, party.coord, party.fingerprint
         fed.run_id, fed.layout_digest, fed.n_chunks = RUN_ID, "bench", party.chunks
-        fed._mask_rng = rng
+        fed._mask_rng, fed._premasked = rng, None
         self.fed = fed
 
     # participant side ------------------------------------------------------------
@@ -137,9 +138,12 @@ class Round:
             return to_wire_bytes(rd)
 
     def _mask(self, clock: Clock) -> tuple[bytes, list[np.ndarray]]:
+        """The masked state's records; the masking itself is in the last step."""
         p, fed = self.p, self.fed
-        with clock("mask_s"):
-            fed.state, fed._round = p.state, p.t
+        fed.state, fed._round = p.state, p.t
+        if fed._premasked is None:  # no step yet: what it would have masked
+            fed._premasked = fed._mask_state()
+        with clock("state_s"):
             rd, masks, _ = fed._masked_state()
             return to_wire_bytes(rd), masks
 
@@ -171,22 +175,25 @@ class Round:
             )[0]
             for _ in range(self.k)
         ]
-        unmask = [[masks[j * n + i] for j in range(3)] for i in range(n)]
         args = (
             p.theta,
             list(zip(*refresh, strict=True)),
             top,
-            unmask,
+            masks_by_chunk(masks, n),
             [[g[i] for g in grads] for i in range(n)],
             p.t,
             self.hp,
         )
+        masks_next = self.fed._draw_masks()
         with clock("step_s"):
+            mask_next = masks_by_chunk(masks_next, n)
             if self.pool is None:
-                res = step_chunks(be, *args)
+                res = step_chunks(be, *args, mask_next=mask_next)
             else:
-                res = self.pool.step(*args)
+                res = self.pool.step(*args, mask_next=mask_next)
         p.theta, p.state = res.theta, res.state
+        assert res.masked is not None
+        self.fed._premasked = (res.masked, masks_next)
         p.t += 1
         t = clock.t
         t.update(res.timings)

@@ -44,7 +44,7 @@ from coordinator.replies import (
 )
 from coordinator.run_loop import RunLoopMixin
 from coordinator.step import StepMixin
-from coordinator.workers import ChunkPool, auto_workers
+from coordinator.workers import ChunkPool, Premasked, auto_workers, masks_by_chunk
 from protocol import keys
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
@@ -101,6 +101,9 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         self.keep_aggregate = False  # benchmarks: keep Σ x of each step
         self._spare: dict[str, Any] = {"node": None, "down": 0, "up": 0}  # per round
         self._step_timings: dict[str, float] = {}  # per round
+        # (m, V, r) of the last step already masked for the next round's
+        # refresher (per chunk) and the masks, name-major; used once
+        self._premasked: Premasked | None = None
 
     # ---- helpers ---------------------------------------------------------------
     def _expect(
@@ -240,28 +243,54 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         )
 
     # ---- one round ---------------------------------------------------------------
+    def _draw_masks(self) -> list[np.ndarray]:
+        """Fresh uniform masks in ±2^mask-bits for m, V, r of every chunk
+        (name-major: all of m's chunks, then V's, then r's)."""
+        bound = float(2**self.cfg.mask_bits)
+        return [
+            self._mask_rng.uniform(-bound, bound, self.params.slots)
+            for _ in msg.STATE_NAMES
+            for _ in range(self.n_chunks)
+        ]
+
+    def _mask_state(self) -> Premasked:
+        """The current (m, V, r) plus newly drawn masks, per chunk (bottom level)."""
+        assert self.state is not None
+        masks = self._draw_masks()
+        chunks = [
+            tuple(
+                self.be.add_plain(self.be.to_bottom(c), mask)
+                for c, mask in zip(chunk, per, strict=True)
+            )
+            for chunk, per in zip(
+                self.state, masks_by_chunk(masks, self.n_chunks), strict=True
+            )
+        ]
+        return chunks, masks  # type: ignore[return-value]
+
     def _masked_state(
         self, into: RecordDict | None = None
     ) -> tuple[RecordDict, list[np.ndarray], int]:
         """m, V, r at the bottom level plus fresh masks, as records (added to
-        ``into`` if given): (records, masks, bytes)."""
+        ``into`` if given): (records, masks, bytes).
+
+        The regular refresher gets the state the last step masked (in the
+        workers, alongside the step); anyone else asking in the same round (a
+        spare) gets newly drawn masks.
+        """
         assert self.state is not None
-        bound = float(2**self.cfg.mask_bits)
         rd = RecordDict() if into is None else into
-        masks, sent = [], 0
+        chunks, masks = self._premasked or self._mask_state()
+        self._premasked = None
+        # every slot is refreshed, padding included: a padding slot left at
+        # −mask after unmasking would overflow and corrupt the whole ciphertext
+        sent = 0
         for j, name in enumerate(msg.STATE_NAMES):
-            cts = []
-            for chunk in self.state:
-                mask = self._mask_rng.uniform(-bound, bound, self.params.slots)
-                masks.append(mask)
-                cts.append(self.be.add_plain(self.be.to_bottom(chunk[j]), mask))
-            # every slot is refreshed, padding included: a padding slot left at
-            # −mask after unmasking would overflow and corrupt the whole ciphertext
             sent += send_cts(
                 self.be,
                 rd,
                 msg.state_key("state", name),
-                cts,
+                [chunk[j] for chunk in chunks],
                 self._expect("state", 0, None, name),
                 self._round,
                 self.n_chunks * self.params.slots,
@@ -420,6 +449,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             )
             return False
         self.theta, self.state = self._good.theta, self._good.state
+        self._premasked = None  # masked the refused step's state
         log.warning(
             "hedrl: round %d: θ refused by participant(s) %s (content check); "
             "rolled back to the last θ every participant accepted",

@@ -21,7 +21,13 @@ from flwr.serverapp import Grid
 
 from coordinator.exchange import exchange
 from coordinator.replies import ExpectFor, Reply, read_refresh, vector_bytes
-from coordinator.workers import BadChunks, ChunkPool, step_chunks
+from coordinator.workers import (
+    BadChunks,
+    ChunkPool,
+    Premasked,
+    masks_by_chunk,
+    step_chunks,
+)
 from protocol import messages as msg
 from protocol.adam import AdamHyper
 from protocol.backend import Backend, Ct
@@ -58,6 +64,8 @@ class StepMixin:
     _message: Callable[[int, str, RecordDict, int], Message]
     _task: Callable[..., ConfigRecord]
     _masked_state: Callable[..., tuple[RecordDict, list[np.ndarray], int]]
+    _draw_masks: Callable[[], list[np.ndarray]]
+    _premasked: Premasked | None
 
     def _aggregate_and_step(
         self,
@@ -89,6 +97,7 @@ class StepMixin:
         spares: list[Reply] = []
         tried = list(refreshers)
         ref: Reply | None = None  # the refresh in use (None in round 1: V0)
+        masks_next: list[np.ndarray] | None = None
         while True:
             k = len(self.nodes) / len(accepted)
             if fresh is not None:
@@ -114,16 +123,17 @@ class StepMixin:
                 assert ref.refresh is not None and ref.masks is not None
                 state = list(zip(*ref.refresh, strict=True))
                 level = be.top_level
-                n = self.n_chunks
-                unmask = [
-                    [ref.masks[j * n + i] for j in range(len(msg.STATE_NAMES))]
-                    for i in range(n)
-                ]
+                unmask = masks_by_chunk(ref.masks, self.n_chunks)
             grads = [[r.gradient[i] for r in accepted] for i in range(self.n_chunks)]
             args = (self.theta, state, level, unmask, grads, t, self.hp)
+            if masks_next is None:  # for the next round's refresher
+                masks_next = self._draw_masks()
+            mask_next = masks_by_chunk(masks_next, self.n_chunks)
             try:
                 if self.pool is not None:
-                    res = self.pool.step(*args, optimizer=self.cfg.optimizer, k=k)
+                    res = self.pool.step(
+                        *args, optimizer=self.cfg.optimizer, k=k, mask_next=mask_next
+                    )
                 else:
                     res = step_chunks(
                         be,
@@ -131,6 +141,7 @@ class StepMixin:
                         optimizer=self.cfg.optimizer,
                         k=k,
                         keep_aggregate=self.keep_aggregate,
+                        mask_next=mask_next,
                     )
             except BadChunks as exc:
                 bad = {f.index for f in exc.failures if f.source == "gradient"}
@@ -167,6 +178,8 @@ class StepMixin:
         self._step_timings = dict(res.timings)
         self.theta = list(res.theta)  # type: ignore[arg-type]
         self.state = list(res.state)  # type: ignore[arg-type]
+        assert res.masked is not None and masks_next is not None
+        self._premasked = (res.masked, masks_next)
         return True
 
     def _initial_state(

@@ -47,8 +47,12 @@ from protocol.params import get_param_set
 
 #: a chunk as a live handle or as its serialisation
 Chunk = Ct | bytes
-#: stages of :func:`step_chunks` (``adam_s`` includes the switch to the bottom)
-STEP_STAGES = ("parse_s", "sum_s", "unmask_s", "adam_s")
+#: (m, V, r) per chunk already masked for the next refresher, and the masks
+#: (name-major, as :func:`masks_by_chunk` takes them)
+Premasked = tuple[list[tuple[Chunk, Chunk, Chunk]], list[np.ndarray]]
+#: stages of :func:`step_chunks` (``adam_s`` includes the switch to the bottom;
+#: ``mask_s`` masks the new state for the next round's refresher)
+STEP_STAGES = ("parse_s", "sum_s", "unmask_s", "adam_s", "mask_s")
 
 
 @dataclass(frozen=True)
@@ -83,9 +87,19 @@ class StepResult:
     theta: list[Chunk]
     state: list[tuple[Chunk, Chunk, Chunk]]
     aggregate: list[Ct] | None = field(default=None)
+    #: the new (m, V, r) plus the ``mask_next`` masks, per chunk, as bytes
+    masked: list[tuple[Chunk, Chunk, Chunk]] | None = field(default=None)
     #: seconds spent per stage: parse_s, sum_s, unmask_s, adam_s (summed over
     #: the worker processes when sharded, i.e. CPU seconds rather than wall time)
     timings: dict[str, float] = field(default_factory=dict)
+
+
+def masks_by_chunk(masks: Sequence[np.ndarray], n: int) -> list[list[np.ndarray]]:
+    """Name-major masks (m's chunks, then V's, then r's) → per chunk [m, V, r]."""
+    if len(masks) % n:
+        raise ValueError(f"{len(masks)} masks for {n} chunks")
+    names = len(masks) // n
+    return [[masks[j * n + i] for j in range(names)] for i in range(n)]
 
 
 def _handle(be: Backend, c: Chunk, level: int) -> Ct:
@@ -107,14 +121,18 @@ def step_chunks(
     as_bytes: bool = False,
     keep_aggregate: bool = False,
     first_chunk: int = 0,
+    mask_next: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> StepResult:
     """Sum, unmask and step every chunk.
 
     ``grads[j]`` lists chunk j of every accepted gradient in summation order
     (top level; given the participants' factor b_top^(−½) here); ``state[j]``
     is (m, V, r) at ``state_level``, still masked when ``unmask[j]`` gives the
-    masks to subtract. Raises :class:`BadChunks` (listing every chunk that did
-    not parse) before anything is returned.
+    masks to subtract. With ``mask_next``, the new (m, V, r) of chunk j plus
+    ``mask_next[j]`` come back too (``masked``, serialised): what the next
+    round's refresher gets, masked where the chunk is, in parallel when sharded. Raises
+    :class:`BadChunks` (listing every chunk that did not parse) before anything
+    is returned.
     """
     fn = OPTIMIZERS[optimizer]
     top = be.top_level
@@ -124,6 +142,9 @@ def step_chunks(
     theta_out: list[Chunk] = []
     state_out: list[tuple[Chunk, Chunk, Chunk]] = []
     aggregate: list[Ct] | None = [] if keep_aggregate else None
+    masked: list[tuple[Chunk, Chunk, Chunk]] | None = None
+    if mask_next is not None:
+        masked = []
     for j, th in enumerate(theta):
         t0 = now()
         xs = []
@@ -155,18 +176,25 @@ def step_chunks(
             ]
         t3 = now()
         new = fn(be, ChunkState(theta_j, *mvr), x, t, hp, k)
-        out = [be.to_bottom(c) for c in (new.theta, new.m, new.V, new.r)]
-        if as_bytes:
-            out = [be.dump(c) for c in out]
+        handles = [be.to_bottom(c) for c in (new.theta, new.m, new.V, new.r)]
+        out = [be.dump(c) for c in handles] if as_bytes else handles
         t4 = now()
-        spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3)
+        if masked is not None:
+            assert mask_next is not None
+            veiled = [  # serialised here: they only go on the wire
+                be.dump(be.add_plain(c, mask))
+                for c, mask in zip(handles[1:], mask_next[j], strict=True)
+            ]
+            masked.append((veiled[0], veiled[1], veiled[2]))
+        t5 = now()
+        spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         for stage, dt in zip(STEP_STAGES, spans, strict=True):
             clock[stage] += dt
         theta_out.append(out[0])
         state_out.append((out[1], out[2], out[3]))
     if failures:
         raise BadChunks(failures)
-    return StepResult(theta_out, state_out, aggregate, clock)
+    return StepResult(theta_out, state_out, aggregate, masked, clock)
 
 
 def auto_workers(n_chunks: int, cores: int | None = None) -> int:
@@ -332,8 +360,10 @@ class ChunkPool:
         *,
         optimizer: str = "he-adam",
         k: float = 1.0,
+        mask_next: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> StepResult:
-        """:func:`step_chunks` sharded over the workers; results as handles.
+        """:func:`step_chunks` sharded over the workers; results as handles
+        (the masked state, which only goes on the wire, as bytes).
 
         The first shard runs here while the spawned workers run the others.
         """
@@ -363,6 +393,7 @@ class ChunkPool:
                     optimizer=optimizer,
                     k=k,
                     first_chunk=sl.start,
+                    mask_next=None if mask_next is None else list(mask_next[sl]),
                 )
                 for sl in others
             ]
@@ -379,6 +410,7 @@ class ChunkPool:
                 optimizer=optimizer,
                 k=k,
                 first_chunk=own.start,
+                mask_next=None if mask_next is None else mask_next[own],
             )
         except BadChunks as exc:  # the other shards' failures are reported too
             mine = exc
@@ -390,10 +422,15 @@ class ChunkPool:
             raise BadChunks(failures)
         be = self.be
         out = StepResult([], [], timings=dict.fromkeys(STEP_STAGES, 0.0))
+        if mask_next is not None:
+            out.masked = []
         for r in results:
             assert isinstance(r, StepResult)
             for stage, dt in r.timings.items():
                 out.timings[stage] += dt
+            if out.masked is not None:
+                assert r.masked is not None
+                out.masked.extend(r.masked)
             out.theta.extend(_handle(be, c, 0) for c in r.theta)
             out.state.extend(
                 tuple(_handle(be, c, 0) for c in s)  # type: ignore[misc]

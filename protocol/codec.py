@@ -8,6 +8,7 @@ only ever calls :func:`receive_cts` / :func:`send_cts` on ciphertext handles.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 from flwr.app import RecordDict
@@ -71,13 +72,17 @@ def send_cts(
     be: Backend,
     rd: RecordDict,
     key: str,
-    cts: list[Ct],
+    cts: Sequence[Ct | bytes],
     expect: Expect,
     round_: int,
     value_count: int,
 ) -> int:
-    """Serialise ciphertext handles into ``rd[key]``; return the bytes added."""
-    chunks = [be.dump(c) for c in cts]
+    """Serialise ciphertext handles into ``rd[key]``; return the bytes added.
+
+    A chunk given as bytes (already serialised, e.g. by a coordinator worker)
+    is written as it is.
+    """
+    chunks = [c if isinstance(c, bytes) else be.dump(c) for c in cts]
     header = make_header(
         _with(expect, chunk_count=len(chunks)), value_count=value_count, round_=round_
     )

@@ -75,7 +75,7 @@ def test_schema(records):
             r["coordinator_s"] + r["participant_s"] + st["refresh_s"], rel=1e-12
         )
         assert r["coordinator_s"] == pytest.approx(
-            sum(st[k] for k in ("headers_s", "step_s", "broadcast_s", "mask_s")),
+            sum(st[k] for k in ("headers_s", "step_s", "broadcast_s", "state_s")),
             rel=1e-12,
         )
 
@@ -178,12 +178,28 @@ def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
     top, n = ps.depth, 3
     theta, state, grads, rng = _ckks_inputs(ps, part, coord, 4, n=n, replies=2)
     masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
+    bound = 2.0**20  # mask-bits 20, the default
+    nxt = [[rng.uniform(-bound, bound, ps.slots) for _ in range(3)] for _ in range(n)]
     args = (theta, state, top, masks, grads, 2, AdamHyper())
-    want = step_chunks(coord, *args)
+    want = step_chunks(coord, *args, mask_next=nxt)
     with ChunkPool(context=ctx, param_set=ps.id, backend="ckks", workers=2) as pool:
-        got = pool.step(*args)
+        got = pool.step(*args, mask_next=nxt)
     flat = [list(r.theta) + [c for s in r.state for c in s] for r in (got, want)]
     assert len(flat[0]) == len(flat[1]) == 4 * n
     for g, w in zip(*flat, strict=True):
         assert g.level == w.level == 0
         assert coord.dump(g) == coord.dump(w)
+    # the state masked for the next refresher, serialised where it was masked
+    # (chunks 0–1 here, chunk 2 in the worker): the same ciphertexts either way
+    assert got.masked is not None and want.masked is not None
+    for i in range(n):
+        for j in range(3):
+            g, w = got.masked[i][j], want.masked[i][j]
+            assert isinstance(g, bytes) and g == w
+            # decrypted: the new state plus the mask. Adding a public vector
+            # adds only its encoding error (2^20 at Δ = 2^35: ~1e-9 absolute,
+            # measured 2.9e-9); 1e-6 is the tolerance, a wrong or misplaced
+            # mask is off by ~1e5
+            veiled = part.decrypt(w)
+            plain_new = part.decrypt(coord.dump(want.state[i][j]))
+            np.testing.assert_allclose(veiled - nxt[i][j], plain_new, atol=1e-6)
