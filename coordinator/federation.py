@@ -44,7 +44,13 @@ from coordinator.replies import (
 )
 from coordinator.run_loop import RunLoopMixin
 from coordinator.step import StepMixin
-from coordinator.workers import ChunkPool, Premasked, auto_workers, masks_by_chunk
+from coordinator.workers import (
+    Chunk,
+    ChunkPool,
+    Premasked,
+    auto_workers,
+    masks_by_chunk,
+)
 from protocol import keys
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
@@ -257,16 +263,19 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         """The current (m, V, r) plus newly drawn masks, per chunk (bottom level)."""
         assert self.state is not None
         masks = self._draw_masks()
-        chunks = [
-            tuple(
-                self.be.add_plain(self.be.to_bottom(c), mask)
-                for c, mask in zip(chunk, per, strict=True)
+        chunks: list[tuple[Chunk, Chunk, Chunk]] = []
+        for (m, v, r), (mm, mv, mr) in zip(
+            self.state, masks_by_chunk(masks, self.n_chunks), strict=True
+        ):
+            be = self.be
+            chunks.append(
+                (
+                    be.add_plain(be.to_bottom(m), mm),
+                    be.add_plain(be.to_bottom(v), mv),
+                    be.add_plain(be.to_bottom(r), mr),
+                )
             )
-            for chunk, per in zip(
-                self.state, masks_by_chunk(masks, self.n_chunks), strict=True
-            )
-        ]
-        return chunks, masks  # type: ignore[return-value]
+        return chunks, masks
 
     def _masked_state(
         self, into: RecordDict | None = None

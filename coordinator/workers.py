@@ -89,8 +89,8 @@ class StepResult:
     aggregate: list[Ct] | None = field(default=None)
     #: the new (m, V, r) plus the ``mask_next`` masks, per chunk, as bytes
     masked: list[tuple[Chunk, Chunk, Chunk]] | None = field(default=None)
-    #: seconds spent per stage: parse_s, sum_s, unmask_s, adam_s (summed over
-    #: the worker processes when sharded, i.e. CPU seconds rather than wall time)
+    #: seconds spent per stage (:data:`STEP_STAGES`; summed over the processes
+    #: when sharded, i.e. CPU seconds rather than wall time)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -130,9 +130,9 @@ def step_chunks(
     is (m, V, r) at ``state_level``, still masked when ``unmask[j]`` gives the
     masks to subtract. With ``mask_next``, the new (m, V, r) of chunk j plus
     ``mask_next[j]`` come back too (``masked``, serialised): what the next
-    round's refresher gets, masked where the chunk is, in parallel when sharded. Raises
-    :class:`BadChunks` (listing every chunk that did not parse) before anything
-    is returned.
+    round's refresher gets, masked where the chunk is, in parallel when
+    sharded. Raises :class:`BadChunks` (listing every chunk that did not parse)
+    before anything is returned.
     """
     fn = OPTIMIZERS[optimizer]
     top = be.top_level
