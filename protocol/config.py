@@ -207,9 +207,12 @@ class RunConfig:
                 f"only) or 2..64, received {self.coordinator_workers}"
             )
         parse_layer_bounds(self.layer_bounds)  # ConfigError if malformed
-        if not 1 <= self.mask_bits <= 22:
+        top = min(22, ps.max_mask_bits)
+        if not 1 <= self.mask_bits <= top:
+            why = f" (param-set {ps.id!r}: the masked state must fit its bottom prime)"
             raise ConfigError(
-                f"mask-bits: must be in [1, 22], received {self.mask_bits}"
+                f"mask-bits: must be in [1, {top}], received {self.mask_bits}"
+                + (why if top < 22 else "")
             )
 
 

@@ -44,6 +44,17 @@ class ParamSet:
         """The nominal CKKS scale Δ."""
         return float(2**self.scale_bits)
 
+    @property
+    def max_mask_bits(self) -> int:
+        """Largest refresh mask ±2^b that fits the bottom level.
+
+        The masked state is sent at the bottom level, whose modulus is the first
+        prime alone: (state + mask)·Δ must stay below half of it for any slot
+        values, so b ≤ bits(q0) − scale bits − 2 (one bit for the sign, one for
+        the state beside the mask). 23 at 8k-35x3, 8 at 16k-50x6.
+        """
+        return self.coeff_mod_bit_sizes[0] - self.scale_bits - 2
+
     def validate(self) -> None:
         """Raise :class:`ConfigError` unless the set is 128-bit secure and sane."""
         bound = HE_STANDARD_128_BITS.get(self.poly_modulus_degree)

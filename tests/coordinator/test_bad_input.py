@@ -110,6 +110,10 @@ def test_absurd_magnitude_refused_before_encryption(plain, ps):
         ({"layer-bounds": "=0.1"}, "layer-bounds: expected 'layer-prefix=bound'"),
         ({"layer-bounds": "critic=nan"}, "layer-bounds: expected 'layer-prefix=bound'"),
         ({"layer-bounds": "critic=0.1,critic=0.2"}, "prefix 'critic' given twice"),
+        ({"mask-bits": 23}, r"mask-bits: must be in \[1, 22\]"),
+        # ±2^20 at Δ = 2^50 does not fit a 60-bit bottom prime: refused at start
+        # instead of failing in the first step ("encoded values are too large")
+        ({"param-set": "16k-50x6"}, r"mask-bits: must be in \[1, 8\].*bottom prime"),
     ],
 )
 def test_impossible_run_config_fails_at_start(raw, match):
