@@ -51,7 +51,7 @@ from benchmarks.bench_round import (
 from coordinator.workers import ChunkPool
 from protocol.adam import AdamHyper
 
-__all__ = [  # what this module has always offered, now from its parts
+__all__ = [  # the CLI plus its parts re-exported for callers and tests
     "COORDINATOR_STAGES",
     "BENCH_PARTICIPANT_STAGES",
     "RUN_ID",
