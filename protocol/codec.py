@@ -2,7 +2,8 @@
 
 Participants call :func:`send_plain` (encrypt as the last step of a reply) and
 :func:`receive_plain` (decrypt as the first step of a task); the coordinator
-only ever calls :func:`receive_cts` / :func:`send_cts` on ciphertext handles.
+only ever calls :func:`receive_cts` / :func:`send_cts` on ciphertext handles
+(or on chunks a coordinator worker has already serialised).
 """
 
 from __future__ import annotations

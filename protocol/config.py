@@ -89,7 +89,8 @@ class RunConfig:
     checkpoint_every: int = 50
     """Write the encrypted checkpoint every N rounds (and at the end)."""
     mask_bits: int = 20
-    """Refresh masks are uniform in ±2^mask_bits."""
+    """Refresh masks are uniform in ±2^mask_bits (at most 22, and at most the
+    parameter set's ``max_mask_bits``: 23 at 8k-35x3, 8 at 16k-50x6)."""
     coordinator_workers: int = -1
     """Worker processes sharding the coordinator's per-chunk work (parsing, sum,
     unmask, HE-Adam): -1 = one per core, up to the chunk count and 8 (none on a
