@@ -49,6 +49,7 @@ from coordinator.workers import (
     ChunkPool,
     Premasked,
     auto_workers,
+    mask_state,
     masks_by_chunk,
 )
 from protocol import keys
@@ -263,18 +264,11 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         """The current (m, V, r) plus newly drawn masks, per chunk (bottom level)."""
         assert self.state is not None
         masks = self._draw_masks()
-        chunks: list[tuple[Chunk, Chunk, Chunk]] = []
-        for (m, v, r), (mm, mv, mr) in zip(
-            self.state, masks_by_chunk(masks, self.n_chunks), strict=True
-        ):
-            be = self.be
-            chunks.append(
-                (
-                    be.add_plain(be.to_bottom(m), mm),
-                    be.add_plain(be.to_bottom(v), mv),
-                    be.add_plain(be.to_bottom(r), mr),
-                )
-            )
+        per_chunk = masks_by_chunk(masks, self.n_chunks)
+        chunks: list[tuple[Chunk, Chunk, Chunk]] = [
+            mask_state(self.be, mvr, per)
+            for mvr, per in zip(self.state, per_chunk, strict=True)
+        ]
         return chunks, masks
 
     def _masked_state(

@@ -102,6 +102,18 @@ def masks_by_chunk(masks: Sequence[np.ndarray], n: int) -> list[list[np.ndarray]
     return [[masks[j * n + i] for j in range(names)] for i in range(n)]
 
 
+def mask_state(
+    be: Backend, mvr: Sequence[Ct], masks: Sequence[np.ndarray]
+) -> tuple[bytes, bytes, bytes]:
+    """One chunk's (m, V, r) at the bottom level plus its masks, serialised
+    (they only go on the wire, to the refresher)."""
+    m, v, r = (
+        be.dump(be.add_plain(be.to_bottom(c), mask))
+        for c, mask in zip(mvr, masks, strict=True)
+    )
+    return m, v, r
+
+
 def _handle(be: Backend, c: Chunk, level: int) -> Ct:
     return c if isinstance(c, Ct) else be.load(c, level=level)
 
@@ -181,11 +193,7 @@ def step_chunks(
         t4 = now()
         if masked is not None:
             assert mask_next is not None
-            veiled = [  # serialised here: they only go on the wire
-                be.dump(be.add_plain(c, mask))
-                for c, mask in zip(handles[1:], mask_next[j], strict=True)
-            ]
-            masked.append((veiled[0], veiled[1], veiled[2]))
+            masked.append(mask_state(be, handles[1:], mask_next[j]))
         t5 = now()
         spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         for stage, dt in zip(STEP_STAGES, spans, strict=True):
