@@ -1,0 +1,120 @@
+"""Ciphertext chunks between the coordinator and its worker processes, by file.
+
+A worker's shard of a 1M-parameter step is ~190 MB of chunks in and ~110 MB
+out. Through the executor's pipe that took 1.4–3.1 s in and 1.7 s out on this
+project's 2-core machines (measured 2026-12-03 with nothing else running: ~60–
+130 MB/s, the pipe moves 64 KB per system call), about as long as a third of
+the shard's own work. Written to a file in a RAM-backed directory and read back
+with one ``mmap``, the same bytes took 0.10 s to write, 0.16–0.22 s to read and
+0.07–0.35 s back.
+
+:func:`spill` writes every ``bytes`` (and ``numpy`` array) found in nested
+lists and tuples to one file and returns the same structure with small
+:class:`Blob` markers in their place, which is what crosses the pipe;
+:func:`unspill` puts the contents back. Files live in a private directory
+(:class:`Spool`), are deleted as soon as they are read, and the directory goes
+when the pool closes.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+#: RAM-backed on Linux; elsewhere (or if it is not writable) the system's
+#: temporary directory is used
+SHM = Path("/dev/shm")
+
+
+@dataclass(frozen=True)
+class Blob:
+    """Where one spilled ``bytes`` (or array, with ``dtype`` and ``shape``) sits."""
+
+    offset: int
+    length: int
+    dtype: str | None = None
+    shape: tuple[int, ...] = ()
+
+
+def spill(tree: Any, path: Path) -> Any:
+    """Write the bytes and arrays of ``tree`` (lists/tuples of them, any depth,
+    other leaves kept as they are) to ``path``; return ``tree`` with markers."""
+    offset = 0
+
+    def walk(x: Any, f: Any) -> Any:
+        nonlocal offset
+        if isinstance(x, bytes):
+            blob = Blob(offset, len(x))
+            f.write(x)
+        elif isinstance(x, np.ndarray):
+            a = np.ascontiguousarray(x)
+            blob = Blob(offset, a.nbytes, a.dtype.str, a.shape)
+            f.write(a.data)
+        elif isinstance(x, (list, tuple)):
+            return type(x)(walk(y, f) for y in x)
+        else:
+            return x
+        offset += blob.length
+        return blob
+
+    with open(path, "wb") as f:
+        return walk(tree, f)
+
+
+def unspill(tree: Any, path: Path) -> Any:
+    """The contents of a tree :func:`spill` returned; deletes ``path``."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+    try:
+
+        def walk(x: Any) -> Any:
+            if isinstance(x, Blob):
+                assert mm is not None
+                data = mm[x.offset : x.offset + x.length]  # a copy: bytes
+                if x.dtype is None:
+                    return data
+                return np.frombuffer(data, dtype=x.dtype).reshape(x.shape)
+            if isinstance(x, (list, tuple)):
+                return type(x)(walk(y) for y in x)
+            return x
+
+        return walk(tree)
+    finally:
+        if mm is not None:
+            mm.close()
+        os.unlink(path)
+
+
+def _writable(directory: Path) -> bool:
+    return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
+
+
+class Spool:
+    """A private directory for one pool's files, removed on :meth:`close` (and
+    when the object is collected or the process exits normally)."""
+
+    def __init__(self, base: Path | None = None) -> None:
+        if base is None:
+            base = SHM if _writable(SHM) else Path(tempfile.gettempdir())
+        self.dir = Path(tempfile.mkdtemp(prefix="hedrl-pool-", dir=base))
+        self._count = 0
+        self._finalizer = weakref.finalize(
+            self, shutil.rmtree, self.dir, ignore_errors=True
+        )
+
+    def path(self, tag: str) -> Path:
+        """A fresh file name in the spool (not created)."""
+        self._count += 1
+        return self.dir / f"{self._count}-{tag}"
+
+    def close(self) -> None:
+        self._finalizer()

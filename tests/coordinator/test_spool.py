@@ -1,0 +1,134 @@
+"""Shards' chunks travel to and from the worker processes through spool files."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+
+import numpy as np
+import pytest
+
+from coordinator.spool import Blob, Spool, spill, unspill
+from coordinator.workers import ChunkPool, step_chunks
+from protocol.adam import AdamHyper
+from protocol.backend import Ct
+from protocol.keys import generate
+
+
+def test_spill_round_trip_keeps_structure_and_contents(tmp_path):
+    """Bytes and arrays go to the file, markers stand in for them, everything
+    else is kept; reading back gives equal values and deletes the file."""
+    rng = np.random.default_rng(1)
+    arr = rng.normal(size=(3, 5))
+    tree = (
+        [b"abc", (b"", b"\x00" * 70_000), None],
+        7,
+        [[arr, rng.integers(0, 9, 4)]],
+        "name",
+    )
+    path = tmp_path / "x"
+    packed = spill(tree, path)
+    assert isinstance(packed[0][0], Blob) and packed[1] == 7 and packed[3] == "name"
+    assert packed[0][2] is None
+    assert path.stat().st_size == 3 + 70_000 + arr.nbytes + 4 * 8
+    back = unspill(packed, path)
+    assert not path.exists()
+    assert back[0][0] == b"abc" and back[0][1] == (b"", b"\x00" * 70_000)
+    assert isinstance(back[0][1], tuple) and isinstance(back[0], list)
+    np.testing.assert_array_equal(back[2][0][0], arr)
+    assert back[2][0][0].dtype == arr.dtype and back[2][0][0].shape == (3, 5)
+    np.testing.assert_array_equal(back[2][0][1], tree[2][0][1])
+
+
+def test_spill_of_nothing(tmp_path):
+    """A tree with no bytes writes an empty file, which reads back."""
+    path = tmp_path / "empty"
+    assert unspill(spill([None, 1, []], path), path) == [None, 1, []]
+    assert not path.exists()
+
+
+def test_spool_directory_goes_on_close(tmp_path):
+    spool = Spool(tmp_path)
+    assert spool.dir.parent == tmp_path and spool.path("in") != spool.path("in")
+    (spool.dir / "left-over").write_bytes(b"x")
+    spool.close()
+    assert not spool.dir.exists()
+    spool.close()  # twice is fine
+
+
+def _plain_inputs(ps, plain, n=3, replies=4):
+    rng = np.random.default_rng(0)
+    top = ps.depth
+
+    def chunk(level, lo=-1.0, hi=1.0):
+        return plain.dump(Ct(rng.uniform(lo, hi, ps.slots), level))
+
+    theta = [chunk(0) for _ in range(n)]
+    state = [
+        (chunk(top), chunk(top, 0.01, 0.1), chunk(top, 3.0, 10.0)) for _ in range(n)
+    ]
+    masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
+    nxt = [[rng.uniform(-9, 9, ps.slots) for _ in range(3)] for _ in range(n)]
+    grads = [[chunk(top, -0.01, 0.01) for _ in range(replies)] for _ in range(n)]
+    return (theta, state, top, masks, grads, 5, AdamHyper()), nxt
+
+
+def _same(got, want, be):
+    assert len(got.theta) == len(want.theta)
+    for g, w in zip(
+        got.theta + [c for s in got.state for c in s],
+        want.theta + [c for s in want.state for c in s],
+        strict=True,
+    ):
+        np.testing.assert_array_equal(g.data, w.data)
+    assert got.masked == [
+        tuple(be.dump(c) if not isinstance(c, bytes) else c for c in s)
+        for s in want.masked
+    ]
+
+
+def test_pool_leaves_no_spool_files_and_removes_its_directory(ps, plain):
+    """Every step's files are deleted once read; closing removes the directory."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = _plain_inputs(ps, plain)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=3) as pool:
+        assert pool._spool is not None
+        spool_dir = pool._spool.dir
+        for _ in range(2):
+            got = pool.step(*args, mask_next=nxt)
+            _same(got, want, plain)
+            assert list(spool_dir.iterdir()) == []
+    assert not spool_dir.exists()
+
+
+def test_pool_falls_back_to_the_pipe_when_the_spool_is_gone(ps, plain, caplog):
+    """If the spool cannot be written (deleted, full), the step still gives
+    the same result, the chunks go in-band, and the log says so once."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = _plain_inputs(ps, plain)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+        assert pool._spool is not None
+        shutil.rmtree(pool._spool.dir)
+        with caplog.at_level(logging.WARNING, logger="flwr.hedrl.coordinator"):
+            _same(pool.step(*args, mask_next=nxt), want, plain)
+            _same(pool.step(*args, mask_next=nxt), want, plain)
+        assert pool._spool is None
+    warned = [r for r in caplog.records if "through the pipe" in r.getMessage()]
+    assert len(warned) == 1 and "cannot write" in warned[0].getMessage()
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_pool_without_masks_for_the_next_round(ps, plain, workers):
+    """mask_next=None (a step whose state is not pre-masked) through the spool."""
+    _, pub, _ = generate(ps, "plain")
+    args, _ = _plain_inputs(ps, plain)
+    want = step_chunks(plain, *args)
+    with ChunkPool(
+        context=pub, param_set=ps.id, backend="plain", workers=workers
+    ) as pool:
+        got = pool.step(*args)
+    assert got.masked is None
+    for g, w in zip(got.theta, want.theta, strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
