@@ -12,8 +12,8 @@ with one ``mmap``, the same bytes took 0.10 s to write, 0.16–0.22 s to read an
 lists and tuples to one file and returns the same structure with small
 :class:`Blob` markers in their place, which is what crosses the pipe;
 :func:`unspill` puts the contents back. Files live in a private directory
-(:class:`Spool`), are deleted as soon as they are read, and the directory goes
-when the pool closes.
+(:class:`Spool`), one per shard and direction, rewritten every step; the
+directory goes when the pool closes.
 """
 
 from __future__ import annotations
@@ -65,12 +65,17 @@ def spill(tree: Any, path: Path) -> Any:
         offset += blob.length
         return blob
 
-    with open(path, "wb") as f:
-        return walk(tree, f)
+    # Rewritten in place, not truncated first: the file keeps its pages from the
+    # last step (190 MB took 0.05 s that way against 0.08–0.16 s into a new file)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        packed = walk(tree, f)
+        f.truncate()
+    return packed
 
 
 def unspill(tree: Any, path: Path) -> Any:
-    """The contents of a tree :func:`spill` returned; deletes ``path``."""
+    """The contents of a tree :func:`spill` returned (the file stays)."""
     with open(path, "rb") as f:
         size = os.fstat(f.fileno()).st_size
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
@@ -91,30 +96,55 @@ def unspill(tree: Any, path: Path) -> Any:
     finally:
         if mm is not None:
             mm.close()
-        os.unlink(path)
 
 
 def _writable(directory: Path) -> bool:
     return directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)
 
 
+PREFIX = "hedrl-pool-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale(base: Path) -> list[Path]:
+    """Remove spool directories whose coordinator process is gone (killed
+    before it could close its pool); returns what was removed."""
+    gone = []
+    for d in base.glob(PREFIX + "*"):
+        pid = d.name[len(PREFIX) :].split("-", 1)[0]
+        if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            gone.append(d)
+    return gone
+
+
 class Spool:
     """A private directory for one pool's files, removed on :meth:`close` (and
-    when the object is collected or the process exits normally)."""
+    when the object is collected or the process exits normally; a process that
+    is killed leaves it, and the next pool on the machine removes it)."""
 
     def __init__(self, base: Path | None = None) -> None:
         if base is None:
             base = SHM if _writable(SHM) else Path(tempfile.gettempdir())
-        self.dir = Path(tempfile.mkdtemp(prefix="hedrl-pool-", dir=base))
-        self._count = 0
+        remove_stale(base)
+        prefix = f"{PREFIX}{os.getpid()}-"
+        self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         self._finalizer = weakref.finalize(
             self, shutil.rmtree, self.dir, ignore_errors=True
         )
 
     def path(self, tag: str) -> Path:
-        """A fresh file name in the spool (not created)."""
-        self._count += 1
-        return self.dir / f"{self._count}-{tag}"
+        """The file for ``tag`` (the same each time: rewritten every step)."""
+        return self.dir / tag
 
     def close(self) -> None:
         self._finalizer()

@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor, wait
+from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -287,10 +287,39 @@ def _noop(_: int) -> None:
 
 
 # ---- coordinator side -------------------------------------------------------------
-def _shards(n: int, parts: int) -> list[slice]:
-    """``parts`` contiguous, near-equal slices of range(n) (empty ones dropped)."""
-    bounds = np.linspace(0, n, parts + 1).round().astype(int)
-    return [slice(a, b) for a, b in zip(bounds[:-1], bounds[1:], strict=True) if b > a]
+def _shards(n: int, weights: Sequence[float]) -> list[slice]:
+    """Contiguous slices of range(n), one per weight, sized in proportion to the
+    weights (largest remainder), each at least one chunk while there are enough;
+    empty ones dropped. Equal weights give near-equal slices."""
+    parts = len(weights)
+    if n <= parts:
+        sizes = [1] * n + [0] * (parts - n)
+    else:
+        w = np.asarray(weights, dtype=float)
+        share = (n - parts) * w / w.sum()  # one chunk each is reserved
+        sizes = [1 + int(x) for x in np.floor(share)]
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        for i in order[: n - sum(sizes)]:
+            sizes[i] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [
+        slice(int(a), int(b))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        if b > a
+    ]
+
+
+def _rebalanced(
+    weights: Sequence[float], sizes: Sequence[int], seconds: Sequence[float]
+) -> list[float]:
+    """Next step's weights: each process's chunks per second in this step
+    (a spawned worker's seconds include moving its chunks), averaged half and
+    half with the previous weights, normalised to mean 1."""
+    speed = np.array([c / max(s, 1e-9) for c, s in zip(sizes, seconds, strict=True)])
+    speed /= speed.mean()
+    prev = np.asarray(weights, dtype=float)
+    new = 0.5 * prev / prev.mean() + 0.5 * speed
+    return [float(x) for x in new / new.mean()]
 
 
 _MAIN_GUARD = (
@@ -341,6 +370,9 @@ class ChunkPool:
             context, get_param_set(param_set), backend
         )
         self.workers = workers
+        #: relative speed per process (the caller's first), from the last steps:
+        #: how the next step's chunks are split
+        self.weights = [1.0] * workers
         self._pool: ProcessPoolExecutor | None = None
         self._spool: Spool | None = None
         if workers == 1:
@@ -397,12 +429,12 @@ class ChunkPool:
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
 
-    def _spill(self, tree: Any) -> tuple[tuple[Path, Path] | None, Any]:
+    def _spill(self, shard: int, tree: Any) -> tuple[tuple[Path, Path] | None, Any]:
         """Write a shard's inputs to the spool: (input, output) files and the
         markers to send, or (None, tree) to send them in-band."""
         if self._spool is None:
             return None, tree
-        src, dst = self._spool.path("in"), self._spool.path("out")
+        src, dst = self._spool.path(f"in-{shard}"), self._spool.path(f"out-{shard}")
         try:
             return (src, dst), spill(tree, src)
         except OSError as exc:  # full or gone: the pipe still works
@@ -459,10 +491,13 @@ class ChunkPool:
                 f"{n} θ chunks, {len(state)} state chunks, {len(grads)} gradient "
                 "chunks: expected equal counts"
             )
-        own, *others = _shards(n, self.workers)
+        start = time.perf_counter()
+        shards = _shards(n, self.weights)
+        own, *others = shards
         futures = []
+        done_at: dict[Future[Any], float] = {}
         spooled: list[tuple[Path, Path] | None] = []
-        for sl in others:
+        for shard, sl in enumerate(others, start=1):
             assert self._pool is not None, "step on a closed pool"
             args = (
                 [self._bytes(c) for c in theta[sl]],
@@ -475,12 +510,13 @@ class ChunkPool:
             )
             kwargs = {"optimizer": optimizer, "k": k, "first_chunk": sl.start}
             nxt = None if mask_next is None else list(mask_next[sl])
-            files, packed = self._spill((args, nxt))
+            files, packed = self._spill(shard, (args, nxt))
             spooled.append(files)
             if files is None:
                 fut = self._pool.submit(_step_shard, *args, mask_next=nxt, **kwargs)
             else:
                 fut = self._pool.submit(_step_shard_spooled, *files, packed, kwargs)
+            fut.add_done_callback(lambda f: done_at.setdefault(f, time.perf_counter()))
             futures.append(fut)
         try:
             mine: StepResult | BadChunks = step_chunks(
@@ -500,17 +536,20 @@ class ChunkPool:
         except BadChunks as exc:  # the other shards' failures are reported too
             mine = exc
         finally:
+            seconds = [time.perf_counter() - start]
             wait(futures)  # never leave a shard running into the next step
-            for files in spooled:
-                if files is not None:  # a worker that died did not delete it
-                    files[0].unlink(missing_ok=True)
-        results = [mine] + [
-            self._unspill(f.result(), files)
-            for f, files in zip(futures, spooled, strict=True)
-        ]
+        results: list[StepResult | BadChunks] = [mine]
+        for f, files in zip(futures, spooled, strict=True):
+            t_read = time.perf_counter()
+            results.append(self._unspill(f.result(), files))
+            # a worker's time: until its reply arrived, plus reading its chunks
+            seconds.append(done_at[f] - start + time.perf_counter() - t_read)
         failures = [f for r in results if isinstance(r, BadChunks) for f in r.failures]
         if failures:
             raise BadChunks(failures)
+        if len(shards) == self.workers and n > self.workers:
+            sizes = [sl.stop - sl.start for sl in shards]
+            self.weights = _rebalanced(self.weights, sizes, seconds)
         be = self.be
         out = StepResult([], [], timings=dict.fromkeys(STEP_STAGES, 0.0))
         if mask_next is not None:

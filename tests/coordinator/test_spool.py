@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 from coordinator.spool import Blob, Spool, spill, unspill
-from coordinator.workers import ChunkPool, step_chunks
+from coordinator.workers import ChunkPool, _rebalanced, _shards, step_chunks
 from protocol.adam import AdamHyper
 from protocol.backend import Ct
 from protocol.keys import generate
@@ -17,7 +20,7 @@ from protocol.keys import generate
 
 def test_spill_round_trip_keeps_structure_and_contents(tmp_path):
     """Bytes and arrays go to the file, markers stand in for them, everything
-    else is kept; reading back gives equal values and deletes the file."""
+    else is kept; reading back gives equal values."""
     rng = np.random.default_rng(1)
     arr = rng.normal(size=(3, 5))
     tree = (
@@ -32,7 +35,6 @@ def test_spill_round_trip_keeps_structure_and_contents(tmp_path):
     assert packed[0][2] is None
     assert path.stat().st_size == 3 + 70_000 + arr.nbytes + 4 * 8
     back = unspill(packed, path)
-    assert not path.exists()
     assert back[0][0] == b"abc" and back[0][1] == (b"", b"\x00" * 70_000)
     assert isinstance(back[0][1], tuple) and isinstance(back[0], list)
     np.testing.assert_array_equal(back[2][0][0], arr)
@@ -40,20 +42,43 @@ def test_spill_round_trip_keeps_structure_and_contents(tmp_path):
     np.testing.assert_array_equal(back[2][0][1], tree[2][0][1])
 
 
-def test_spill_of_nothing(tmp_path):
-    """A tree with no bytes writes an empty file, which reads back."""
-    path = tmp_path / "empty"
+def test_spill_rewrites_the_file_in_place(tmp_path):
+    """A second, shorter spill into the same file leaves no tail of the first,
+    and a tree with no bytes gives an empty file."""
+    path = tmp_path / "x"
+    spill([b"a" * 50_000, b"b" * 50_000], path)
+    packed = spill([b"c" * 10, b"dd"], path)
+    assert path.stat().st_size == 12
+    assert unspill(packed, path) == [b"c" * 10, b"dd"]
     assert unspill(spill([None, 1, []], path), path) == [None, 1, []]
-    assert not path.exists()
+    assert path.stat().st_size == 0
 
 
 def test_spool_directory_goes_on_close(tmp_path):
     spool = Spool(tmp_path)
-    assert spool.dir.parent == tmp_path and spool.path("in") != spool.path("in")
-    (spool.dir / "left-over").write_bytes(b"x")
+    assert spool.dir.parent == tmp_path and spool.path("in-1") == spool.path("in-1")
+    assert spool.dir.name.startswith(f"hedrl-pool-{os.getpid()}-")
+    spool.path("in-1").write_bytes(b"x")
     spool.close()
     assert not spool.dir.exists()
     spool.close()  # twice is fine
+
+
+def test_a_killed_coordinators_spool_is_removed_by_the_next(tmp_path):
+    """Only directories of processes that no longer exist are removed."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"hedrl-pool-{dead.pid}-abc"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "in-1").write_bytes(b"x" * 100)
+    live = tmp_path / f"hedrl-pool-{os.getpid()}-def"
+    live.mkdir()
+    other = tmp_path / "unrelated"
+    other.mkdir()
+    spool = Spool(tmp_path)
+    assert not stale.exists()
+    assert live.exists() and other.exists() and spool.dir.exists()
+    spool.close()
 
 
 def _plain_inputs(ps, plain, n=3, replies=4):
@@ -87,8 +112,9 @@ def _same(got, want, be):
     ]
 
 
-def test_pool_leaves_no_spool_files_and_removes_its_directory(ps, plain):
-    """Every step's files are deleted once read; closing removes the directory."""
+def test_pool_reuses_its_spool_files_and_removes_its_directory(ps, plain):
+    """One input and one output file per spawned worker, rewritten every step;
+    closing the pool removes the directory."""
     _, pub, _ = generate(ps, "plain")
     args, nxt = _plain_inputs(ps, plain)
     want = step_chunks(plain, *args, mask_next=nxt)
@@ -98,7 +124,8 @@ def test_pool_leaves_no_spool_files_and_removes_its_directory(ps, plain):
         for _ in range(2):
             got = pool.step(*args, mask_next=nxt)
             _same(got, want, plain)
-            assert list(spool_dir.iterdir()) == []
+            names = sorted(f.name for f in spool_dir.iterdir())
+            assert names == ["in-1", "in-2", "out-1", "out-2"]
     assert not spool_dir.exists()
 
 
@@ -132,3 +159,34 @@ def test_pool_without_masks_for_the_next_round(ps, plain, workers):
     assert got.masked is None
     for g, w in zip(got.theta, want.theta, strict=True):
         np.testing.assert_array_equal(g.data, w.data)
+
+
+@pytest.mark.parametrize(
+    ("n", "weights", "sizes"),
+    [
+        (245, [1.0, 1.0], [123, 122]),  # near-equal with equal weights
+        (10, [3.0, 1.0], [7, 3]),  # 2 spare chunks reserved, 8 split 6:2
+        (3, [5.0, 1.0, 1.0], [1, 1, 1]),  # one chunk each while there are enough
+        (2, [1.0, 1.0, 1.0], [1, 1]),  # fewer chunks than processes
+        (100, [1.2, 0.9, 0.9], [40, 30, 30]),
+    ],
+)
+def test_shards_follow_the_weights(n, weights, sizes):
+    shards = _shards(n, weights)
+    assert [sl.stop - sl.start for sl in shards] == sizes
+    assert shards[0].start == 0 and shards[-1].stop == n
+    assert all(a.stop == b.start for a, b in zip(shards, shards[1:], strict=False))
+
+
+def test_rebalancing_moves_chunks_to_the_faster_process():
+    """The worker took 20 % longer for the same chunks (moving them): half of
+    that difference goes into the weights at once, the rest over later steps."""
+    w = _rebalanced([1.0, 1.0], [100, 100], [8.0, 9.6])
+    speed = np.array([100 / 8.0, 100 / 9.6])
+    speed /= speed.mean()
+    np.testing.assert_allclose(w, 0.5 + 0.5 * speed, rtol=1e-12)
+    assert w[0] > 1.0 > w[1] and abs(np.mean(w) - 1.0) < 1e-12
+    for _ in range(20):  # the same speeds every step: the weights converge to them
+        sizes = [sl.stop - sl.start for sl in _shards(200, w)]
+        w = _rebalanced(w, sizes, [sizes[0] / 12.5, sizes[1] / (100 / 9.6)])
+    np.testing.assert_allclose(w, speed, rtol=1e-2)
