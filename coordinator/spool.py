@@ -74,6 +74,14 @@ def spill(tree: Any, path: Path) -> Any:
     return packed
 
 
+def write_file(path: Path, data: bytes) -> None:
+    """``data`` into ``path``, rewriting it in place (see :func:`spill`)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.truncate()
+
+
 def unspill(tree: Any, path: Path) -> Any:
     """The contents of a tree :func:`spill` returned (the file stays)."""
     with open(path, "rb") as f:

@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 
 from coordinator.he_adam import OPTIMIZERS, ChunkState
-from coordinator.spool import Spool, spill, unspill
+from coordinator.spool import Spool, spill, unspill, write_file
 from protocol import keys
 from protocol.adam import AdamHyper
 from protocol.backend import Backend, Ct
@@ -54,14 +54,16 @@ from protocol.params import get_param_set
 
 log = logging.getLogger("flwr.hedrl.coordinator")
 
-#: a chunk as a live handle or as its serialisation
-Chunk = Ct | bytes
+#: a chunk as a live handle, as its serialisation, or as a file holding that
+#: (a spawned worker's chunks: :mod:`coordinator.spool`)
+Chunk = Ct | bytes | Path
 #: (m, V, r) per chunk already masked for the next refresher, and the masks
 #: (name-major, as :func:`masks_by_chunk` takes them)
 Premasked = tuple[list[tuple[Chunk, Chunk, Chunk]], list[np.ndarray]]
 #: stages of :func:`step_chunks` (``adam_s`` includes the switch to the bottom;
 #: ``mask_s`` masks the new state for the next round's refresher)
 STEP_STAGES = ("parse_s", "sum_s", "unmask_s", "adam_s", "mask_s")
+_OUT_NAMES = ("theta", "m", "V", "r")
 
 
 @dataclass(frozen=True)
@@ -112,19 +114,31 @@ def masks_by_chunk(masks: Sequence[np.ndarray], n: int) -> list[list[np.ndarray]
 
 
 def mask_state(
-    be: Backend, mvr: Sequence[Ct], masks: Sequence[np.ndarray]
-) -> tuple[bytes, bytes, bytes]:
+    be: Backend,
+    mvr: Sequence[Ct],
+    masks: Sequence[np.ndarray],
+    into: Sequence[Path] | None = None,
+) -> tuple[Chunk, Chunk, Chunk]:
     """One chunk's (m, V, r) at the bottom level plus its masks, serialised
-    (they only go on the wire, to the refresher)."""
-    m, v, r = (
-        be.dump(be.add_plain(be.to_bottom(c), mask))
-        for c, mask in zip(mvr, masks, strict=True)
-    )
+    (they only go on the wire, to the refresher), or written to ``into``."""
+    veiled = [
+        be.add_plain(be.to_bottom(c), mask) for c, mask in zip(mvr, masks, strict=True)
+    ]
+    if into is None:
+        m, v, r = (be.dump(c) for c in veiled)
+        return m, v, r
+    for c, path in zip(veiled, into, strict=True):
+        be.dump_file(c, path)
+    m, v, r = into
     return m, v, r
 
 
 def _handle(be: Backend, c: Chunk, level: int) -> Ct:
-    return c if isinstance(c, Ct) else be.load(c, level=level)
+    if isinstance(c, Ct):
+        return c
+    if isinstance(c, Path):
+        return be.load_file(c, level=level)
+    return be.load(c, level=level)
 
 
 def step_chunks(
@@ -140,11 +154,15 @@ def step_chunks(
     optimizer: str = "he-adam",
     k: float = 1.0,
     as_bytes: bool = False,
+    out_dir: Path | None = None,
     keep_aggregate: bool = False,
     first_chunk: int = 0,
     mask_next: Sequence[Sequence[np.ndarray]] | None = None,
 ) -> StepResult:
     """Sum, unmask and step every chunk.
+
+    Input chunks may be handles, bytes or files; the new chunks come back as
+    handles, as bytes (``as_bytes``) or as files in ``out_dir``.
 
     ``grads[j]`` lists chunk j of every accepted gradient in summation order
     (top level; given the participants' factor b_top^(−½) here); ``state[j]``
@@ -198,11 +216,22 @@ def step_chunks(
         t3 = now()
         new = fn(be, ChunkState(theta_j, *mvr), x, t, hp, k)
         handles = [be.to_bottom(c) for c in (new.theta, new.m, new.V, new.r)]
-        out = [be.dump(c) for c in handles] if as_bytes else handles
+        out: list[Chunk]
+        if out_dir is not None:
+            out = [out_dir / f"{first_chunk + j}.new-{n}" for n in _OUT_NAMES]
+            for c, path in zip(handles, out, strict=True):
+                be.dump_file(c, path)
+        elif as_bytes:
+            out = [be.dump(c) for c in handles]
+        else:
+            out = list(handles)
         t4 = now()
         if masked is not None:
             assert mask_next is not None
-            masked.append(mask_state(be, handles[1:], mask_next[j]))
+            into = None
+            if out_dir is not None:
+                into = [out_dir / f"{first_chunk + j}.masked-{n}" for n in "mVr"]
+            masked.append(mask_state(be, handles[1:], mask_next[j], into))
         t5 = now()
         spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         for stage, dt in zip(STEP_STAGES, spans, strict=True):
@@ -264,22 +293,18 @@ def _step_shard(*args: Any, **kwargs: Any) -> StepResult | BadChunks:
 
 
 def _step_shard_spooled(
-    src: Path, dst: Path, packed: Any, kwargs: dict[str, Any]
-) -> tuple[bool, StepResult | BadChunks]:
-    """:func:`_step_shard` with its chunks in ``src`` and its results' in ``dst``
-    (:mod:`coordinator.spool`); says whether ``dst`` was written."""
+    src: Path, out_dir: Path, packed: Any, kwargs: dict[str, Any]
+) -> StepResult | BadChunks:
+    """:func:`_step_shard` on chunks in files (:mod:`coordinator.spool`), the
+    masks in ``src``; the new chunks go to files in ``out_dir`` (bytes, through
+    the pipe, if they cannot be written there)."""
     args, mask_next = unspill(packed, src)
-    res = _step_shard(*args, mask_next=mask_next, **kwargs)
-    if isinstance(res, StepResult):
-        try:
-            res.theta, res.state, res.masked = spill(
-                (res.theta, res.state, res.masked), dst
-            )
-        except OSError:  # e.g. the directory's space ran out: send them in-band
-            dst.unlink(missing_ok=True)
-            return False, res
-        return True, res
-    return False, res
+    try:
+        return step_chunks(_be(), *args, mask_next=mask_next, out_dir=out_dir, **kwargs)
+    except BadChunks as exc:
+        return exc
+    except OSError:  # e.g. the directory's space ran out: in-band, from the start
+        return _step_shard(*args, mask_next=mask_next, **kwargs)
 
 
 def _noop(_: int) -> None:
@@ -429,16 +454,50 @@ class ChunkPool:
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
 
-    def _spill(self, shard: int, tree: Any) -> tuple[tuple[Path, Path] | None, Any]:
-        """Write a shard's inputs to the spool: (input, output) files and the
-        markers to send, or (None, tree) to send them in-band."""
+    def _file(self, c: Chunk, path: Path) -> Path:
+        """One chunk in its own spool file (SEAL loads it from there)."""
+        if isinstance(c, Path):
+            return c
+        if isinstance(c, Ct):
+            self.be.dump_file(c, path)
+        else:
+            write_file(path, c)
+        return path
+
+    def _spill(
+        self,
+        shard: int,
+        sl: slice,
+        args: tuple[Any, ...],
+        mask_next: list[Sequence[np.ndarray]] | None,
+    ) -> tuple[Path, Any] | None:
+        """Put a shard's chunks into spool files, one per chunk, and its masks
+        into one more: (that file, what to send), or None to send all in-band."""
         if self._spool is None:
-            return None, tree
-        src, dst = self._spool.path(f"in-{shard}"), self._spool.path(f"out-{shard}")
+            return None
+        theta, state, level, unmask, grads, t, hp = args
+        path = self._spool.path
+        chunks = range(sl.start, sl.stop)
         try:
-            return (src, dst), spill(tree, src)
+            theta_f = [
+                self._file(c, path(f"{i}.theta"))
+                for i, c in zip(chunks, theta, strict=True)
+            ]
+            state_f = [
+                tuple(
+                    self._file(c, path(f"{i}.refresh-{n}"))
+                    for n, c in zip("mVr", s, strict=True)
+                )
+                for i, s in zip(chunks, state, strict=True)
+            ]
+            grads_f = [
+                [self._file(c, path(f"{i}.grad-{r}")) for r, c in enumerate(g)]
+                for i, g in zip(chunks, grads, strict=True)
+            ]
+            src = path(f"in-{shard}")
+            tree = ((theta_f, state_f, level, unmask, grads_f, t, hp), mask_next)
+            return src, spill(tree, src)
         except OSError as exc:  # full or gone: the pipe still works
-            src.unlink(missing_ok=True)
             log.warning(
                 "coordinator workers: cannot write to %s (%s); chunks go through "
                 "the pipe from now on",
@@ -447,23 +506,16 @@ class ChunkPool:
             )
             self._spool.close()
             self._spool = None
-            return None, tree
+            return None
 
     @staticmethod
-    def _unspill(
-        reply: StepResult | BadChunks | tuple[bool, StepResult | BadChunks],
-        files: tuple[Path, Path] | None,
-    ) -> StepResult | BadChunks:
-        if files is None:
-            assert not isinstance(reply, tuple)
-            return reply
-        assert isinstance(reply, tuple)
-        written, res = reply
-        if written:
-            assert isinstance(res, StepResult)
-            res.theta, res.state, res.masked = unspill(
-                (res.theta, res.state, res.masked), files[1]
-            )
+    def _read_masked(res: StepResult | BadChunks) -> StepResult | BadChunks:
+        """The masked state only goes on the wire: as bytes."""
+        if isinstance(res, StepResult) and res.masked is not None:
+            res.masked = [
+                tuple(c.read_bytes() if isinstance(c, Path) else c for c in s)  # type: ignore[misc]
+                for s in res.masked
+            ]
         return res
 
     def step(
@@ -496,26 +548,35 @@ class ChunkPool:
         own, *others = shards
         futures = []
         done_at: dict[Future[Any], float] = {}
-        spooled: list[tuple[Path, Path] | None] = []
         for shard, sl in enumerate(others, start=1):
             assert self._pool is not None, "step on a closed pool"
             args = (
-                [self._bytes(c) for c in theta[sl]],
-                [tuple(self._bytes(c) for c in s) for s in state[sl]],
+                theta[sl],
+                state[sl],
                 state_level,
                 None if unmask is None else list(unmask[sl]),
-                [[self._bytes(c) for c in g] for g in grads[sl]],
+                grads[sl],
                 t,
                 hp,
             )
             kwargs = {"optimizer": optimizer, "k": k, "first_chunk": sl.start}
             nxt = None if mask_next is None else list(mask_next[sl])
-            files, packed = self._spill(shard, (args, nxt))
-            spooled.append(files)
-            if files is None:
+            spooled = self._spill(shard, sl, args, nxt)
+            if spooled is None:
+                args = (
+                    [self._bytes(c) for c in theta[sl]],
+                    [tuple(self._bytes(c) for c in s) for s in state[sl]],
+                    *args[2:4],
+                    [[self._bytes(c) for c in g] for g in grads[sl]],
+                    *args[5:],
+                )
                 fut = self._pool.submit(_step_shard, *args, mask_next=nxt, **kwargs)
             else:
-                fut = self._pool.submit(_step_shard_spooled, *files, packed, kwargs)
+                assert self._spool is not None
+                src, packed = spooled
+                fut = self._pool.submit(
+                    _step_shard_spooled, src, self._spool.dir, packed, kwargs
+                )
             fut.add_done_callback(lambda f: done_at.setdefault(f, time.perf_counter()))
             futures.append(fut)
         try:
@@ -539,9 +600,9 @@ class ChunkPool:
             seconds = [time.perf_counter() - start]
             wait(futures)  # never leave a shard running into the next step
         results: list[StepResult | BadChunks] = [mine]
-        for f, files in zip(futures, spooled, strict=True):
+        for f in futures:
             t_read = time.perf_counter()
-            results.append(self._unspill(f.result(), files))
+            results.append(self._read_masked(f.result()))
             # a worker's time: until its reply arrived, plus reading its chunks
             seconds.append(done_at[f] - start + time.perf_counter() - t_read)
         failures = [f for r in results if isinstance(r, BadChunks) for f in r.failures]

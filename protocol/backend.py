@@ -16,6 +16,7 @@ factor 1 (ARCHITECTURE §5).
 from __future__ import annotations
 
 import abc
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +98,17 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def dump(self, a: Ct) -> bytes:
         """Serialise one chunk (factor must be 1)."""
+
+    def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
+        """:meth:`load` of a chunk stored alone in a file."""
+        with open(path, "rb") as fh:
+            return self.load(fh.read(), level=level)
+
+    def dump_file(self, a: Ct, path: str | os.PathLike[str]) -> None:
+        """:meth:`dump` into a file (created or replaced)."""
+        data = self.dump(a)
+        with open(path, "wb") as fh:
+            fh.write(data)
 
     # participant side; CKKS needs the secret context for these
     @abc.abstractmethod

@@ -240,6 +240,23 @@ class CkksBackend(Backend):
                 f"chunk of {len(chunk)} bytes is not a ciphertext of parameter set "
                 f"{self.params.id!r}: {exc}"
             ) from exc
+        return self._checked(ct, level)
+
+    def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
+        # SEAL reads the file itself: no copy through Python and a temporary file
+        try:
+            ct = sealapi.Ciphertext()
+            ct.load(self._seal_ctx, os.fspath(path))
+        except Exception as exc:
+            size = os.path.getsize(path) if os.path.exists(path) else "no"
+            raise CiphertextError(
+                f"chunk of {size} bytes is not a ciphertext of parameter set "
+                f"{self.params.id!r}: {exc}"
+            ) from exc
+        return self._checked(ct, level)
+
+    def _checked(self, ct: Any, level: int) -> Ct:
+        """``ct`` as a chunk at ``level``, after checking level, size and scale."""
         got = self._level_of(ct)
         if got != level:
             raise CiphertextError(f"ciphertext at level {got}, expected level {level}")
@@ -257,6 +274,11 @@ class CkksBackend(Backend):
         if abs(a.factor - 1.0) > 1e-12:
             raise ValueError(f"refusing to serialise a chunk with factor {a.factor}")
         return _save_bytes(a.data)
+
+    def dump_file(self, a: Ct, path: str | os.PathLike[str]) -> None:
+        if abs(a.factor - 1.0) > 1e-12:
+            raise ValueError(f"refusing to serialise a chunk with factor {a.factor}")
+        a.data.save(os.fspath(path))
 
     # ---- participant side --------------------------------------------------
     def _need_secret(self) -> None:

@@ -11,10 +11,11 @@ import sys
 import numpy as np
 import pytest
 
-from coordinator.spool import Blob, Spool, spill, unspill
+from coordinator.spool import Blob, Spool, spill, unspill, write_file
 from coordinator.workers import ChunkPool, _rebalanced, _shards, step_chunks
 from protocol.adam import AdamHyper
 from protocol.backend import Ct
+from protocol.errors import CiphertextError
 from protocol.keys import generate
 
 
@@ -112,9 +113,19 @@ def _same(got, want, be):
     ]
 
 
+def _spool_names(chunks, replies):
+    names = set()
+    for i in chunks:
+        names |= {f"{i}.theta", f"{i}.new-theta"}
+        names |= {f"{i}.{kind}-{n}" for kind in ("refresh", "masked") for n in "mVr"}
+        names |= {f"{i}.new-{n}" for n in ("m", "V", "r")}
+        names |= {f"{i}.grad-{r}" for r in range(replies)}
+    return names
+
+
 def test_pool_reuses_its_spool_files_and_removes_its_directory(ps, plain):
-    """One input and one output file per spawned worker, rewritten every step;
-    closing the pool removes the directory."""
+    """The spawned workers' chunks, one file each, and a file of masks per
+    worker, rewritten every step; closing the pool removes the directory."""
     _, pub, _ = generate(ps, "plain")
     args, nxt = _plain_inputs(ps, plain)
     want = step_chunks(plain, *args, mask_next=nxt)
@@ -124,8 +135,9 @@ def test_pool_reuses_its_spool_files_and_removes_its_directory(ps, plain):
         for _ in range(2):
             got = pool.step(*args, mask_next=nxt)
             _same(got, want, plain)
-            names = sorted(f.name for f in spool_dir.iterdir())
-            assert names == ["in-1", "in-2", "out-1", "out-2"]
+            names = {f.name for f in spool_dir.iterdir()}
+            # 3 chunks on 3 processes: chunks 1 and 2 went to the spawned ones
+            assert names == {"in-1", "in-2"} | _spool_names([1, 2], replies=4)
     assert not spool_dir.exists()
 
 
@@ -190,3 +202,29 @@ def test_rebalancing_moves_chunks_to_the_faster_process():
         sizes = [sl.stop - sl.start for sl in _shards(200, w)]
         w = _rebalanced(w, sizes, [sizes[0] / 12.5, sizes[1] / (100 / 9.6)])
     np.testing.assert_allclose(w, speed, rtol=1e-2)
+
+
+def test_chunk_files_load_like_chunk_bytes(ps, ckks_pair, tmp_path):
+    """SEAL reads a spool file itself: the same ciphertext as from bytes, and the
+    same checks (foreign or truncated content, wrong level) with clear errors."""
+    part, coord, _, _ = ckks_pair
+    rng = np.random.default_rng(5)
+    top = ps.depth
+    data = part.encrypt(rng.uniform(-1, 1, ps.slots))
+    path = tmp_path / "c"
+    write_file(path, data)
+    ct = coord.load_file(path, level=top)
+    assert coord.dump(ct) == coord.dump(coord.load(data, level=top))
+    coord.dump_file(coord.to_bottom(ct), tmp_path / "d")
+    back = coord.load_file(tmp_path / "d", level=0)
+    np.testing.assert_allclose(
+        part.decrypt(coord.dump(back)), part.decrypt(data), atol=1e-6
+    )
+    write_file(path, data[: len(data) // 2])
+    with pytest.raises(CiphertextError, match="bytes is not a ciphertext"):
+        coord.load_file(path, level=top)
+    write_file(path, data)
+    with pytest.raises(CiphertextError, match="expected level 0"):
+        coord.load_file(path, level=0)
+    with pytest.raises(CiphertextError, match="no bytes is not a ciphertext"):
+        coord.load_file(tmp_path / "missing", level=top)
