@@ -8,12 +8,21 @@ the shard's own work. Written to a file in a RAM-backed directory and read back
 with one ``mmap``, the same bytes took 0.10 s to write, 0.16–0.22 s to read and
 0.07–0.35 s back.
 
-:func:`spill` writes every ``bytes`` (and ``numpy`` array) found in nested
-lists and tuples to one file and returns the same structure with small
-:class:`Blob` markers in their place, which is what crosses the pipe;
-:func:`unspill` puts the contents back. Files live in a private directory
-(:class:`Spool`), one per shard and direction, rewritten every step; the
-directory goes when the pool closes.
+How the pool uses it (:class:`coordinator.workers.ChunkPool`): each chunk of
+a spawned worker's shard is one file (``<chunk>.theta``, ``<chunk>.grad-<i>``,
+``<chunk>.refresh-<m|V|r>``), which SEAL loads itself
+(:meth:`protocol.backend.Backend.load_file`), and the worker saves its new
+chunks the same way (``<chunk>.new-*``, ``<chunk>.masked-*``), so no ciphertext
+is copied through Python on that side; the masks travel in one file per shard
+(``in-<shard>``) written by :func:`spill`, which puts every ``bytes`` and
+``numpy`` array of nested lists and tuples into one file and returns the
+structure with small :class:`Blob` markers in their place (what crosses the
+pipe); :func:`unspill` puts the contents back. One chunk per file against one
+file per shard, 2 processes, K = 4, two runs each: coordinator 0.908 / 0.934 s
+against 0.942 / 0.992 s at 100k parameters, 9.44 / 9.02 s against 9.26 /
+9.90 s at 1M. Files live in a private directory (:class:`Spool`), keep their
+names from step to step and are rewritten in place; the directory goes when
+the pool closes.
 """
 
 from __future__ import annotations

@@ -21,10 +21,11 @@ Keys: each worker loads the *evaluation* context once, through
 :func:`protocol.keys.coordinator_backend`, which refuses a context holding a
 secret key — a worker can never decrypt. Chunks travel between processes as
 bytes, never as live TenSEAL objects, and not through the executor's pipe:
-a shard's chunks are written to a file in a RAM-backed spool directory and the
-worker gets only their offsets (:mod:`coordinator.spool`; the pipe moved 60–130
-MB/s here, a 1M-parameter shard is ~190 MB in and ~110 MB out). If the spool
-cannot be written, the chunks go through the pipe. New state leaves a worker at
+each chunk of a spawned worker's shard is a file in a RAM-backed spool
+directory, loaded and saved by SEAL, and the worker gets only the names
+(:mod:`coordinator.spool`; the pipe moved 60–130 MB/s here, a 1M-parameter
+shard is ~190 MB in and ~110 MB out). If the spool cannot be written, the
+chunks go through the pipe. New state leaves a worker at
 the bottom level, where a chunk saves in well under a millisecond.
 """
 
