@@ -30,6 +30,7 @@ from __future__ import annotations
 import mmap
 import os
 import shutil
+import socket
 import tempfile
 import weakref
 from dataclasses import dataclass
@@ -132,12 +133,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _owner() -> str:
+    """This host's part of a spool's name: a process id only means something on
+    the host (container) that made it, and /dev/shm can be shared."""
+    host = "".join(ch if ch.isalnum() else "_" for ch in socket.gethostname())
+    return host or "host"
+
+
 def remove_stale(base: Path) -> list[Path]:
-    """Remove spool directories whose coordinator process is gone (killed
-    before it could close its pool); returns what was removed."""
+    """Remove spool directories of this host whose coordinator process is gone
+    (killed before it could close its pool); returns what was removed."""
     gone = []
-    for d in base.glob(PREFIX + "*"):
-        pid = d.name[len(PREFIX) :].split("-", 1)[0]
+    for d in base.glob(f"{PREFIX}{_owner()}-*"):
+        pid = d.name[len(f"{PREFIX}{_owner()}-") :].split("-", 1)[0]
         if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)
@@ -147,13 +155,13 @@ def remove_stale(base: Path) -> list[Path]:
 class Spool:
     """A private directory for one pool's files, removed on :meth:`close` (and
     when the object is collected or the process exits normally; a process that
-    is killed leaves it, and the next pool on the machine removes it)."""
+    is killed leaves it, and the next pool on the same host removes it)."""
 
     def __init__(self, base: Path | None = None) -> None:
         if base is None:
             base = SHM if _writable(SHM) else Path(tempfile.gettempdir())
         remove_stale(base)
-        prefix = f"{PREFIX}{os.getpid()}-"
+        prefix = f"{PREFIX}{_owner()}-{os.getpid()}-"
         self.dir = Path(tempfile.mkdtemp(prefix=prefix, dir=base))
         self._finalizer = weakref.finalize(
             self, shutil.rmtree, self.dir, ignore_errors=True

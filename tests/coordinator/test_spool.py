@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from coordinator.spool import Blob, Spool, spill, unspill, write_file
+from coordinator.spool import Blob, Spool, _owner, spill, unspill, write_file
 from coordinator.workers import ChunkPool, _rebalanced, _shards, step_chunks
 from protocol.adam import AdamHyper
 from protocol.backend import Ct
@@ -58,7 +58,7 @@ def test_spill_rewrites_the_file_in_place(tmp_path):
 def test_spool_directory_goes_on_close(tmp_path):
     spool = Spool(tmp_path)
     assert spool.dir.parent == tmp_path and spool.path("in-1") == spool.path("in-1")
-    assert spool.dir.name.startswith(f"hedrl-pool-{os.getpid()}-")
+    assert spool.dir.name.startswith(f"hedrl-pool-{_owner()}-{os.getpid()}-")
     spool.path("in-1").write_bytes(b"x")
     spool.close()
     assert not spool.dir.exists()
@@ -66,19 +66,22 @@ def test_spool_directory_goes_on_close(tmp_path):
 
 
 def test_a_killed_coordinators_spool_is_removed_by_the_next(tmp_path):
-    """Only directories of processes that no longer exist are removed."""
+    """Only this host's directories of processes that no longer exist are
+    removed (another host's process ids say nothing here)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"hedrl-pool-{dead.pid}-abc"
+    stale = tmp_path / f"hedrl-pool-{_owner()}-{dead.pid}-abc"
     (stale / "sub").mkdir(parents=True)
     (stale / "in-1").write_bytes(b"x" * 100)
-    live = tmp_path / f"hedrl-pool-{os.getpid()}-def"
-    live.mkdir()
+    live = tmp_path / f"hedrl-pool-{_owner()}-{os.getpid()}-def"
+    foreign = tmp_path / f"hedrl-pool-{_owner()}x-{dead.pid}-ghi"
     other = tmp_path / "unrelated"
-    other.mkdir()
+    for d in (live, foreign, other):
+        d.mkdir()
     spool = Spool(tmp_path)
     assert not stale.exists()
-    assert live.exists() and other.exists() and spool.dir.exists()
+    assert live.exists() and foreign.exists() and other.exists()
+    assert spool.dir.exists()
     spool.close()
 
 
