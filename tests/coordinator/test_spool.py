@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -231,3 +232,40 @@ def test_chunk_files_load_like_chunk_bytes(ps, ckks_pair, tmp_path):
         coord.load_file(path, level=0)
     with pytest.raises(CiphertextError, match="no bytes is not a ciphertext"):
         coord.load_file(tmp_path / "missing", level=top)
+
+
+def test_worker_sends_its_results_in_band_when_it_cannot_write_them(
+    ps, plain, tmp_path, monkeypatch
+):
+    """The worker's side, run here: inputs from spool files, an output directory
+    that cannot be written → the same results, as bytes through the pipe."""
+    import coordinator.workers as workers
+
+    monkeypatch.setattr(workers, "_worker_be", plain)
+    args, nxt = _plain_inputs(ps, plain, n=2, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    theta, state, top, masks, grads, t, hp = args
+    files = []
+    for i, c in enumerate([*theta, *[x for s in state for x in s], *sum(grads, [])]):
+        write_file(tmp_path / f"c{i}", c)
+        files.append(tmp_path / f"c{i}")
+    theta_f, rest = files[:2], files[2:]
+    state_f = [tuple(rest[0:3]), tuple(rest[3:6])]
+    grads_f = [rest[6:8], rest[8:10]]
+    tree = ((theta_f, state_f, top, masks, grads_f, t, hp), nxt)
+    packed = spill(tree, tmp_path / "in-1")
+    kwargs = {"optimizer": "he-adam", "k": 1.0, "first_chunk": 0}
+    got = workers._step_shard_spooled(
+        tmp_path / "in-1", tmp_path / "gone", packed, kwargs
+    )
+    assert all(isinstance(c, bytes) for c in got.theta)
+    flat = [got.theta + [c for s in got.state for c in s]]
+    flat.append(want.theta + [c for s in want.state for c in s])
+    for g, w in zip(*flat, strict=True):
+        np.testing.assert_array_equal(plain.load(g, level=0).data, w.data)
+    assert got.masked == want.masked
+    ok = workers._step_shard_spooled(tmp_path / "in-1", tmp_path, packed, kwargs)
+    assert all(isinstance(c, Path) for c in ok.theta)  # written where it could
+    assert [plain.load_file(c, level=0).data.tolist() for c in ok.theta] == [
+        c.data.tolist() for c in want.theta
+    ]
