@@ -20,9 +20,9 @@ structure with small :class:`Blob` markers in their place (what crosses the
 pipe); :func:`unspill` puts the contents back. One chunk per file against one
 file per shard, 2 processes, K = 4, two runs each: coordinator 0.908 / 0.934 s
 against 0.942 / 0.992 s at 100k parameters, 9.44 / 9.02 s against 9.26 /
-9.90 s at 1M. Files live in a private directory (:class:`Spool`), keep their
-names from step to step and are rewritten in place; the directory goes when
-the pool closes.
+9.90 s at 1M. Files live in a private directory (:class:`Spool`) and keep their
+names from step to step; what the caller writes is rewritten in place (SEAL's
+own saves in the worker truncate); the directory goes when the pool closes.
 """
 
 from __future__ import annotations
