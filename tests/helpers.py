@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from protocol import keys
-from protocol.backend import Backend
+from protocol.adam import AdamHyper
+from protocol.backend import Backend, Ct
 from protocol.params import ParamSet, get_param_set
 from protocol.tolerance import ckks_abs_tol, ckks_theta_rel_tol
 from protocol.wire import Expect
@@ -127,3 +128,25 @@ __all__ = [
     "metrics_rows",
     "wire_expect",
 ]
+
+
+def plain_step_inputs(
+    ps: ParamSet, plain: Backend, n: int = 3, replies: int = 4
+) -> tuple[tuple[Any, ...], list[list[np.ndarray]]]:
+    """Serialised twin chunks for one step of ``n`` chunks — θ (bottom), the
+    refreshed (m, V, r) and ``replies`` gradients (top) — with unmasking masks:
+    (the arguments of ``step_chunks``, masks for the next refresher)."""
+    rng = np.random.default_rng(0)
+    top = ps.depth
+
+    def chunk(level: int, lo: float = -1.0, hi: float = 1.0) -> bytes:
+        return plain.dump(Ct(rng.uniform(lo, hi, ps.slots), level))
+
+    theta = [chunk(0) for _ in range(n)]
+    state = [
+        (chunk(top), chunk(top, 0.01, 0.1), chunk(top, 3.0, 10.0)) for _ in range(n)
+    ]
+    masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
+    nxt = [[rng.uniform(-9, 9, ps.slots) for _ in range(3)] for _ in range(n)]
+    grads = [[chunk(top, -0.01, 0.01) for _ in range(replies)] for _ in range(n)]
+    return (theta, state, top, masks, grads, 5, AdamHyper()), nxt

@@ -14,9 +14,9 @@ import pytest
 from benchmarks.bench import STAGES, main, parse_count, parse_list
 from coordinator.workers import BadChunks, ChunkPool, step_chunks
 from protocol.adam import AdamHyper
-from protocol.backend import Ct
 from protocol.errors import SecretKeyRefused
 from protocol.keys import generate
+from tests.helpers import plain_step_inputs
 
 UPLOAD_TARGET = 50.0  # bytes per filled slot and participant (issue 5)
 BROADCAST_TARGET = 33.0  # θ at the bottom level
@@ -103,20 +103,8 @@ def test_pool_step_equals_in_process_step(ps, plain, workers):
     """Sharded over this process and workers − 1 spawned ones (1: none, 3: one
     chunk each), the twin's whole step is bit-for-bit the same."""
     _, pub, _ = generate(ps, "plain")
-    rng = np.random.default_rng(0)
-    hp = AdamHyper()
-    n, top = 3, ps.depth
-
-    def chunk(level, lo=-1.0, hi=1.0):
-        return plain.dump(Ct(rng.uniform(lo, hi, ps.slots), level))
-
-    theta = [chunk(0) for _ in range(n)]
-    state = [
-        (chunk(top), chunk(top, 0.01, 0.1), chunk(top, 3.0, 10.0)) for _ in range(n)
-    ]
-    masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
-    grads = [[chunk(top, -0.01, 0.01) for _ in range(4)] for _ in range(n)]
-    args = (theta, state, top, masks, grads, 5, hp)
+    n = 3
+    args, _ = plain_step_inputs(ps, plain, n=n, replies=4)
     want = step_chunks(plain, *args)
     with ChunkPool(
         context=pub, param_set=ps.id, backend="plain", workers=workers

@@ -14,10 +14,9 @@ import pytest
 
 from coordinator.spool import Blob, Spool, _owner, spill, unspill, write_file
 from coordinator.workers import ChunkPool, _rebalanced, _shards, step_chunks
-from protocol.adam import AdamHyper
-from protocol.backend import Ct
 from protocol.errors import CiphertextError
 from protocol.keys import generate
+from tests.helpers import plain_step_inputs
 
 
 def test_spill_round_trip_keeps_structure_and_contents(tmp_path):
@@ -86,23 +85,6 @@ def test_a_killed_coordinators_spool_is_removed_by_the_next(tmp_path):
     spool.close()
 
 
-def _plain_inputs(ps, plain, n=3, replies=4):
-    rng = np.random.default_rng(0)
-    top = ps.depth
-
-    def chunk(level, lo=-1.0, hi=1.0):
-        return plain.dump(Ct(rng.uniform(lo, hi, ps.slots), level))
-
-    theta = [chunk(0) for _ in range(n)]
-    state = [
-        (chunk(top), chunk(top, 0.01, 0.1), chunk(top, 3.0, 10.0)) for _ in range(n)
-    ]
-    masks = [[rng.uniform(-1, 1, ps.slots) for _ in range(3)] for _ in range(n)]
-    nxt = [[rng.uniform(-9, 9, ps.slots) for _ in range(3)] for _ in range(n)]
-    grads = [[chunk(top, -0.01, 0.01) for _ in range(replies)] for _ in range(n)]
-    return (theta, state, top, masks, grads, 5, AdamHyper()), nxt
-
-
 def _same(got, want, be):
     assert len(got.theta) == len(want.theta)
     for g, w in zip(
@@ -131,7 +113,7 @@ def test_pool_reuses_its_spool_files_and_removes_its_directory(ps, plain):
     """The spawned workers' chunks, one file each, and a file of masks per
     worker, rewritten every step; closing the pool removes the directory."""
     _, pub, _ = generate(ps, "plain")
-    args, nxt = _plain_inputs(ps, plain)
+    args, nxt = plain_step_inputs(ps, plain)
     want = step_chunks(plain, *args, mask_next=nxt)
     with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=3) as pool:
         assert pool._spool is not None
@@ -149,7 +131,7 @@ def test_pool_falls_back_to_the_pipe_when_the_spool_is_gone(ps, plain, caplog):
     """If the spool cannot be written (deleted, full), the step still gives
     the same result, the chunks go in-band, and the log says so once."""
     _, pub, _ = generate(ps, "plain")
-    args, nxt = _plain_inputs(ps, plain)
+    args, nxt = plain_step_inputs(ps, plain)
     want = step_chunks(plain, *args, mask_next=nxt)
     with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
         assert pool._spool is not None
@@ -166,7 +148,7 @@ def test_pool_falls_back_to_the_pipe_when_the_spool_is_gone(ps, plain, caplog):
 def test_pool_without_masks_for_the_next_round(ps, plain, workers):
     """mask_next=None (a step whose state is not pre-masked) through the spool."""
     _, pub, _ = generate(ps, "plain")
-    args, _ = _plain_inputs(ps, plain)
+    args, _ = plain_step_inputs(ps, plain)
     want = step_chunks(plain, *args)
     with ChunkPool(
         context=pub, param_set=ps.id, backend="plain", workers=workers
@@ -242,7 +224,7 @@ def test_worker_sends_its_results_in_band_when_it_cannot_write_them(
     import coordinator.workers as workers
 
     monkeypatch.setattr(workers, "_worker_be", plain)
-    args, nxt = _plain_inputs(ps, plain, n=2, replies=2)
+    args, nxt = plain_step_inputs(ps, plain, n=2, replies=2)
     want = step_chunks(plain, *args, mask_next=nxt)
     theta, state, top, masks, grads, t, hp = args
     files = []
