@@ -21,7 +21,7 @@ from flwr.app import RecordDict
 from flwr.common import serde
 from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
 
-from coordinator.he_adam import initial_state
+from coordinator.he_adam import StateUnits, initial_state
 from protocol import keys
 from protocol import messages as msg
 from protocol.adam import AdamHyper
@@ -148,7 +148,10 @@ def make_party(
     g_n = np.clip(rng.normal(0.0, 0.5, params), -1, 1)
     vectors = {"theta": theta0}
     state0 = initial_state(g_n * g_n, keys_.hp)
-    vectors.update(zip(msg.STATE_NAMES, state0, strict=True))
+    units = StateUnits.of(part, keys_.hp)  # stored, as a step leaves them
+    vectors.update(
+        (n, f * v) for n, v, f in zip(msg.STATE_NAMES, state0, units.out, strict=True)
+    )
     cts = {}
     for name, values in vectors.items():
         rd = RecordDict()

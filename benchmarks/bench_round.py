@@ -36,7 +36,7 @@ from coordinator.workers import STEP_STAGES, ChunkPool, masks_by_chunk, step_chu
 from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import messages as msg
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, StateUnits
 from protocol.codec import receive_plain, send_cts, send_plain
 from protocol.config import RunConfig
 from protocol.records import read_vector
@@ -69,7 +69,7 @@ class Round:
         fed.cfg = RunConfig(mask_bits=mask_bits, backend=party.backend)
         fed.params, fed.be, fed.fingerprint = party.ps, party.coord, party.fingerprint
         fed.run_id, fed.layout_digest, fed.n_chunks = RUN_ID, "bench", party.chunks
-        fed._mask_rng, fed._premasked = rng, None
+        fed._mask_rng, fed._premasked, fed.hp = rng, None, hp
         self.fed = fed
 
     # participant side ------------------------------------------------------------
@@ -110,6 +110,7 @@ class Round:
     def _refresh(self, state_wire: bytes, clock: Clock, p: Party, top: int) -> bytes:
         with clock("refresh_s"):
             content, out = from_wire_bytes(state_wire), RecordDict()
+            units = StateUnits.of(p.part, self.hp)
             for name in msg.STATE_NAMES:
                 values = receive_plain(
                     p.part,
@@ -121,7 +122,7 @@ class Round:
                     p.part,
                     out,
                     msg.state_key("refresh", name),
-                    values,
+                    units.refresh_scale(name) * values,
                     p.expect("refresh", top, name),
                     p.t,
                 )

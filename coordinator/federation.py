@@ -54,6 +54,7 @@ from coordinator.workers import (
 )
 from protocol import keys
 from protocol import messages as msg
+from protocol.adam import StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
@@ -265,8 +266,9 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         assert self.state is not None
         masks = self._draw_masks()
         per_chunk = masks_by_chunk(masks, self.n_chunks)
+        units = StateUnits.of(self.be, self.hp)
         chunks: list[tuple[Chunk, Chunk, Chunk]] = [
-            mask_state(self.be, mvr, per)
+            mask_state(self.be, mvr, per, units)
             for mvr, per in zip(self.state, per_chunk, strict=True)
         ]
         return chunks, masks

@@ -6,11 +6,16 @@ Nguyen, Lauter & Kim, Nature Machine Intelligence 7, 2025). State per slot:
 β2^(−1/2)·r, tracks V'^(−1/2):
 
     depth 1:  X2 = x·x   R2 = r·r   W = (V + c²δ) + X2   m' = β1·m + ((1−β1)/c)·x
-    depth 2:  P = W·R2   nr = m'·((−a_t·s)·r)   V' = β2·W + (1−β2)·δ − β2c²δ
+    depth 2:  P = W·R2   nr = m'·((−a_t·s)·r)            V' = β2·W
     depth 3:  H = 3 − P   r' = (s·r)·H   θ' = θ + nr·H
 
 P = W·r² equals ARCHITECTURE §6's q·r + p·p (p = x·r, q = (V + c²δ)·r) with
-two products fewer.
+two products fewer, and V' = β2·W is §6's β2·(V + x²) + (1−β2)·δ because
+β2·c² = 1 − β2. The public scalars β1, (1−β1)/c, β2 and s are not multiplied
+into ciphertexts: m, V and r carry them as known factors
+(:class:`protocol.adam.StateUnits`) that the refresher applies while it
+re-encrypts, so the step is 6 ct×ct products and one ct×scalar product (the
+step size a_t, which changes every step).
 
 with c = sqrt((1−β2)/β2), s = β2^(−1/2)/2, δ = c²/u_max and, because V starts
 from data (V0 = mean g² + δ), a_t = lr/(1−β1^t). ``x`` is the sum of the
@@ -23,16 +28,27 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.adam import AdamHyper, initial_state
+from protocol.adam import AdamHyper, StateUnits, initial_state
 from protocol.backend import Backend, Ct, PlainBackend
 from protocol.errors import ConfigError
 
-__all__ = ["AdamHyper", "ChunkState", "initial_state", "step", "step_chunk"]
+__all__ = [
+    "AdamHyper",
+    "ChunkState",
+    "StateUnits",
+    "initial_state",
+    "step",
+    "step_chunk",
+]
 
 
 @dataclass
 class ChunkState:
-    """Encrypted optimiser state of one slot-chunk."""
+    """Encrypted optimiser state of one slot-chunk.
+
+    Into a step m, V, r carry the factors ``StateUnits.inp``, out of it
+    ``StateUnits.out``; θ carries factor 1.
+    """
 
     theta: Ct
     m: Ct
@@ -53,10 +69,29 @@ def _scal_for(be: Backend, a: Ct, c: float, partner: Ct, last: Ct) -> Ct:
     return be.scal(a, c, out_factor=f_prod / (partner.factor * be.rescale_bias(lvl1)))
 
 
-def _scal_into(be: Backend, a: Ct, c: float, last: Ct) -> Ct:
-    """``c·a`` with the factor that makes ``(c·a)·last`` carry factor 1."""
+def _scal_into(be: Backend, a: Ct, c: float, last: Ct, target: float = 1.0) -> Ct:
+    """``c·a`` with the factor that makes ``(c·a)·last`` carry ``target``."""
     lvl = min(a.level - 1, last.level)
-    return be.scal(a, c, out_factor=1.0 / (last.factor * be.rescale_bias(lvl)))
+    return be.scal(a, c, out_factor=target / (last.factor * be.rescale_bias(lvl)))
+
+
+def _as(a: Ct, factor: float) -> Ct:
+    """The same data read as a value with ``factor`` (the value changes)."""
+    return Ct(a.data, a.level, factor)
+
+
+def _check_units(be: Backend, st: ChunkState, x: Ct, units: StateUnits) -> None:
+    for name, c, f in zip("mVr", (st.m, st.V, st.r), units.inp, strict=True):
+        if abs(c.factor / f - 1.0) > 1e-9:
+            raise ValueError(
+                f"state {name} carries factor {c.factor!r}, the step expects {f!r} "
+                "(StateUnits.inp)"
+            )
+    if abs(x.factor / be.gradient_factor - 1.0) > 1e-9:
+        raise ValueError(
+            f"gradient sum carries factor {x.factor!r}, participants send "
+            f"{be.gradient_factor!r} (Backend.gradient_factor)"
+        )
 
 
 def step_chunk(
@@ -64,48 +99,50 @@ def step_chunk(
 ) -> ChunkState:
     """One HE-Adam step on one chunk; t counts from 1.
 
-    With every reply (k = 1) P = q·r + p·p is evaluated as W·r² with
-    W = (V + c²δ) + x²: 6 ct×ct products instead of 8, the same values. x
-    carries the participants' factor b_top^(−½), so x² has factor 1 and adds to
-    V without a scalar product.
+    With every reply (k = 1): 6 ct×ct products and one ct×scalar product.
+    x carries the participants' factor b_top^(−½), so x² has factor 1 and adds
+    to V without a scalar product; m, V, r come in and go out in the units of
+    :class:`StateUnits`.
 
     ``k = K/K'`` corrects for dropouts: participants weighted their gradient by
     1/K before they knew that only K' would reply, so the circuit runs on k·x.
-    k enters m' and V' through their public scalars; for r' and θ' the factor k²
+    k enters m' and V' through scalar products; for r' and θ' the factor k²
     of p·p lands on a depth-1 factor (ARCHITECTURE §6) — still depth 3, 11
     products. (Folding k² into W instead would shrink the scalars on r by K'²,
     and CKKS's rescale noise, ~2^-22 absolute at 35-bit scale, would cost that
     factor in precision: measured 3–7e-4 relative error vs 4e-5.)
     """
+    units = StateUnits.of(be, hp)
+    _check_units(be, st, x, units)
+    f_m, f_v, f_r = units.out
     c, s, d = hp.c, hp.s, hp.delta
-    x2 = be.mul(x, x)  # depth 1
-    m_new = be.add(be.scal(st.m, hp.beta1), be.scal(x, k * (1 - hp.beta1) / c))
-    vc = be.add_scalar(st.V, c * c * d)
+    x2 = be.mul(x, x)  # depth 1, factor 1
+    vc = be.add_scalar(st.V, c * c * d)  # V + c²δ, factor 1
     if k == 1.0:
-        if abs(x2.factor / vc.factor - 1.0) > 1e-12:  # x without b_top^(−½)
-            vc = be.scal(vc, 1.0, out_factor=x2.factor)
-        w = be.add(vc, x2)  # (V + c²δ) + x², depth 1
+        w = be.add(vc, x2)  # W = V + c²δ + x², depth 1
+        m_new = _as(be.add(st.m, x), f_m)  # β1·m + ((1−β1)/c)·x, no level
         h = be.add_scalar(be.neg(be.mul(w, be.mul(st.r, st.r))), 3.0)  # 3 − P
-        v_new = be.add_scalar(
-            be.scal(w, hp.beta2), (1 - hp.beta2) * d - hp.beta2 * c * c * d
-        )  # β2·(V + x²) + (1−β2)·δ
-        r_new = be.mul(_scal_into(be, st.r, s, h), h)  # depth 3
+        r_new = be.mul(st.r, h)  # r·H: s·r·H with factor ·1/s
         nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))
         theta_new = be.add(st.theta, be.mul(nr, h))  # depth 3
-        return ChunkState(theta=theta_new, m=m_new, V=v_new, r=r_new)
+        return ChunkState(
+            theta=theta_new,
+            m=m_new,
+            V=_as(w, f_v),  # β2·W = V'
+            r=_as(r_new, r_new.factor / s),
+        )
     # dropout form: H = A − k²·B with A = 3 − q·r and B = p·p
+    kx = be.scal(x, k, out_factor=x.factor)
+    m_new = _as(be.add(st.m, kx), f_m)
+    v_new = _as(be.add(vc, be.scal(x2, k * k)), f_v)  # V'/β2 = V + c²δ + k²x²
     p = be.mul(x, st.r)
     q = be.mul(vc, st.r)
-    v_new = be.add_scalar(
-        be.add(be.scal(st.V, hp.beta2), be.scal(x2, hp.beta2 * k * k)),
-        (1 - hp.beta2) * d,
-    )
     qr = be.mul(q, st.r)
     pp = be.mul(p, p)
     a = be.add_scalar(be.neg(qr), 3.0)
     r_new = be.sub(
-        be.mul(_scal_into(be, st.r, s, a), a),
-        be.mul(_scal_into(be, st.r, k * k * s, pp), pp),
+        be.mul(_scal_into(be, st.r, s, a, f_r), a),
+        be.mul(_scal_into(be, st.r, k * k * s, pp, f_r), pp),
     )
     nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, a))
     mk = be.mul(m_new, _scal_for(be, st.r, hp.a(t) * s * k * k, m_new, pp))
@@ -118,22 +155,25 @@ def exact_step_chunk(
 ) -> ChunkState:
     """Exact Adam on the plaintext twin's arrays (the "unencrypted counterpart").
 
-    Same state convention (V = v + δ, r = V^(−1/2)) and output levels as
-    :func:`step_chunk`, so the refresh path is shared; only the update differs:
-    θ' = θ − a_t·m'/sqrt(v' + δ) with an exact square root.
+    Same state convention (V = v + δ, r = V^(−1/2), the units of
+    :class:`StateUnits`) as :func:`step_chunk`, so the refresh path is shared;
+    only the update differs: θ' = θ − a_t·m'/sqrt(v' + δ) with an exact
+    square root.
     """
     if not isinstance(be, PlainBackend):
         raise ConfigError("optimizer 'exact-adam' needs backend 'plain'")
-    g = k * x.data * x.factor / hp.c
-    m = hp.beta1 * st.m.data + (1 - hp.beta1) * g
-    v = hp.beta2 * st.V.data + (1 - hp.beta2) * (g * g + hp.delta)
+    units = StateUnits.of(be, hp)
+    _check_units(be, st, x, units)
+    g = k * (x.data / x.factor) / hp.c
+    m = hp.beta1 * (st.m.data / st.m.factor) + (1 - hp.beta1) * g
+    v = hp.beta2 * (st.V.data / st.V.factor) + (1 - hp.beta2) * (g * g + hp.delta)
     theta = st.theta.data - hp.a(t) * m / np.sqrt(v)
-    top = be.top_level
+    f_m, f_v, f_r = units.out
     return ChunkState(
         theta=Ct(theta, 0),
-        m=Ct(m, top - 1),
-        V=Ct(v, top - 2),
-        r=Ct(1.0 / np.sqrt(v), 0),
+        m=Ct(f_m * m, be.top_level, f_m),
+        V=Ct(f_v * v, be.top_level - 1, f_v),
+        r=Ct(f_r / np.sqrt(v), 0, f_r),
     )
 
 

@@ -14,6 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from protocol import PROTOCOL_VERSION
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
 from protocol.checkpoint import read_checkpoint, write_checkpoint
@@ -58,6 +59,13 @@ def load_resume(path: Path, cfg: RunConfig, param_set: str) -> Resume:
                 f"resume-from {path}: checkpoint {key} is {meta.get(key)!r}, "
                 f"this run's is {want!r}"
             )
+    written = int(meta.get("protocol_version", 1))
+    if written != PROTOCOL_VERSION and all(n in vectors for n in msg.STATE_NAMES):
+        raise ConfigError(
+            f"resume-from {path}: checkpoint was written by protocol version "
+            f"{written}, whose m, V, r are in other units than version "
+            f"{PROTOCOL_VERSION}'s; its θ can still be released, not resumed"
+        )
     if int(meta["step"]) >= cfg.num_rounds:
         raise ConfigError(
             f"resume-from {path}: checkpoint is at step {meta['step']}, "
@@ -154,6 +162,7 @@ class CheckpointMixin:
                 vectors[name] = [self.be.dump(c[j]) for c in state]
                 levels[name] = state[0][j].level
         meta = {
+            "protocol_version": PROTOCOL_VERSION,
             "step": step,
             "run_id": self.run_id,
             "key_run_id": self.key_run_id,

@@ -48,7 +48,7 @@ import numpy as np
 from coordinator.he_adam import OPTIMIZERS, ChunkState
 from coordinator.spool import Spool, spill, unspill, write_file
 from protocol import keys
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Backend, Ct
 from protocol.errors import ConfigError, HedrlError
 from protocol.params import get_param_set
@@ -118,12 +118,20 @@ def mask_state(
     be: Backend,
     mvr: Sequence[Ct],
     masks: Sequence[np.ndarray],
+    units: StateUnits,
     into: Sequence[Path] | None = None,
 ) -> tuple[Chunk, Chunk, Chunk]:
-    """One chunk's (m, V, r) at the bottom level plus its masks, serialised
-    (they only go on the wire, to the refresher), or written to ``into``."""
-    veiled = [
-        be.add_plain(be.to_bottom(c), mask) for c, mask in zip(mvr, masks, strict=True)
+    """One chunk's stored (m, V, r) at the bottom level plus its masks,
+    serialised (they only go on the wire, to the refresher), or written to
+    ``into``.
+
+    Stored state holds ``data = StateUnits.out·value``; each mask is added in
+    the same units, so the refresher decrypts out·(value + mask), and after its
+    :meth:`~StateUnits.refresh_scale` the coordinator subtracts inp·mask.
+    """
+    veiled = [  # the data as it is: the refresher applies the units
+        Ct(be.add_plain(Ct(be.to_bottom(c).data, 0, f), mask).data, 0)
+        for c, mask, f in zip(mvr, masks, units.out, strict=True)
     ]
     if into is None:
         m, v, r = (be.dump(c) for c in veiled)
@@ -132,6 +140,13 @@ def mask_state(
         be.dump_file(c, path)
     m, v, r = into
     return m, v, r
+
+
+def _stored(c: Ct, factor: float, name: str) -> Ct:
+    """A step's new state ``name`` as stored (factor 1 on the handle)."""
+    if abs(c.factor / factor - 1.0) > 1e-9:  # the circuit and StateUnits disagree
+        raise RuntimeError(f"new {name} carries factor {c.factor!r}, not {factor!r}")
+    return Ct(c.data, c.level)
 
 
 def _handle(be: Backend, c: Chunk, level: int) -> Ct:
@@ -167,14 +182,18 @@ def step_chunks(
 
     ``grads[j]`` lists chunk j of every accepted gradient in summation order
     (top level; given the participants' factor b_top^(−½) here); ``state[j]``
-    is (m, V, r) at ``state_level``, still masked when ``unmask[j]`` gives the
-    masks to subtract. With ``mask_next``, the new (m, V, r) of chunk j plus
+    is (m, V, r) at ``state_level`` in the step's input units
+    (``StateUnits.inp``: what a refresher or the round-1 key holder sends),
+    still masked when ``unmask[j]`` gives the masks to subtract. The new state
+    comes back stored, ``data = StateUnits.out·value`` with factor 1 on the
+    handle. With ``mask_next``, the new (m, V, r) of chunk j plus
     ``mask_next[j]`` come back too (``masked``, serialised): what the next
     round's refresher gets, masked where the chunk is, in parallel when
     sharded. Raises :class:`BadChunks` (listing every chunk that did not parse)
     before anything is returned.
     """
     fn = OPTIMIZERS[optimizer]
+    units = StateUnits.of(be, hp)
     top = be.top_level
     clock = dict.fromkeys(STEP_STAGES, 0.0)
     now = time.perf_counter
@@ -195,7 +214,10 @@ def step_chunks(
                 why = f"{type(exc).__name__}: {exc}"
                 failures.append(Failure("gradient", i, first_chunk + j, why))
         try:
-            mvr = [_handle(be, c, state_level) for c in state[j]]
+            mvr = [
+                Ct(_handle(be, c, state_level).data, state_level, f)
+                for c, f in zip(state[j], units.inp, strict=True)
+            ]
         except HedrlError as exc:
             why = f"{type(exc).__name__}: {exc}"
             failures.append(Failure("refresh", 0, first_chunk + j, why))
@@ -216,7 +238,10 @@ def step_chunks(
             ]
         t3 = now()
         new = fn(be, ChunkState(theta_j, *mvr), x, t, hp, k)
-        handles = [be.to_bottom(c) for c in (new.theta, new.m, new.V, new.r)]
+        handles = [be.to_bottom(new.theta)] + [
+            _stored(be.to_bottom(c), f, name)
+            for c, f, name in zip((new.m, new.V, new.r), units.out, "mVr", strict=True)
+        ]
         out: list[Chunk]
         if out_dir is not None:
             out = [out_dir / f"{first_chunk + j}.new-{n}" for n in _OUT_NAMES]
@@ -232,7 +257,7 @@ def step_chunks(
             into = None
             if out_dir is not None:
                 into = [out_dir / f"{first_chunk + j}.masked-{n}" for n in "mVr"]
-            masked.append(mask_state(be, handles[1:], mask_next[j], into))
+            masked.append(mask_state(be, handles[1:], mask_next[j], units, into))
         t5 = now()
         spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
         for stage, dt in zip(STEP_STAGES, spans, strict=True):

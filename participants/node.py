@@ -16,7 +16,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from participants.learner import Learner, clip_and_scale
 from protocol import keys
 from protocol import messages as msg
-from protocol.adam import initial_state
+from protocol.adam import StateUnits, initial_state
 from protocol.backend import Backend
 from protocol.codec import receive_plain, send_plain
 from protocol.config import RunConfig, expand_dir
@@ -264,7 +264,10 @@ class Node:
     def _refresh_into(
         self, be: Backend, fp: str, content: RecordDict, t: int, out: RecordDict
     ) -> None:
-        """Decrypt the masked m, V, r and re-encrypt them at the top level."""
+        """Decrypt the masked m, V, r and re-encrypt them at the top level,
+        turned from the step's output units into its input units (public
+        factors, :class:`~protocol.adam.StateUnits`)."""
+        units = StateUnits.of(be, self.cfg.hyper)
         with self._timed("refresh"):
             for name in msg.STATE_NAMES:
                 values = receive_plain(
@@ -277,7 +280,7 @@ class Node:
                     be,
                     out,
                     msg.state_key("refresh", name),
-                    values,
+                    units.refresh_scale(name) * values,
                     self._expect(fp, "refresh", be.top_level, None, name),
                     t,
                 )
@@ -290,7 +293,8 @@ class Node:
         return out
 
     def initial_state(self, content: RecordDict) -> RecordDict:
-        """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))."""
+        """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))
+        (in the step's input units, :class:`~protocol.adam.StateUnits`)."""
         task, t, be, fp = self._begin(content)
         squares = receive_plain(
             be, content, msg.SQUARES, self._expect(fp, "squares", be.top_level, t)
@@ -301,16 +305,18 @@ class Node:
             )
         k = float(task.get("k", 1.0))  # K/K': mean over the replies that arrived
         out = RecordDict()
-        for name, values in zip(
+        units = StateUnits.of(be, self.cfg.hyper)
+        for name, values, factor in zip(
             msg.STATE_NAMES,
             initial_state(k * np.maximum(squares, 0.0), self.cfg.hyper),
+            units.inp,
             strict=True,
         ):
             send_plain(
                 be,
                 out,
                 msg.state_key("v0", name),
-                values,
+                factor * values,
                 self._expect(fp, "v0", be.top_level, None, name),
                 t,
             )

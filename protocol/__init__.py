@@ -5,4 +5,5 @@ plain Python and numpy so that the plaintext twin and the tests of the wire
 format need no cryptography at all.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: m, V, r travel in the units of :class:`protocol.adam.StateUnits`."""

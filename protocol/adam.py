@@ -4,8 +4,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from protocol.backend import Backend
+
+#: Scale of r in the step's input, relative to (b_L·b_(L−1))^(−½): puts
+#: P = W·r² at 0.75² of its value, so the stored r' (= factor·r') stays below
+#: r' itself and the refresh masks keep their full range.
+R_SCALE = 0.75
 
 
 @dataclass(frozen=True)
@@ -57,3 +66,41 @@ def initial_state(
     """m0 = 0, V0 = mean g² + δ and r0 = V0^(−1/2) (computed by a key holder)."""
     v0 = np.asarray(squares_mean, dtype=np.float64) + hp.delta
     return np.zeros_like(v0), v0, 1.0 / np.sqrt(v0)
+
+
+@dataclass(frozen=True)
+class StateUnits:
+    """The public factors m, V and r carry around HE-Adam's step.
+
+    A step reads its state as ``data = inp·value`` and leaves it as ``data =
+    out·value`` (per name m, V, r); θ always has factor 1. The factors are
+    chosen so that every public scalar of Adam except the step size lands
+    here instead of in a ciphertext×scalar product (each costs a rescale):
+    m' = β1·m + k'·x becomes the sum M + X, V' = β2·W is W itself, and the
+    Newton constant s goes into r' (ARCHITECTURE §6's circuit, 6 ct×ct and 1
+    ct×scalar products). The refresher, who decrypts the masked state anyway,
+    multiplies by :meth:`refresh_scale` = inp/out before re-encrypting: free.
+    Derived from the parameter set's primes and the Adam constants only, so
+    participants and coordinator compute the same numbers.
+    """
+
+    inp: tuple[float, float, float]
+    out: tuple[float, float, float]
+
+    @classmethod
+    def of(cls, be: Backend, hp: AdamHyper) -> StateUnits:
+        """The factors for backend ``be`` (its rescale biases) and ``hp``."""
+        top = be.top_level
+        b_top, b_1, b_2 = (be.rescale_bias(top - i) for i in range(3))
+        fx = be.gradient_factor  # x's factor: x·x carries factor 1
+        kx = (1 - hp.beta1) / hp.c  # m' = β1·m + kx·x
+        f_r = R_SCALE / math.sqrt(b_top * b_1)  # r·r·W then carries R_SCALE²
+        return cls(
+            inp=(hp.beta1 * fx / kx, 1.0, f_r),
+            out=(fx / kx, 1.0 / hp.beta2, f_r * R_SCALE**2 * b_2 / hp.s),
+        )
+
+    def refresh_scale(self, name: str) -> float:
+        """What the refresher multiplies state ``name``'s decrypted values by."""
+        j = "mVr".index(name)
+        return self.inp[j] / self.out[j]

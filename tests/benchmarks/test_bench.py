@@ -13,7 +13,7 @@ import pytest
 
 from benchmarks.bench import STAGES, main, parse_count, parse_list
 from coordinator.workers import BadChunks, ChunkPool, step_chunks
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, StateUnits
 from protocol.errors import SecretKeyRefused
 from protocol.keys import generate
 from tests.helpers import plain_step_inputs
@@ -169,6 +169,7 @@ def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
     bound = 2.0**20  # mask-bits 20, the default
     nxt = [[rng.uniform(-bound, bound, ps.slots) for _ in range(3)] for _ in range(n)]
     args = (theta, state, top, masks, grads, 2, AdamHyper())
+    out = StateUnits.of(coord, AdamHyper()).out
     want = step_chunks(coord, *args, mask_next=nxt)
     with ChunkPool(context=ctx, param_set=ps.id, backend="ckks", workers=2) as pool:
         got = pool.step(*args, mask_next=nxt)
@@ -188,6 +189,9 @@ def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
             # adds only its encoding error (2^20 at Δ = 2^35: ~1e-9 absolute,
             # measured 2.9e-9); 1e-6 is the tolerance, a wrong or misplaced
             # mask is off by ~1e5
+            # (both in the stored units: data = StateUnits.out·value)
             veiled = part.decrypt(w)
             plain_new = part.decrypt(coord.dump(want.state[i][j]))
-            np.testing.assert_allclose(veiled - nxt[i][j], plain_new, atol=1e-6)
+            np.testing.assert_allclose(
+                veiled - out[j] * nxt[i][j], plain_new, atol=1e-6
+            )

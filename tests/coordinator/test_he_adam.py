@@ -13,13 +13,14 @@ import pytest
 
 from coordinator.he_adam import (
     ChunkState,
+    StateUnits,
     circuit_reference,
     exact_adam,
     initial_state,
     step_chunk,
 )
 from protocol.adam import AdamHyper
-from protocol.backend import Ct, DepthExceeded
+from protocol.backend import Backend, Ct, DepthExceeded
 from tests.helpers import ckks_circuit_tol
 
 HP = AdamHyper(lr=2e-3)
@@ -42,6 +43,20 @@ def _rel(a: np.ndarray, b: np.ndarray, theta0: np.ndarray) -> float:
     return float(np.max(np.abs(a - b)) / np.max(np.abs(b - theta0)))
 
 
+def _plain_state(
+    be: Backend, hp: AdamHyper, theta, m, v, r, level: int = 3
+) -> ChunkState:
+    """A twin's step input: θ at the bottom, m, V, r in ``StateUnits.inp``."""
+    f = StateUnits.of(be, hp).inp
+    mvr = (Ct(f[i] * a, level, f[i]) for i, a in enumerate((m, v, r)))
+    return ChunkState(Ct(theta, 0), *mvr)
+
+
+def _values(st: ChunkState) -> tuple[np.ndarray, ...]:
+    """A twin's (θ, m, V, r) as values (data ÷ factor)."""
+    return tuple(c.data / c.factor for c in (st.theta, st.m, st.V, st.r))
+
+
 def _encrypted_vs_float64(
     ckks_pair, ps, theta0: np.ndarray, grads: list[np.ndarray], hp: AdamHyper
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
@@ -51,14 +66,16 @@ def _encrypted_vs_float64(
     part, coord, _, _ = ckks_pair
     m, v, r = initial_state(grads[0] ** 2, hp)
     ref = (theta0, m, v, r)
+    f_m, f_v, f_r = StateUnits.of(coord, hp).inp
 
-    def enc(values: np.ndarray) -> Ct:
-        return coord.load(part.encrypt(values), level=ps.depth)
+    def enc(values: np.ndarray, f: float = 1.0) -> Ct:
+        c = coord.load(part.encrypt(f * values), level=ps.depth)
+        return Ct(c.data, c.level, f)
 
     def dec(ct: Ct) -> np.ndarray:
-        return part.decrypt(coord.dump(ct))
+        return part.decrypt_ct(ct)
 
-    st = ChunkState(theta=coord.to_bottom(enc(theta0)), m=enc(m), V=enc(v), r=enc(r))
+    st = ChunkState(coord.to_bottom(enc(theta0)), enc(m, f_m), enc(v, f_v), enc(r, f_r))
     gf = coord.gradient_factor
     for t, g in enumerate(grads, start=1):
         x = hp.c * g
@@ -68,7 +85,7 @@ def _encrypted_vs_float64(
         new = step_chunk(coord, st, xc, t, hp)
         assert (new.theta.level, new.r.level) == (0, 0)
         st = ChunkState(
-            theta=new.theta, m=enc(dec(new.m)), V=enc(dec(new.V)), r=enc(dec(new.r))
+            new.theta, enc(dec(new.m), f_m), enc(dec(new.V), f_v), enc(dec(new.r), f_r)
         )
     return dec(st.theta), dec(st.r), ref
 
@@ -92,14 +109,76 @@ def test_plain_backend_is_the_float64_circuit(plain, ps):
     grads = _grads(n, 30)
     m, v, r = initial_state(grads[0] ** 2, HP)
     ref = (theta0, m, v, r)
-    st = ChunkState(*(Ct(a, lvl) for a, lvl in ((theta0, 0), (m, 3), (v, 3), (r, 3))))
+    st = _plain_state(plain, HP, theta0, m, v, r)
     for t, g in enumerate(grads, start=1):
         ref = circuit_reference(*ref, HP.c * g, t, HP)
         new = step_chunk(plain, st, Ct(HP.c * g, 3), t, HP)
-        st = ChunkState(
-            new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3)
-        )
-    np.testing.assert_allclose(st.theta.data, ref[0], rtol=0, atol=1e-12)
+        st = _plain_state(plain, HP, *_values(new))
+    for got, want, name in zip(_values(st), ref, ("θ", "m", "V", "r"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
+
+
+class _Counting:
+    """Counts a backend's products (wraps mul and scal)."""
+
+    def __init__(self, be: Backend) -> None:
+        self.be, self.products, self.scalars = be, 0, 0
+
+    def __getattr__(self, name: str):  # noqa: ANN204
+        return getattr(self.be, name)
+
+    def mul(self, a: Ct, b: Ct) -> Ct:
+        self.products += 1
+        return self.be.mul(a, b)
+
+    def scal(self, a: Ct, c: float, **kw) -> Ct:  # noqa: ANN003
+        self.scalars += 1
+        return self.be.scal(a, c, **kw)
+
+
+@pytest.mark.parametrize(("k", "cost"), [(1.0, (6, 1)), (2.0, (11, 6))])
+def test_step_cost_in_products(plain, ps, k, cost):
+    """Every reply: 6 ct×ct and 1 ct×scalar product per chunk (the public Adam
+    constants ride on the state's units); the dropout form 11 and 6."""
+    n = ps.slots
+    rng = np.random.default_rng(12)
+    m, v, r = initial_state(rng.uniform(0, 0.2, n), HP)
+    counting = _Counting(plain)
+    step_chunk(
+        counting,  # type: ignore[arg-type]
+        _plain_state(plain, HP, np.zeros(n), m, v, r),
+        Ct(HP.c * rng.normal(0, 0.3, n), 3),
+        3,
+        HP,
+        k=k,
+    )
+    assert (counting.products, counting.scalars) == cost
+
+
+def test_state_units_round_trip(plain, ckks_pair, ps):
+    """A step's stored units times the refresher's scale are the next step's
+    input units, for both backends; r's stored factor stays ≤ 1 (masks keep
+    their range)."""
+    for be in (plain, ckks_pair[1], ckks_pair[0]):
+        u = StateUnits.of(be, HP)
+        for j, name in enumerate("mVr"):
+            assert u.out[j] * u.refresh_scale(name) == pytest.approx(
+                u.inp[j], rel=1e-15
+            )
+        assert max(u.out[0], u.out[2]) < 1.0 and u.out[1] < 1.0011
+    # participant (secret context) and coordinator compute the same numbers
+    assert StateUnits.of(ckks_pair[0], HP) == StateUnits.of(ckks_pair[1], HP)
+
+
+def test_step_refuses_state_in_other_units(plain, ps):
+    """State given with factor 1 (not StateUnits.inp) is refused, not stepped."""
+    n = ps.slots
+    m, v, r = initial_state(np.full(n, 0.1), HP)
+    st = ChunkState(
+        *(Ct(a, lvl) for a, lvl in ((np.zeros(n), 0), (m, 3), (v, 3), (r, 3)))
+    )
+    with pytest.raises(ValueError, match="state m carries factor 1.0"):
+        step_chunk(plain, st, Ct(HP.c * np.ones(n), 3), 1, HP)
 
 
 def test_float64_circuit_tracks_exact_adam():
@@ -163,12 +242,10 @@ def test_exact_adam_optimizer_matches_reference(plain, ps):
     grads = _grads(n, 40, seed=8)
     v0 = grads[0] ** 2
     m, v, r = initial_state(v0, HP)
-    st = ChunkState(*(Ct(a, lvl) for a, lvl in ((theta0, 0), (m, 3), (v, 3), (r, 3))))
+    st = _plain_state(plain, HP, theta0, m, v, r)
     for t, g in enumerate(grads, start=1):
         new = exact_step_chunk(plain, st, Ct(HP.c * g, 3), t, HP)
-        st = ChunkState(
-            new.theta, Ct(new.m.data, 3), Ct(new.V.data, 3), Ct(new.r.data, 3)
-        )
+        st = _plain_state(plain, HP, *_values(new))
     np.testing.assert_allclose(
         st.theta.data, exact_adam(theta0, grads, v0, HP), rtol=0, atol=1e-12
     )
@@ -197,32 +274,31 @@ def test_dropout_step_matches_plaintext_twin(k, ckks_pair, plain, ps):
     t = 5
     ref = circuit_reference(theta0, m, v, r, HP.c * g * k, t, HP)
 
-    def enc(values: np.ndarray) -> Ct:
-        return coord.load(part.encrypt(values), level=ps.depth)
+    f_m, f_v, f_r = StateUnits.of(coord, HP).inp
+
+    def enc(values: np.ndarray, f: float = 1.0) -> Ct:
+        c = coord.load(part.encrypt(f * values), level=ps.depth)
+        return Ct(c.data, c.level, f)
 
     gf = coord.gradient_factor
     xc = enc(HP.c * g * gf)
     xc.factor = gf
-    st = ChunkState(coord.to_bottom(enc(theta0)), enc(m), enc(v), enc(r))
+    st = ChunkState(coord.to_bottom(enc(theta0)), enc(m, f_m), enc(v, f_v), enc(r, f_r))
     new = step_chunk(coord, st, xc, t, HP, k=k)
     twin = step_chunk(
-        plain,
-        ChunkState(Ct(theta0, 0), Ct(m, 3), Ct(v, 3), Ct(r, 3)),
-        Ct(HP.c * g, 3),
-        t,
-        HP,
-        k=k,
+        plain, _plain_state(plain, HP, theta0, m, v, r), Ct(HP.c * g, 3), t, HP, k=k
     )
-    for name, i in (("theta", 0), ("m", 1), ("V", 2), ("r", 3)):
-        np.testing.assert_allclose(
-            getattr(twin, name).data, ref[i], rtol=1e-12, atol=1e-12, err_msg=name
-        )
+    for got, want, name in zip(_values(twin), ref, ("θ", "m", "V", "r"), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
     dec = part.decrypt(coord.dump(new.theta))
     rel = np.max(np.abs(dec - ref[0])) / np.max(np.abs(ref[0] - theta0))
     assert rel < ckks_circuit_tol(ps), rel
     assert new.theta.level == 0 and new.r.level == 0
-    dec_r = part.decrypt(coord.dump(new.r))
+    dec_r = part.decrypt_ct(new.r)
     assert np.max(np.abs(dec_r / ref[3] - 1)) < 1e-3
+    for name, i in (("m", 1), ("V", 2)):  # the other state, in its units
+        got = part.decrypt_ct(getattr(new, name))
+        assert np.max(np.abs(got - ref[i])) < 1e-4 * np.max(np.abs(ref[i])), name
 
 
 def test_annealed_learning_rate_schedule():

@@ -9,7 +9,7 @@ from flwr.app import RecordDict
 from coordinator.federation import Federation
 from coordinator.workers import masks_by_chunk, step_chunks
 from protocol import messages as msg
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Ct
 from protocol.config import RunConfig
 from protocol.records import read_vector
@@ -22,6 +22,7 @@ def _fed(plain, n: int) -> Federation:
     fed.params, fed.be, fed.fingerprint = plain.params, plain, "f" * 64
     fed.run_id, fed.layout_digest, fed.n_chunks = 7, "test", n
     fed._mask_rng, fed._premasked, fed._round = np.random.default_rng(1), None, 3
+    fed.hp = AdamHyper()
     return fed
 
 
@@ -68,10 +69,11 @@ def test_step_masks_once_then_fresh_masks(plain):
     rd, masks, _ = fed._masked_state()
     assert masks is masks_next and fed._premasked is None
     per_chunk = masks_by_chunk(masks, n)
+    out = StateUnits.of(plain, fed.hp).out  # stored data = out·value; masks too
     for i, got in enumerate(_sent(fed, rd)):
         for j in range(3):
             new = res.state[i][j].data
-            np.testing.assert_array_equal(got[j], new + per_chunk[i][j])
+            np.testing.assert_array_equal(got[j], new + out[j] * per_chunk[i][j])
             assert np.max(np.abs(got[j] - new)) > 1e5  # masked at ±2^20
 
     # a second request in the same round (a spare): other masks, same state
@@ -80,5 +82,5 @@ def test_step_masks_once_then_fresh_masks(plain):
     per_chunk2 = masks_by_chunk(masks2, n)
     for i, got in enumerate(_sent(fed, rd2)):
         for j in range(3):
-            want = res.state[i][j].data + per_chunk2[i][j]
+            want = res.state[i][j].data + out[j] * per_chunk2[i][j]
             np.testing.assert_array_equal(got[j], want)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from coordinator.federation import Federation
-from protocol import keys
-from protocol.checkpoint import read_checkpoint
+from protocol import PROTOCOL_VERSION, keys
+from protocol.checkpoint import read_checkpoint, write_checkpoint
 from protocol.codec import receive_plain
 from protocol.errors import ConfigError
 from protocol.params import get_param_set
@@ -139,6 +141,14 @@ def test_resume_refuses_mismatched_checkpoint(tmp_path):
     done = _raw(tmp_path, **{"resume-from": ckpt, "num-rounds": 2})
     with pytest.raises(ConfigError, match="nothing left to run"):
         local_federation(done, RUN_ID + 3)
+    # written before m, V, r moved to StateUnits (protocol 1): not resumable
+    meta, vectors = read_checkpoint(Path(ckpt))
+    assert meta.pop("protocol_version") == PROTOCOL_VERSION
+    old = tmp_path / "old.npz"
+    write_checkpoint(old, meta, vectors)
+    older = _raw(tmp_path, **{"resume-from": str(old), "num-rounds": 4})
+    with pytest.raises(ConfigError, match="protocol version 1"):
+        local_federation(older, RUN_ID + 4)
 
 
 def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
