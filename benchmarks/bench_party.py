@@ -103,9 +103,9 @@ def _instrument(be: Backend, clock_of: Callable[[], Clock]) -> None:
     """Time a participant backend's encrypt/decrypt inside the real codec calls."""
     enc, dec = be.encrypt, be.decrypt
 
-    def encrypt(values: np.ndarray) -> bytes:
+    def encrypt(values: np.ndarray, level: int | None = None) -> bytes:
         with clock_of()("_encrypt"):
-            return enc(values)
+            return enc(values, level)
 
     def decrypt(chunk: bytes) -> np.ndarray:
         with clock_of()("_decrypt"):

@@ -111,7 +111,8 @@ class Round:
         with clock("refresh_s"):
             content, out = from_wire_bytes(state_wire), RecordDict()
             units = StateUnits.of(p.part, self.hp)
-            for name in msg.STATE_NAMES:
+            levels = units.levels(top)
+            for name, level in zip(msg.STATE_NAMES, levels, strict=True):
                 values = receive_plain(
                     p.part,
                     content,
@@ -123,7 +124,7 @@ class Round:
                     out,
                     msg.state_key("refresh", name),
                     units.refresh_scale(name) * values,
-                    p.expect("refresh", top, name),
+                    p.expect("refresh", level, name),
                     p.t,
                 )
             return to_wire_bytes(out)
@@ -163,8 +164,10 @@ class Round:
         refresh = self._headers(
             self._refresher(state_wire, clock),
             [
-                (msg.state_key("refresh", name), p.expect("refresh", top, name))
-                for name in msg.STATE_NAMES
+                (msg.state_key("refresh", name), p.expect("refresh", level, name))
+                for name, level in zip(
+                    msg.STATE_NAMES, StateUnits.levels(top), strict=True
+                )
             ],
             clock,
         )
@@ -179,7 +182,7 @@ class Round:
         args = (
             p.theta,
             list(zip(*refresh, strict=True)),
-            top,
+            StateUnits.levels(top),
             masks_by_chunk(masks, n),
             [[g[i] for g in grads] for i in range(n)],
             p.t,

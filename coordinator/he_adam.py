@@ -131,13 +131,12 @@ def step_chunk(
             V=_as(w, f_v),  # β2·W = V'
             r=_as(r_new, r_new.factor / s),
         )
-    # dropout form: H = A − k²·B with A = 3 − q·r and B = p·p
+    # dropout form: H = A − k²·B with A = 3 − (V + c²δ)·r² and B = (x·r)²
     kx = be.scal(x, k, out_factor=x.factor)
     m_new = _as(be.add(st.m, kx), f_m)
     v_new = _as(be.add(vc, be.scal(x2, k * k)), f_v)  # V'/β2 = V + c²δ + k²x²
     p = be.mul(x, st.r)
-    q = be.mul(vc, st.r)
-    qr = be.mul(q, st.r)
+    qr = be.mul(vc, be.mul(st.r, st.r))  # V may sit one level below the top
     pp = be.mul(p, p)
     a = be.add_scalar(be.neg(qr), 3.0)
     r_new = be.sub(

@@ -10,7 +10,7 @@ continues without it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +18,7 @@ import numpy as np
 from flwr.app import ConfigRecord, RecordDict
 
 from protocol import messages as msg
+from protocol.adam import StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts
 from protocol.errors import HedrlError, WireFormatError
@@ -58,7 +59,7 @@ class Reply:
 
 
 def read_refresh(
-    content: RecordDict, t: int, expect: ExpectFor, level: int
+    content: RecordDict, t: int, expect: ExpectFor, levels: Sequence[int]
 ) -> list[list[bytes]]:
     """A refresher's masked m, V, r chunks of round ``t``, headers checked, or raise."""
     return [
@@ -67,7 +68,7 @@ def read_refresh(
             msg.state_key("refresh", name),
             expect("refresh", level, t, name),
         )[1]
-        for name in msg.STATE_NAMES
+        for name, level in zip(msg.STATE_NAMES, levels, strict=True)
     ]
 
 
@@ -124,7 +125,7 @@ def parse_reply(
     refresh = None
     if masks is not None:
         try:
-            refresh = read_refresh(content, t, expect, top)
+            refresh = read_refresh(content, t, expect, StateUnits.levels(top))
         except HedrlError as exc:
             log.warning(
                 "hedrl: round %d: refresh of participant %d unusable: %s",

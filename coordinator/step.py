@@ -29,7 +29,7 @@ from coordinator.workers import (
     step_chunks,
 )
 from protocol import messages as msg
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig
@@ -102,7 +102,7 @@ class StepMixin:
             k = len(self.nodes) / len(accepted)
             if fresh is not None:
                 state = list(zip(*fresh, strict=True))
-                level, unmask = be.top_level, None
+                level, unmask = StateUnits.levels(be.top_level), None
             else:
                 by_node = {r.node: r for r in accepted}
                 usable = [
@@ -122,7 +122,7 @@ class StepMixin:
                 ref = usable[0]
                 assert ref.refresh is not None and ref.masks is not None
                 state = list(zip(*ref.refresh, strict=True))
-                level = be.top_level
+                level = StateUnits.levels(be.top_level)
                 unmask = masks_by_chunk(ref.masks, self.n_chunks)
             grads = [[r.gradient[i] for r in accepted] for i in range(self.n_chunks)]
             args = (self.theta, state, level, unmask, grads, t, self.hp)
@@ -203,14 +203,15 @@ class StepMixin:
         )[refresher]
         if reply is None or reply.has_error():
             raise HedrlError(f"refresher {refresher} did not return V0")
+        levels = StateUnits.levels(self.be.top_level)
         return [
             receive_cts(
                 self.be,
                 reply.content,
                 msg.state_key("v0", n),
-                self._expect("v0", self.be.top_level, t, n),
+                self._expect("v0", level, t, n),
             )
-            for n in msg.STATE_NAMES
+            for n, level in zip(msg.STATE_NAMES, levels, strict=True)
         ]
 
     def _spare_refresh(
@@ -249,7 +250,7 @@ class StepMixin:
             self._spare["up"] = vector_bytes(reply.content)
             try:
                 refresh = read_refresh(
-                    reply.content, t, self._expect, self.be.top_level
+                    reply.content, t, self._expect, StateUnits.levels(self.be.top_level)
                 )
             except HedrlError as exc:
                 why = f"{type(exc).__name__}: {exc}"

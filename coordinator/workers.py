@@ -161,7 +161,7 @@ def step_chunks(
     be: Backend,
     theta: Sequence[Chunk],
     state: Sequence[tuple[Chunk, Chunk, Chunk]],
-    state_level: int,
+    state_level: int | Sequence[int],
     unmask: Sequence[Sequence[np.ndarray]] | None,
     grads: Sequence[Sequence[Chunk]],
     t: int,
@@ -182,7 +182,8 @@ def step_chunks(
 
     ``grads[j]`` lists chunk j of every accepted gradient in summation order
     (top level; given the participants' factor b_top^(−½) here); ``state[j]``
-    is (m, V, r) at ``state_level`` in the step's input units
+    is (m, V, r) at ``state_level`` (one level for all three, or one each:
+    :meth:`StateUnits.levels`) in the step's input units
     (``StateUnits.inp``: what a refresher or the round-1 key holder sends),
     still masked when ``unmask[j]`` gives the masks to subtract. The new state
     comes back stored, ``data = StateUnits.out·value`` with factor 1 on the
@@ -194,6 +195,7 @@ def step_chunks(
     """
     fn = OPTIMIZERS[optimizer]
     units = StateUnits.of(be, hp)
+    levels = (state_level,) * 3 if isinstance(state_level, int) else state_level
     top = be.top_level
     clock = dict.fromkeys(STEP_STAGES, 0.0)
     now = time.perf_counter
@@ -215,8 +217,8 @@ def step_chunks(
                 failures.append(Failure("gradient", i, first_chunk + j, why))
         try:
             mvr = [
-                Ct(_handle(be, c, state_level).data, state_level, f)
-                for c, f in zip(state[j], units.inp, strict=True)
+                Ct(_handle(be, c, lvl).data, lvl, f)
+                for c, f, lvl in zip(state[j], units.inp, levels, strict=True)
             ]
         except HedrlError as exc:
             why = f"{type(exc).__name__}: {exc}"
@@ -548,7 +550,7 @@ class ChunkPool:
         self,
         theta: Sequence[Chunk],
         state: Sequence[tuple[Chunk, Chunk, Chunk]],
-        state_level: int,
+        state_level: int | Sequence[int],
         unmask: Sequence[Sequence[np.ndarray]] | None,
         grads: Sequence[Sequence[Chunk]],
         t: int,

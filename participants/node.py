@@ -264,12 +264,14 @@ class Node:
     def _refresh_into(
         self, be: Backend, fp: str, content: RecordDict, t: int, out: RecordDict
     ) -> None:
-        """Decrypt the masked m, V, r and re-encrypt them at the top level,
+        """Decrypt the masked m, V, r and re-encrypt them where the step uses
+        them (:meth:`StateUnits.levels <protocol.adam.StateUnits.levels>`),
         turned from the step's output units into its input units (public
         factors, :class:`~protocol.adam.StateUnits`)."""
         units = StateUnits.of(be, self.cfg.hyper)
+        levels = units.levels(be.top_level)
         with self._timed("refresh"):
-            for name in msg.STATE_NAMES:
+            for name, level in zip(msg.STATE_NAMES, levels, strict=True):
                 values = receive_plain(
                     be,
                     content,
@@ -281,7 +283,7 @@ class Node:
                     out,
                     msg.state_key("refresh", name),
                     units.refresh_scale(name) * values,
-                    self._expect(fp, "refresh", be.top_level, None, name),
+                    self._expect(fp, "refresh", level, None, name),
                     t,
                 )
 
@@ -306,10 +308,11 @@ class Node:
         k = float(task.get("k", 1.0))  # K/K': mean over the replies that arrived
         out = RecordDict()
         units = StateUnits.of(be, self.cfg.hyper)
-        for name, values, factor in zip(
+        for name, values, factor, level in zip(
             msg.STATE_NAMES,
             initial_state(k * np.maximum(squares, 0.0), self.cfg.hyper),
             units.inp,
+            units.levels(be.top_level),
             strict=True,
         ):
             send_plain(
@@ -317,7 +320,7 @@ class Node:
                 out,
                 msg.state_key("v0", name),
                 factor * values,
-                self._expect(fp, "v0", be.top_level, None, name),
+                self._expect(fp, "v0", level, None, name),
                 t,
             )
         return out

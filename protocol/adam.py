@@ -100,6 +100,16 @@ class StateUnits:
             out=(fx / kx, 1.0 / hp.beta2, f_r * R_SCALE**2 * b_2 / hp.s),
         )
 
+    @staticmethod
+    def levels(top: int) -> tuple[int, int, int]:
+        """Where the refresher (and the round-1 key holder) encrypts m, V, r.
+
+        The step uses m and V only one level below the top (m' = M + X and
+        W = V + c²δ + X², both next to x·x), so they travel one level lower:
+        smaller, cheaper to encrypt and to parse. r is squared at the top.
+        """
+        return top - 1, top - 1, top
+
     def refresh_scale(self, name: str) -> float:
         """What the refresher multiplies state ``name``'s decrypted values by."""
         j = "mVr".index(name)

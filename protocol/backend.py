@@ -112,8 +112,8 @@ class Backend(abc.ABC):
 
     # participant side; CKKS needs the secret context for these
     @abc.abstractmethod
-    def encrypt(self, values: np.ndarray) -> bytes:
-        """Encrypt one chunk of ``slots`` float values at the top level."""
+    def encrypt(self, values: np.ndarray, level: int | None = None) -> bytes:
+        """Encrypt one chunk of ``slots`` float values at ``level`` (the top)."""
 
     @abc.abstractmethod
     def decrypt(self, chunk: bytes) -> np.ndarray:
@@ -220,8 +220,9 @@ class PlainBackend(Backend):
     def dump(self, a: Ct) -> bytes:
         return bytes([a.level]) + np.asarray(a.data, dtype="<f8").tobytes()
 
-    def encrypt(self, values: np.ndarray) -> bytes:
-        return self.dump(Ct(np.asarray(values, dtype=np.float64), self.top_level))
+    def encrypt(self, values: np.ndarray, level: int | None = None) -> bytes:
+        lvl = self.top_level if level is None else level
+        return self.dump(Ct(np.asarray(values, dtype=np.float64), lvl))
 
     def decrypt(self, chunk: bytes) -> np.ndarray:
         if len(chunk) != 1 + 8 * self.slots:

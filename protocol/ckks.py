@@ -287,15 +287,19 @@ class CkksBackend(Backend):
                 "encrypting and decrypting need the participant's context"
             )
 
-    def encrypt(self, values: np.ndarray) -> bytes:
+    def encrypt(self, values: np.ndarray, level: int | None = None) -> bytes:
         if self._encryptor is None:
             self._need_secret()
             self._encryptor = sealapi.Encryptor(
                 self._seal_ctx, self.ctx.secret_key().data
             )
         pt = sealapi.Plaintext()
+        lvl = self.top_level if level is None else level
         self._encoder.encode(
-            np.asarray(values, dtype=np.float64).tolist(), self.params.scale, pt
+            np.asarray(values, dtype=np.float64).tolist(),
+            self._parms_by_level[lvl],
+            self.params.scale,
+            pt,
         )
         return _save_bytes(self._encryptor.encrypt_symmetric(pt))
 

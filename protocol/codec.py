@@ -47,7 +47,7 @@ def send_plain(
         raise UpdateRejected(
             f"{key}: |value| up to {peak:.3g}, at most {MAX_ABS_VALUE:.3g} allowed"
         )
-    chunks = [be.encrypt(c) for c in pack(values, be.slots)]
+    chunks = [be.encrypt(c, level=expect.level) for c in pack(values, be.slots)]
     if len(chunks) != expect.chunk_count:
         raise UpdateRejected(
             f"{key}: {values.size} values make {len(chunks)} chunks, expected "

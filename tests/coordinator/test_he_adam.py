@@ -67,15 +67,19 @@ def _encrypted_vs_float64(
     m, v, r = initial_state(grads[0] ** 2, hp)
     ref = (theta0, m, v, r)
     f_m, f_v, f_r = StateUnits.of(coord, hp).inp
+    l_m, l_v, _ = StateUnits.levels(ps.depth)  # m, V as the refresher sends them
 
-    def enc(values: np.ndarray, f: float = 1.0) -> Ct:
-        c = coord.load(part.encrypt(f * values), level=ps.depth)
+    def enc(values: np.ndarray, f: float = 1.0, level: int = ps.depth) -> Ct:
+        c = coord.load(part.encrypt(f * values, level), level=level)
         return Ct(c.data, c.level, f)
 
     def dec(ct: Ct) -> np.ndarray:
         return part.decrypt_ct(ct)
 
-    st = ChunkState(coord.to_bottom(enc(theta0)), enc(m, f_m), enc(v, f_v), enc(r, f_r))
+    def state(th: Ct, m: np.ndarray, v: np.ndarray, r: np.ndarray) -> ChunkState:
+        return ChunkState(th, enc(m, f_m, l_m), enc(v, f_v, l_v), enc(r, f_r))
+
+    st = state(coord.to_bottom(enc(theta0)), m, v, r)
     gf = coord.gradient_factor
     for t, g in enumerate(grads, start=1):
         x = hp.c * g
@@ -84,9 +88,7 @@ def _encrypted_vs_float64(
         xc.factor = gf
         new = step_chunk(coord, st, xc, t, hp)
         assert (new.theta.level, new.r.level) == (0, 0)
-        st = ChunkState(
-            new.theta, enc(dec(new.m), f_m), enc(dec(new.V), f_v), enc(dec(new.r), f_r)
-        )
+        st = state(new.theta, dec(new.m), dec(new.V), dec(new.r))
     return dec(st.theta), dec(st.r), ref
 
 
@@ -275,15 +277,18 @@ def test_dropout_step_matches_plaintext_twin(k, ckks_pair, plain, ps):
     ref = circuit_reference(theta0, m, v, r, HP.c * g * k, t, HP)
 
     f_m, f_v, f_r = StateUnits.of(coord, HP).inp
+    l_m, l_v, _ = StateUnits.levels(ps.depth)  # m, V as the refresher sends them
 
-    def enc(values: np.ndarray, f: float = 1.0) -> Ct:
-        c = coord.load(part.encrypt(f * values), level=ps.depth)
+    def enc(values: np.ndarray, f: float = 1.0, level: int = ps.depth) -> Ct:
+        c = coord.load(part.encrypt(f * values, level), level=level)
         return Ct(c.data, c.level, f)
 
     gf = coord.gradient_factor
     xc = enc(HP.c * g * gf)
     xc.factor = gf
-    st = ChunkState(coord.to_bottom(enc(theta0)), enc(m, f_m), enc(v, f_v), enc(r, f_r))
+    st = ChunkState(
+        coord.to_bottom(enc(theta0)), enc(m, f_m, l_m), enc(v, f_v, l_v), enc(r, f_r)
+    )
     new = step_chunk(coord, st, xc, t, HP, k=k)
     twin = step_chunk(
         plain, _plain_state(plain, HP, theta0, m, v, r), Ct(HP.c * g, 3), t, HP, k=k
