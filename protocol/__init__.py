@@ -6,4 +6,5 @@ format need no cryptography at all.
 """
 
 PROTOCOL_VERSION = 2
-"""2: m, V, r travel in the units of :class:`protocol.adam.StateUnits`."""
+"""2: m, V, r travel in the units of :class:`protocol.adam.StateUnits`, m and V
+one level below the top (``StateUnits.levels``)."""

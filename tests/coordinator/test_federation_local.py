@@ -21,6 +21,7 @@ from protocol import messages as msg
 from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, KeyMaterialError, SecretKeyRefused
 from protocol.params import get_param_set
+from protocol.records import read_header
 from tests.helpers import (
     decrypt_theta,
     local_federation,
@@ -110,6 +111,27 @@ def test_participants_never_send_decrypted_values(runs):
                 assert all(
                     a.stype == "raw" and a.dtype == "uint8" for a in record.values()
                 )
+
+
+def test_state_travels_where_the_step_uses_it(runs):
+    """The refresher returns m and V one level below the top and r at the top
+    (StateUnits.levels), so m's and V's chunks are ~3/4 of r's (3 of 4 primes);
+    round 1's key holder sends m0, V0, r0 at the same levels."""
+    fed, grid, _, _ = runs["ckks"]
+    top = fed.be.top_level
+    for kind in ("refresh", "v0"):
+        replies = [r for r in grid.received if msg.state_key(kind, "r") in r.content]
+        assert replies, f"no {kind} reply"
+        for reply in replies:
+            levels, sizes = [], []
+            for name in msg.STATE_NAMES:
+                key = msg.state_key(kind, name)
+                levels.append(read_header(reply.content, key).level)
+                sizes.append(
+                    sum(len(bytes(a.data)) for a in reply.content[key].values())
+                )
+            assert levels == [top - 1, top - 1, top], (kind, levels)
+            assert max(sizes[:2]) < 0.8 * sizes[2], (kind, sizes)
 
 
 def test_encrypted_run_tracks_plaintext_twin(runs):
