@@ -37,7 +37,7 @@ from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import messages as msg
 from protocol.adam import AdamHyper, StateUnits
-from protocol.codec import receive_plain, send_cts, send_plain
+from protocol.codec import receive_plain, refresh_state, send_cts, send_plain
 from protocol.config import RunConfig
 from protocol.records import read_vector
 from protocol.wire import Expect
@@ -110,23 +110,7 @@ class Round:
     def _refresh(self, state_wire: bytes, clock: Clock, p: Party, top: int) -> bytes:
         with clock("refresh_s"):
             content, out = from_wire_bytes(state_wire), RecordDict()
-            units = StateUnits.of(p.part, self.hp)
-            levels = units.levels(top)
-            for name, level in zip(msg.STATE_NAMES, levels, strict=True):
-                values = receive_plain(
-                    p.part,
-                    content,
-                    msg.state_key("state", name),
-                    p.expect("state", 0, name),
-                )
-                send_plain(
-                    p.part,
-                    out,
-                    msg.state_key("refresh", name),
-                    units.refresh_scale(name) * values,
-                    p.expect("refresh", level, name),
-                    p.t,
-                )
+            refresh_state(p.part, self.hp, content, out, p.expect, p.t)
             return to_wire_bytes(out)
 
     # coordinator side -------------------------------------------------------------

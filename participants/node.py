@@ -18,7 +18,7 @@ from protocol import keys
 from protocol import messages as msg
 from protocol.adam import StateUnits, initial_state
 from protocol.backend import Backend
-from protocol.codec import receive_plain, send_plain
+from protocol.codec import receive_plain, refresh_state, send_plain
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import BackendMismatch, FingerprintMismatch, ThetaRejected
 from protocol.packing import n_chunks
@@ -264,28 +264,16 @@ class Node:
     def _refresh_into(
         self, be: Backend, fp: str, content: RecordDict, t: int, out: RecordDict
     ) -> None:
-        """Decrypt the masked m, V, r and re-encrypt them where the step uses
-        them (:meth:`StateUnits.levels <protocol.adam.StateUnits.levels>`),
-        turned from the step's output units into its input units (public
-        factors, :class:`~protocol.adam.StateUnits`)."""
-        units = StateUnits.of(be, self.cfg.hyper)
-        levels = units.levels(be.top_level)
+        """Decrypt the masked m, V, r and re-encrypt them (``refresh_state``)."""
         with self._timed("refresh"):
-            for name, level in zip(msg.STATE_NAMES, levels, strict=True):
-                values = receive_plain(
-                    be,
-                    content,
-                    msg.state_key("state", name),
-                    self._expect(fp, "state", 0, t, name),
-                )
-                send_plain(
-                    be,
-                    out,
-                    msg.state_key("refresh", name),
-                    units.refresh_scale(name) * values,
-                    self._expect(fp, "refresh", level, None, name),
-                    t,
-                )
+            refresh_state(
+                be,
+                self.cfg.hyper,
+                content,
+                out,
+                lambda kind, level, name: self._expect(fp, kind, level, None, name),
+                t,
+            )
 
     def refresh(self, content: RecordDict) -> RecordDict:
         """Spare refresher: the round's refresher failed; refresh only."""

@@ -9,11 +9,13 @@ only ever calls :func:`receive_cts` / :func:`send_cts` on ciphertext handles
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from flwr.app import RecordDict
 
+from protocol import messages as msg
+from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Backend, Ct
 from protocol.errors import UpdateRejected
 from protocol.packing import pack, unpack
@@ -61,6 +63,38 @@ def receive_plain(be: Backend, rd: RecordDict, key: str, expect: Expect) -> np.n
     """Check the header of ``rd[key]``, then decrypt and unpack it."""
     hdr, chunks = read_vector(rd, key, expect)
     return unpack([be.decrypt(c) for c in chunks], int(hdr.value_count))
+
+
+def refresh_state(
+    be: Backend,
+    hp: AdamHyper,
+    content: RecordDict,
+    out: RecordDict,
+    expect: Callable[[str, int, str], Expect],
+    round_: int,
+) -> None:
+    """The refresher's work: decrypt the masked m, V, r of round ``round_`` and
+    re-encrypt them into ``out`` where the step uses them
+    (:meth:`StateUnits.levels`), turned from the step's output units into its
+    input units (:meth:`StateUnits.refresh_scale`). ``expect(kind, level,
+    name)`` gives the run's header fields."""
+    units = StateUnits.of(be, hp)
+    levels = units.levels(be.top_level)
+    for name, level in zip(msg.STATE_NAMES, levels, strict=True):
+        values = receive_plain(
+            be,
+            content,
+            msg.state_key("state", name),
+            _with(expect("state", 0, name), round=round_),
+        )
+        send_plain(
+            be,
+            out,
+            msg.state_key("refresh", name),
+            units.refresh_scale(name) * values,
+            expect("refresh", level, name),
+            round_,
+        )
 
 
 def receive_cts(be: Backend, rd: RecordDict, key: str, expect: Expect) -> list[Ct]:
