@@ -143,9 +143,9 @@ def _owner() -> str:
 def remove_stale(base: Path) -> list[Path]:
     """Remove spool directories of this host whose coordinator process is gone
     (killed before it could close its pool); returns what was removed."""
-    gone = []
-    for d in base.glob(f"{PREFIX}{_owner()}-*"):
-        pid = d.name[len(f"{PREFIX}{_owner()}-") :].split("-", 1)[0]
+    gone, mine = [], f"{PREFIX}{_owner()}-"
+    for d in base.glob(mine + "*"):
+        pid = d.name[len(mine) :].split("-", 1)[0]
         if d.is_dir() and pid.isdigit() and not _alive(int(pid)):
             shutil.rmtree(d, ignore_errors=True)
             gone.append(d)

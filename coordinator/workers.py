@@ -129,8 +129,8 @@ def mask_state(
     the same units, so the refresher decrypts out·(value + mask), and after its
     :meth:`~StateUnits.refresh_scale` the coordinator subtracts inp·mask.
     """
-    veiled = [  # the data as it is: the refresher applies the units
-        Ct(be.add_plain(Ct(be.to_bottom(c).data, 0, f), mask).data, 0)
+    veiled = [  # stored handles carry factor 1: the mask goes in as out·mask
+        be.add_plain(be.to_bottom(c), f * mask)
         for c, mask, f in zip(mvr, masks, units.out, strict=True)
     ]
     if into is None:
