@@ -2,12 +2,15 @@
 
 The circuit of ARCHITECTURE §6 (hedrl's design; it builds on Nguyen, Dinh,
 Nguyen, Lauter & Kim, Nature Machine Intelligence 7, 2025). State per slot:
-θ, m, V (= v + δ) and r ≈ V^(−1/2). One Newton step, warm-started from
-β2^(−1/2)·r, tracks V'^(−1/2):
+θ, m, V (= v + δ) and r ≈ V^(−1/2). One Newton step (A = 3), warm-started
+from β2^(−1/2)·r, tracks V'^(−1/2):
 
     depth 1:  X2 = x·x   R2 = r·r   W = (V + c²δ) + X2   m' = β1·m + ((1−β1)/c)·x
     depth 2:  P = W·R2   nr = m'·((−a_t·s)·r)            V' = β2·W
-    depth 3:  H = 3 − P   r' = (s·r)·H   θ' = θ + nr·H
+    depth 3:  H = A − P   r' = (s·r)·H   θ' = θ + nr·H
+
+(``AdamHyper.rsqrt_a`` = A; s = β2^(−1/2)/(A − 1): another A is the same
+circuit with a smaller worst-case error after gradient spikes.)
 
 P = W·r² equals ARCHITECTURE §6's q·r + p·p (p = x·r, q = (V + c²δ)·r) with
 two products fewer, and V' = β2·W is §6's β2·(V + x²) + (1−β2)·δ because
@@ -17,7 +20,7 @@ into ciphertexts: m, V and r carry them as known factors
 re-encrypts, so the step is 6 ct×ct products and one ct×scalar product (the
 step size a_t, which changes every step).
 
-with c = sqrt((1−β2)/β2), s = β2^(−1/2)/2, δ = c²/u_max and, because V starts
+with c = sqrt((1−β2)/β2), s = β2^(−1/2)/(A − 1), δ = c²/u_max and, because V starts
 from data (V0 = mean g² + δ), a_t = lr/(1−β1^t). ``x`` is the sum of the
 participants' ``c·w_i·clip(g)/G``. The same code runs on the plaintext twin.
 """
@@ -121,7 +124,7 @@ def step_chunk(
     if k == 1.0:
         w = be.add(vc, x2)  # W = V + c²δ + x², depth 1
         m_new = _as(be.add(st.m, x), f_m)  # β1·m + ((1−β1)/c)·x, no level
-        h = be.add_scalar(be.neg(be.mul(w, be.mul(st.r, st.r))), 3.0)  # 3 − P
+        h = be.add_scalar(be.neg(be.mul(w, be.mul(st.r, st.r))), hp.rsqrt_a)  # A − P
         r_new = be.mul(st.r, h)  # r·H: s·r·H with factor ·1/s
         nr = be.mul(m_new, _scal_for(be, st.r, -hp.a(t) * s, m_new, h))
         theta_new = be.add(st.theta, be.mul(nr, h))  # depth 3
@@ -131,14 +134,14 @@ def step_chunk(
             V=_as(w, f_v),  # β2·W = V'
             r=_as(r_new, r_new.factor / s),
         )
-    # dropout form: H = A − k²·B with A = 3 − (V + c²δ)·r² and B = (x·r)²
+    # dropout form: H = Q − k²·B with Q = A − (V + c²δ)·r² and B = (x·r)²
     kx = be.scal(x, k, out_factor=x.factor)
     m_new = _as(be.add(st.m, kx), f_m)
     v_new = _as(be.add(vc, be.scal(x2, k * k)), f_v)  # V'/β2 = V + c²δ + k²x²
     p = be.mul(x, st.r)
     qr = be.mul(vc, be.mul(st.r, st.r))  # V may sit one level below the top
     pp = be.mul(p, p)
-    a = be.add_scalar(be.neg(qr), 3.0)
+    a = be.add_scalar(be.neg(qr), hp.rsqrt_a)
     r_new = be.sub(
         be.mul(_scal_into(be, st.r, s, a, f_r), a),
         be.mul(_scal_into(be, st.r, k * k * s, pp, f_r), pp),
@@ -209,7 +212,7 @@ def circuit_reference(
     m_new = hp.beta1 * m + (1 - hp.beta1) / c * x
     big_p = q * r + p * p
     v_new = hp.beta2 * (V + x * x) + (1 - hp.beta2) * d
-    h = 3.0 - big_p
+    h = hp.rsqrt_a - big_p
     r_new = s * r * h
     theta_new = theta + m_new * (-hp.a(t) * s * r) * h
     return theta_new, m_new, v_new, r_new

@@ -51,6 +51,10 @@ class RunConfig:
     """HE-Adam β1."""
     beta2: float = 0.999
     """HE-Adam β2."""
+    rsqrt_a: float = 3.0
+    """HE-Adam's constant A in r' = r·(A − P)/((A − 1)·√β2): 3 = one Newton step
+    (exact for small gradients, 29 % low right after a spike); 4.16 bounds the
+    error by 3.4 % for every clipped gradient. Same cost; in [3, 6]."""
     clip_bound: float = 0.1
     """Per-layer element-wise gradient clip G; participants send clip(g, ±G)/G."""
     layer_bounds: str = ""
@@ -116,6 +120,7 @@ class RunConfig:
             lr=self.lr,
             beta1=self.beta1,
             beta2=self.beta2,
+            rsqrt_a=self.rsqrt_a,
             anneal_steps=self.num_rounds if self.anneal_lr else 0,
         )
 
@@ -192,6 +197,12 @@ class RunConfig:
         }.items():
             if not 0.0 <= value < 1.0 + (key in ("gamma", "gae-lambda")):
                 raise ConfigError(f"{key}: must be in [0, 1), received {value!r}")
+        if not 3.0 <= self.rsqrt_a <= 6.0:
+            raise ConfigError(
+                f"rsqrt-a: must be in [3, 6] (3 = Newton's step; r stays positive "
+                f"while V'·r²/β2 < A, errors shrink by (A − 3)/(A − 1) per step), "
+                f"received {self.rsqrt_a!r}"
+            )
         if (self.num_envs * self.num_steps) % self.num_minibatches:
             raise ConfigError(
                 f"num-minibatches {self.num_minibatches} must divide the rollout "
