@@ -66,6 +66,8 @@ def load_resume(path: Path, cfg: RunConfig, param_set: str) -> Resume:
             f"{written}, whose m, V, r are in other units than version "
             f"{PROTOCOL_VERSION}'s; its θ can still be released, not resumed"
         )
+    if all(n in vectors for n in msg.STATE_NAMES):
+        _check_state_hyper(path, meta.get("state_hyper", {}), cfg)
     if int(meta["step"]) >= cfg.num_rounds:
         raise ConfigError(
             f"resume-from {path}: checkpoint is at step {meta['step']}, "
@@ -73,6 +75,29 @@ def load_resume(path: Path, cfg: RunConfig, param_set: str) -> Resume:
         )
     meta.setdefault("key_run_id", meta["run_id"])
     return meta, vectors
+
+
+def _state_hyper(cfg: RunConfig) -> dict[str, float]:
+    """The run-config values m, V and r's units depend on (StateUnits)."""
+    hp = cfg.hyper
+    return {"beta1": hp.beta1, "beta2": hp.beta2, "rsqrt_a": hp.rsqrt_a}
+
+
+def _check_state_hyper(path: Path, written: dict[str, Any], cfg: RunConfig) -> None:
+    """Refuse state whose units came from other HE-Adam constants.
+
+    Checkpoints from before ``state_hyper`` was written had rsqrt-a 3 (the
+    only value then) and are checked for that alone.
+    """
+    written = written or {"rsqrt_a": 3.0}
+    ours = _state_hyper(cfg)
+    for key, value in written.items():
+        if key in ours and float(value) != ours[key]:
+            raise ConfigError(
+                f"resume-from {path}: checkpoint's m, V, r were written with "
+                f"{key.replace('_', '-')} {value!r}, this run's is {ours[key]!r}; "
+                "their units differ (resume with the checkpoint's value)"
+            )
 
 
 def resume_state(
@@ -173,6 +198,7 @@ class CheckpointMixin:
             "param_count": self.param_count,
             "levels": levels,
             "env_id": self.cfg.env_id,
+            "state_hyper": _state_hyper(self.cfg),
         }
         write_checkpoint(path, meta, vectors)
         return path

@@ -19,11 +19,12 @@ from coordinator.he_adam import (
     initial_state,
     step_chunk,
 )
-from protocol.adam import AdamHyper
+from protocol.adam import AdamHyper, minimax_rsqrt_a, rsqrt_step_error
 from protocol.backend import Backend, Ct, DepthExceeded
 from tests.helpers import ckks_circuit_tol
 
 HP = AdamHyper(lr=2e-3)
+HP_A = AdamHyper(lr=2e-3, rsqrt_a=4.16)  # the minimax constant of r's update
 
 
 def _grads(n: int, steps: int, seed: int = 0) -> list[np.ndarray]:
@@ -92,30 +93,32 @@ def _encrypted_vs_float64(
     return dec(st.theta), dec(st.r), ref
 
 
-def test_encrypted_circuit_tracks_float64_circuit(ckks_pair, ps):
+@pytest.mark.parametrize("hp", [HP, HP_A], ids=["newton", "a4.16"])
+def test_encrypted_circuit_tracks_float64_circuit(ckks_pair, ps, hp):
     """60 encrypted steps (refreshed each step) stay within the CKKS tolerance."""
     theta0 = np.random.default_rng(3).normal(0, 0.5, ps.slots)
     theta, r, ref = _encrypted_vs_float64(
-        ckks_pair, ps, theta0, _grads(ps.slots, 60), HP
+        ckks_pair, ps, theta0, _grads(ps.slots, 60), hp
     )
     err = _rel(theta, ref[0], theta0)
     assert err < ckks_circuit_tol(ps), f"relative θ error {err:.2e}"
     assert np.max(np.abs(r / ref[3] - 1)) < 1e-3
 
 
-def test_plain_backend_is_the_float64_circuit(plain, ps):
+@pytest.mark.parametrize("hp", [HP, HP_A], ids=["newton", "a4.16"])
+def test_plain_backend_is_the_float64_circuit(plain, ps, hp):
     """The plaintext twin's circuit equals the independent float64 reference."""
     n = ps.slots
     rng = np.random.default_rng(4)
     theta0 = rng.normal(0, 0.5, n)
     grads = _grads(n, 30)
-    m, v, r = initial_state(grads[0] ** 2, HP)
+    m, v, r = initial_state(grads[0] ** 2, hp)
     ref = (theta0, m, v, r)
-    st = _plain_state(plain, HP, theta0, m, v, r)
+    st = _plain_state(plain, hp, theta0, m, v, r)
     for t, g in enumerate(grads, start=1):
-        ref = circuit_reference(*ref, HP.c * g, t, HP)
-        new = step_chunk(plain, st, Ct(HP.c * g, 3), t, HP)
-        st = _plain_state(plain, HP, *_values(new))
+        ref = circuit_reference(*ref, hp.c * g, t, hp)
+        new = step_chunk(plain, st, Ct(hp.c * g, 3), t, hp)
+        st = _plain_state(plain, hp, *_values(new))
     for got, want, name in zip(_values(st), ref, ("θ", "m", "V", "r"), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
 
@@ -226,6 +229,62 @@ def test_forced_u_between_1_and_2_keeps_r_positive(u_target):
     assert np.all(np.abs(r * np.sqrt(v) - 1) < 0.05)
 
 
+def test_rsqrt_a_bounds_r_after_a_spike(plain, ps):
+    """One step from an exact r at u = x²r² ∈ [0, 1]: Newton's r' (A = 3) lands
+    29 % low at u = 1; A = 4.16 keeps r'·√V' within 3.4 % of 1 everywhere, as
+    :func:`rsqrt_step_error` says (to the c²δ·r² term it ignores)."""
+    a = minimax_rsqrt_a(1.0)
+    assert 4.15 < a < 4.17
+    u = np.linspace(0.0, 1.0, ps.slots)
+    assert np.abs(rsqrt_step_error(a, u)).max() < 0.034
+    v = np.full(ps.slots, 0.01)  # V0 = mean g² + δ with g small: r at its largest
+    for hp, worst in ((HP, 0.2929), (HP_A, 0.0335)):
+        m, v0, r = initial_state(v, hp)  # V0 = v + δ, r = V0^(−½) exactly
+        x = np.sqrt(u) / r  # u = x²r²: x = c·g with |g| ≤ 1 needs u ≤ u_max = 1
+        new = step_chunk(
+            plain, _plain_state(plain, hp, np.zeros_like(u), m, v0, r), Ct(x, 3), 1, hp
+        )
+        _, _, v1, r1 = _values(new)
+        err = r1 * np.sqrt(v1) - 1.0
+        np.testing.assert_allclose(err, rsqrt_step_error(hp.rsqrt_a, u), atol=2e-3)
+        assert np.abs(err).max() == pytest.approx(worst, abs=2e-3)
+        assert err[0] == pytest.approx(0.0, abs=2e-3)  # u = 0: both exact
+
+
+def test_rsqrt_a_recovers_after_a_spike():
+    """After a u = 1 spike, r under A = 4.16 returns toward V^(−½) (errors shrink
+    by (A − 3)/(A − 1) ≈ 0.37 per step) and settles within its first-order bias
+    (½ − 1/(A − 1))·(1 − β2) ≈ 1.8e-4 as V decays with zero gradients (Newton's
+    settles at 0 but starts 29 % low)."""
+    n = 16
+    out = {}
+    for hp in (HP, HP_A):
+        m, v, r = initial_state(np.full(n, 1e-6), hp)
+        x = np.full(n, 1.0 / r[0])  # u = 1
+        theta, m, v, r = circuit_reference(np.zeros(n), m, v, r, x, 1, hp)
+        errs = [np.abs(r * np.sqrt(v) - 1).max()]
+        for t in range(2, 30):
+            theta, m, v, r = circuit_reference(theta, m, v, r, np.zeros(n), t, hp)
+            errs.append(np.abs(r * np.sqrt(v) - 1).max())
+        out[hp.rsqrt_a] = errs
+    assert out[3.0][0] > 0.29 and out[4.16][0] < 0.034
+    assert out[4.16][1] < 0.5 * out[4.16][0]
+    assert out[4.16][-1] < 2.5e-4 and out[3.0][-1] < 1e-6
+    assert sum(out[4.16]) < 0.5 * sum(out[3.0])  # less lost step size in total
+
+
+def test_rsqrt_a_is_a_checked_run_config_value():
+    from protocol.config import RunConfig
+    from protocol.errors import ConfigError
+
+    assert RunConfig.from_mapping({}).hyper.rsqrt_a == 3.0
+    assert RunConfig.from_mapping({"rsqrt-a": 4.16}).hyper.rsqrt_a == 4.16
+    assert HP_A.s == pytest.approx(1 / (3.16 * np.sqrt(HP_A.beta2)))
+    for bad in (2.0, 6.5, float("nan")):
+        with pytest.raises(ConfigError, match="rsqrt-a"):
+            RunConfig.from_mapping({"rsqrt-a": bad})
+
+
 def test_depth_is_enforced_by_both_backends(plain, ckks_pair, ps):
     """A fourth product raises DepthExceeded in the twin, as CKKS would fail."""
     a = Ct(np.ones(ps.slots), ps.depth)
@@ -263,8 +322,10 @@ def test_exact_adam_refused_with_ckks(ckks_pair):
         exact_step_chunk(coord, None, None, 1, HP)  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize("k", [4 / 3, 2.0, 4.0])
-def test_dropout_step_matches_plaintext_twin(k, ckks_pair, plain, ps):
+@pytest.mark.parametrize(
+    "k, HP", [(4 / 3, HP), (2.0, HP), (4.0, HP), (2.0, HP_A)], ids=str
+)
+def test_dropout_step_matches_plaintext_twin(k, HP, ckks_pair, plain, ps):  # noqa: N803
     """With K' < K replies the k = K/K' form equals the twin and reference on k·x."""
     part, coord, _, _ = ckks_pair
     n = ps.slots

@@ -141,6 +141,18 @@ def test_resume_refuses_mismatched_checkpoint(tmp_path):
     done = _raw(tmp_path, **{"resume-from": ckpt, "num-rounds": 2})
     with pytest.raises(ConfigError, match="nothing left to run"):
         local_federation(done, RUN_ID + 3)
+    # m, V, r are in units set by beta1, beta2 and rsqrt-a: other values refused
+    for key, value in (("rsqrt-a", 4.16), ("beta2", 0.99)):
+        other = _raw(tmp_path, **{"resume-from": ckpt, "num-rounds": 4, key: value})
+        with pytest.raises(ConfigError, match=f"written with {key} "):
+            local_federation(other, RUN_ID + 5)
+    meta, vectors = read_checkpoint(Path(ckpt))
+    assert meta.pop("state_hyper")["rsqrt_a"] == 3.0
+    unmarked = tmp_path / "unmarked.npz"  # written before state_hyper: A was 3
+    write_checkpoint(unmarked, meta, vectors)
+    newer_a = {"resume-from": str(unmarked), "num-rounds": 4, "rsqrt-a": 4.16}
+    with pytest.raises(ConfigError, match="rsqrt-a 3.0"):
+        local_federation(_raw(tmp_path, **newer_a), RUN_ID + 6)
     # written before m, V, r moved to StateUnits (protocol 1): not resumable
     meta, vectors = read_checkpoint(Path(ckpt))
     assert meta.pop("protocol_version") == PROTOCOL_VERSION
