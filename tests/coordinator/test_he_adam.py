@@ -58,6 +58,13 @@ def _values(st: ChunkState) -> tuple[np.ndarray, ...]:
     return tuple(c.data / c.factor for c in (st.theta, st.m, st.V, st.r))
 
 
+def _enc(part: Backend, coord: Backend, values: np.ndarray, f: float, level: int) -> Ct:
+    """``f·values`` encrypted by ``part`` at ``level``, loaded by ``coord`` as a
+    handle carrying factor ``f``."""
+    c = coord.load(part.encrypt(f * values, level), level=level)
+    return Ct(c.data, c.level, f)
+
+
 def _encrypted_vs_float64(
     ckks_pair, ps, theta0: np.ndarray, grads: list[np.ndarray], hp: AdamHyper
 ) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, ...]]:
@@ -71,8 +78,7 @@ def _encrypted_vs_float64(
     l_m, l_v, _ = StateUnits.levels(ps.depth)  # m, V as the refresher sends them
 
     def enc(values: np.ndarray, f: float = 1.0, level: int = ps.depth) -> Ct:
-        c = coord.load(part.encrypt(f * values, level), level=level)
-        return Ct(c.data, c.level, f)
+        return _enc(part, coord, values, f, level)
 
     def dec(ct: Ct) -> np.ndarray:
         return part.decrypt_ct(ct)
@@ -341,8 +347,7 @@ def test_dropout_step_matches_plaintext_twin(k, HP, ckks_pair, plain, ps):  # no
     l_m, l_v, _ = StateUnits.levels(ps.depth)  # m, V as the refresher sends them
 
     def enc(values: np.ndarray, f: float = 1.0, level: int = ps.depth) -> Ct:
-        c = coord.load(part.encrypt(f * values, level), level=level)
-        return Ct(c.data, c.level, f)
+        return _enc(part, coord, values, f, level)
 
     gf = coord.gradient_factor
     xc = enc(HP.c * g * gf)
