@@ -72,7 +72,7 @@ def rsqrt_step_error(a: float, u: np.ndarray) -> np.ndarray:
     """r'·√V' − 1 after one update with constant ``a`` from an exact r, at u = x²r².
 
     The warm start β2^(−½)·r is then √(1 + u) times V'^(−½) (ignoring the
-    c²δ·r² ≤ c⁴/u_max term), and the update multiplies it by
+    c²δ·r² = c²δ/V ≤ c² ≈ 1e-3 term), and the update multiplies it by
     (a − (1 + u))/(a − 1).
     """
     u = np.asarray(u, dtype=np.float64)
