@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.fidelity import load_preset
+from benchmarks.fidelity import load_preset, sweep_settings
 from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from protocol.adam import StateUnits, minimax_rsqrt_a, rsqrt_step_error
@@ -69,18 +69,8 @@ def measure(
 ) -> list[dict[str, Any]]:
     """Run the twin of ``env`` for ``rounds`` rounds; u statistics per window."""
     overrides, _ = load_preset(env)
-    raw = {
-        **overrides,
-        "backend": "plain",
-        "seed": seed,
-        "num-rounds": rounds,
-        "num-participants": 4,
-        "results-dir": str(work / "results"),
-        "keys-dir": str(work / "keys"),
-        "run-name": f"{env}-u-{seed}",
-        "coordinator-workers": 0,
-        "node-wait": 5.0,
-    }
+    # the twin exactly as the fidelity sweep runs it (same run id as its seed)
+    raw = {**overrides, **sweep_settings(env, seed, "plain", work, rounds, 4)}
     cfg = RunConfig.from_mapping(raw)
     constants = sorted({cfg.rsqrt_a, 3.0, round(minimax_rsqrt_a(), 2)})
     stats = UStats(window, tuple(constants))
