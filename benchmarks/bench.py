@@ -41,7 +41,13 @@ from benchmarks.bench_party import (
     make_party,
     to_wire_bytes,
 )
-from benchmarks.bench_report import markdown_table, merge, plot, summarise
+from benchmarks.bench_report import (
+    add_speedups,
+    markdown_table,
+    merge,
+    plot,
+    summarise,
+)
 from benchmarks.bench_round import (
     BENCH_PARTICIPANT_STAGES,
     COORDINATOR_STAGES,
@@ -150,14 +156,17 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                             done += 1
                             label = f"{v[0]} K={K} P={P} w={v[1]} rep {rep + 1}"
                             _progress(done, total, label, start, args.quiet)
-                    for w in args.workers:
-                        records.extend(
-                            summarise(
-                                {b: rounds[b, w] for b in args.backends},
-                                {b: samples[b, w] for b in args.backends},
-                                w,
-                            )
+                    config = [
+                        rec
+                        for w in args.workers
+                        for rec in summarise(
+                            {b: rounds[b, w] for b in args.backends},
+                            {b: samples[b, w] for b in args.backends},
+                            w,
                         )
+                    ]
+                    add_speedups(config)  # workers N vs 0, same interleaved reps
+                    records.extend(config)
         finally:
             for pool in pools.values():
                 pool.close()
@@ -212,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         "spawned workers the others; 0 runs step_chunks in-process on one core, 1 "
         "the same through the pool (the federation runs in-process with "
         "coordinator-workers 0 or 1 or for a single chunk; its default, -1, takes "
-        "one process per core). A list (0,2) measures each",
+        "one process per core). A list (0,2) measures each, rounds interleaved; "
+        "records with N ≥ 2 then carry their speed-up over 0 (speedup, "
+        "step_speedup) and, from the shards' summed stage times, cpu_inflation "
+        "(how much the processes slowed each other), step_speedup_bound = "
+        "N/cpu_inflation and sharding_efficiency",
     )
     ap.add_argument(
         "--param-set", default="8k-35x3", help="CKKS parameter set (protocol/params.py)"

@@ -13,6 +13,7 @@ from benchmarks.bench_round import (
     STAGES,
     Round,
 )
+from coordinator.workers import STEP_STAGES
 
 IDENT = ("backend", "participants", "params", "workers", "param_set")
 
@@ -59,6 +60,44 @@ def summarise(
     return list(out.values())
 
 
+def add_speedups(records: list[dict[str, Any]]) -> None:
+    """Add, to each record measured with N ≥ 2 processes, its speed-up over the
+    one-process record of the same configuration and backend *from the same
+    sweep* (rounds interleaved), and what the CPU the processes got allowed.
+
+    ``speedup`` and ``step_speedup`` are coordinator_s and step_s of one
+    process over N. ``cpu_inflation`` is the shards' step stages summed (each
+    process's own clock: CPU it was given, and any time it waited for a core)
+    over the same stages in one process: above 1 when the processes slow each
+    other down (shared caches, hyperthreads, a busy host). N / cpu_inflation is
+    ``step_speedup_bound``, the step's speed-up if its chunks split perfectly at
+    the speed the processes actually ran, and ``sharding_efficiency`` =
+    step_speedup / step_speedup_bound what the sharding itself (copies to and
+    from the workers, waiting for the slower shard) keeps of it.
+    """
+    one = {
+        (r["backend"], r["participants"], r["params"], r["param_set"]): r
+        for r in records
+        if r["workers"] == 0
+    }
+    for r in records:
+        base = one.get((r["backend"], r["participants"], r["params"], r["param_set"]))
+        if r["workers"] < 2 or base is None:
+            continue
+        cpu = sum(r["stages_s"][s] for s in STEP_STAGES)
+        cpu0 = sum(base["stages_s"][s] for s in STEP_STAGES)
+        step_speedup = base["stages_s"]["step_s"] / r["stages_s"]["step_s"]
+        inflation = cpu / cpu0
+        bound = r["workers"] / inflation
+        r.update(
+            speedup=base["coordinator_s"] / r["coordinator_s"],
+            step_speedup=step_speedup,
+            cpu_inflation=inflation,
+            step_speedup_bound=bound,
+            sharding_efficiency=step_speedup / bound,
+        )
+
+
 def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``old`` with every configuration measured again replaced by ``new``, sorted."""
     new_ids = {tuple(r[i] for i in IDENT) for r in new}
@@ -82,12 +121,16 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     """One row per configuration and backend."""
     head = (
         "| backend | K | P | workers | round s | coordinator s | step s | "
-        "coord. params/s | up B/param | down B/param | padding | ckks/plain |\n"
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "coord. params/s | up B/param | down B/param | padding | ckks/plain | "
+        "vs 1 process (bound) |\n"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
     for r in records:
         ratio = r.get("round_ratio")
+        speedup = ""
+        if "speedup" in r:
+            speedup = f"{r['speedup']:.2f}× ({r['step_speedup_bound']:.2f}×)"
         rows.append(
             f"| {r['backend']} | {r['participants']} | {_fmt_p(r['params'])} | "
             f"{r['workers']} | {r['round_s']:.3f} | {r['coordinator_s']:.3f} | "
@@ -96,7 +139,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
             f"{r['upload_bytes_per_param']:.2f} | "
             f"{r['broadcast_bytes_per_param']:.2f} | "
             f"{100 * r['padding_waste']:.1f}% | "
-            f"{'' if ratio is None else f'{ratio:.1f}×'} |"
+            f"{'' if ratio is None else f'{ratio:.1f}×'} | {speedup} |"
         )
     return head + "\n".join(rows) + "\n"
 

@@ -11,7 +11,8 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks.bench import STAGES, main, parse_count, parse_list
+from benchmarks.bench import STAGES, main, markdown_table, parse_count, parse_list
+from benchmarks.bench_report import add_speedups
 from coordinator.workers import BadChunks, ChunkPool, step_chunks
 from protocol.adam import AdamHyper, StateUnits
 from protocol.errors import SecretKeyRefused
@@ -195,3 +196,59 @@ def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
             np.testing.assert_allclose(
                 veiled - out[j] * nxt[i][j], plain_new, atol=1e-6
             )
+
+
+def _rec(workers: int, coord: float, step: float, cpu: float) -> dict:
+    """A bench record with ``cpu`` step-stage seconds, spread over the stages."""
+    stages = dict.fromkeys(STAGES, 0.0)
+    stages.update(step_s=step, parse_s=0.25 * cpu, adam_s=0.75 * cpu)
+    return {
+        "backend": "ckks",
+        "participants": 4,
+        "params": 12288,
+        "param_set": "8k-35x3",
+        "workers": workers,
+        "coordinator_s": coord,
+        "stages_s": stages,
+        "round_s": coord + 1.0,
+        "coordinator_params_per_s": 12288 / coord,
+        "upload_bytes_per_param": 49.3,
+        "broadcast_bytes_per_param": 32.0,
+        "padding_waste": 0.0,
+    }
+
+
+def test_speedup_against_one_process_and_the_cpu_it_got():
+    """Two processes: speed-up over the one-process record of the same sweep,
+    and the bound the shards' own (inflated) stage times allow."""
+    one, two = _rec(0, 10.0, 9.0, 9.0), _rec(2, 6.0, 5.0, 9.9)
+    other_k = dict(_rec(2, 1.0, 1.0, 1.0), participants=8)  # no 1-process twin
+    recs = [one, two, other_k]
+    add_speedups(recs)
+    assert two["speedup"] == pytest.approx(10.0 / 6.0)
+    assert two["step_speedup"] == pytest.approx(9.0 / 5.0)
+    assert two["cpu_inflation"] == pytest.approx(1.1)
+    assert two["step_speedup_bound"] == pytest.approx(2 / 1.1)
+    assert two["sharding_efficiency"] == pytest.approx((9.0 / 5.0) / (2 / 1.1))
+    assert "speedup" not in one and "speedup" not in other_k
+    table = markdown_table([one, two])
+    row = table.splitlines()[-1]
+    assert row.endswith("| 1.67× (1.82×) |"), row
+
+
+def test_sweep_with_workers_reports_speedup(tmp_path):
+    """--workers 0,2 in one sweep: the 2-process records carry their speed-up
+    fields, computed from the 0-process records of the same run."""
+    out = tmp_path / "bench.json"
+    argv = ["--participants", "2", "--params", "12288", "--reps", "1", "--quiet"]
+    argv += ["--workers", "0,2", "--backends", "ckks", "--warmup", "0"]
+    argv += ["--out", str(out), "--no-plot"]
+    assert main(argv) == 0
+    recs = {r["workers"]: r for r in json.loads(out.read_text())}
+    assert set(recs) == {0, 2}
+    zero, two = recs[0], recs[2]
+    assert "speedup" not in zero
+    assert two["speedup"] == pytest.approx(zero["coordinator_s"] / two["coordinator_s"])
+    assert two["sharding_efficiency"] == pytest.approx(
+        two["step_speedup"] / two["step_speedup_bound"]
+    )
