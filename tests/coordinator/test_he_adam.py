@@ -329,9 +329,9 @@ def test_exact_adam_refused_with_ckks(ckks_pair):
 
 
 @pytest.mark.parametrize(
-    "k, HP", [(4 / 3, HP), (2.0, HP), (4.0, HP), (2.0, HP_A)], ids=str
+    "k, hyper", [(4 / 3, HP), (2.0, HP), (4.0, HP), (2.0, HP_A)], ids=str
 )
-def test_dropout_step_matches_plaintext_twin(k, HP, ckks_pair, plain, ps):  # noqa: N803
+def test_dropout_step_matches_plaintext_twin(k, hyper, ckks_pair, plain, ps):
     """With K' < K replies the k = K/K' form equals the twin and reference on k·x."""
     part, coord, _, _ = ckks_pair
     n = ps.slots
@@ -339,25 +339,30 @@ def test_dropout_step_matches_plaintext_twin(k, HP, ckks_pair, plain, ps):  # no
     theta0 = rng.normal(0, 0.5, n)
     g = np.clip(rng.normal(0, 0.3, n), -1, 1) / k  # what K' of K replies sum to
     m = rng.normal(0, 0.05, n)
-    _, v, r = initial_state(rng.uniform(0, 0.2, n), HP)
+    _, v, r = initial_state(rng.uniform(0, 0.2, n), hyper)
     t = 5
-    ref = circuit_reference(theta0, m, v, r, HP.c * g * k, t, HP)
+    ref = circuit_reference(theta0, m, v, r, hyper.c * g * k, t, hyper)
 
-    f_m, f_v, f_r = StateUnits.of(coord, HP).inp
+    f_m, f_v, f_r = StateUnits.of(coord, hyper).inp
     l_m, l_v, _ = StateUnits.levels(ps.depth)  # m, V as the refresher sends them
 
     def enc(values: np.ndarray, f: float = 1.0, level: int = ps.depth) -> Ct:
         return _enc(part, coord, values, f, level)
 
     gf = coord.gradient_factor
-    xc = enc(HP.c * g * gf)
+    xc = enc(hyper.c * g * gf)
     xc.factor = gf
     st = ChunkState(
         coord.to_bottom(enc(theta0)), enc(m, f_m, l_m), enc(v, f_v, l_v), enc(r, f_r)
     )
-    new = step_chunk(coord, st, xc, t, HP, k=k)
+    new = step_chunk(coord, st, xc, t, hyper, k=k)
     twin = step_chunk(
-        plain, _plain_state(plain, HP, theta0, m, v, r), Ct(HP.c * g, 3), t, HP, k=k
+        plain,
+        _plain_state(plain, hyper, theta0, m, v, r),
+        Ct(hyper.c * g, 3),
+        t,
+        hyper,
+        k=k,
     )
     for got, want, name in zip(_values(twin), ref, ("θ", "m", "V", "r"), strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12, err_msg=name)
