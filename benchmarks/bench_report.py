@@ -75,13 +75,13 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
     step_speedup / step_speedup_bound what the sharding itself (copies to and
     from the workers, waiting for the slower shard) keeps of it.
     """
-    one = {
-        (r["backend"], r["participants"], r["params"], r["param_set"]): r
-        for r in records
-        if r["workers"] == 0
-    }
+
+    def config(r: dict[str, Any]) -> tuple[Any, ...]:  # IDENT without workers
+        return tuple(r[i] for i in IDENT if i != "workers")
+
+    one = {config(r): r for r in records if r["workers"] == 0}
     for r in records:
-        base = one.get((r["backend"], r["participants"], r["params"], r["param_set"]))
+        base = one.get(config(r))
         if r["workers"] < 2 or base is None:
             continue
         cpu = sum(r["stages_s"][s] for s in STEP_STAGES)
