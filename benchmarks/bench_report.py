@@ -74,6 +74,13 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
     the speed the processes actually ran, and ``sharding_efficiency`` =
     step_speedup / step_speedup_bound what the sharding itself (copies to and
     from the workers, waiting for the slower shard) keeps of it.
+
+    Outside the step the coordinator's stages (Flower records: headers of the
+    uploads, θ broadcast, masked state) run in its own process only:
+    ``serial_fraction`` is their share of the one-process coordinator_s, and
+    ``speedup_bound`` the coordinator's speed-up had they taken as long as in
+    one process and the step reached step_speedup_bound (Amdahl's law with the
+    CPU the processes got); ``speedup_efficiency`` = speedup / speedup_bound.
     """
 
     def config(r: dict[str, Any]) -> tuple[Any, ...]:  # IDENT without workers
@@ -89,12 +96,18 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
         step_speedup = base["stages_s"]["step_s"] / r["stages_s"]["step_s"]
         inflation = cpu / cpu0
         bound = r["workers"] / inflation
+        coord0, step0 = base["coordinator_s"], base["stages_s"]["step_s"]
+        speedup = coord0 / r["coordinator_s"]
+        speedup_bound = coord0 / (coord0 - step0 + step0 / bound)
         r.update(
-            speedup=base["coordinator_s"] / r["coordinator_s"],
+            speedup=speedup,
             step_speedup=step_speedup,
             cpu_inflation=inflation,
             step_speedup_bound=bound,
             sharding_efficiency=step_speedup / bound,
+            serial_fraction=(coord0 - step0) / coord0,
+            speedup_bound=speedup_bound,
+            speedup_efficiency=speedup / speedup_bound,
         )
 
 
@@ -122,7 +135,7 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
     head = (
         "| backend | K | P | workers | round s | coordinator s | step s | "
         "coord. params/s | up B/param | down B/param | padding | ckks/plain | "
-        "vs 1 process: coordinator (step / bound) |\n"
+        "vs 1 process: coordinator / bound (step / bound) |\n"
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     rows = []
@@ -131,7 +144,8 @@ def markdown_table(records: list[dict[str, Any]]) -> str:
         speedup = ""
         if "speedup" in r:
             speedup = (
-                f"{r['speedup']:.2f}× ({r['step_speedup']:.2f}× / "
+                f"{r['speedup']:.2f}× / {r['speedup_bound']:.2f}× "
+                f"({r['step_speedup']:.2f}× / "
                 f"{r['step_speedup_bound']:.2f}×)"
             )
         rows.append(

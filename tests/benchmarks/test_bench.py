@@ -230,10 +230,16 @@ def test_speedup_against_one_process_and_the_cpu_it_got():
     assert two["cpu_inflation"] == pytest.approx(1.1)
     assert two["step_speedup_bound"] == pytest.approx(2 / 1.1)
     assert two["sharding_efficiency"] == pytest.approx((9.0 / 5.0) / (2 / 1.1))
+    # outside the step 10 − 9 = 1 s stays serial; the step at most 9 / (2/1.1)
+    assert two["serial_fraction"] == pytest.approx(0.1)
+    assert two["speedup_bound"] == pytest.approx(10.0 / (1.0 + 9.0 * 1.1 / 2))
+    assert two["speedup_efficiency"] == pytest.approx(
+        (10.0 / 6.0) / two["speedup_bound"]
+    )
     assert "speedup" not in one and "speedup" not in other_k
     table = markdown_table([one, two])
     row = table.splitlines()[-1]
-    assert row.endswith("| 1.67× (1.80× / 1.82×) |"), row
+    assert row.endswith("| 1.67× / 1.68× (1.80× / 1.82×) |"), row
 
 
 def test_sweep_with_workers_reports_speedup(tmp_path):
@@ -251,4 +257,8 @@ def test_sweep_with_workers_reports_speedup(tmp_path):
     assert two["speedup"] == pytest.approx(zero["coordinator_s"] / two["coordinator_s"])
     assert two["sharding_efficiency"] == pytest.approx(
         two["step_speedup"] / two["step_speedup_bound"]
+    )
+    assert 0 < two["serial_fraction"] < 1
+    assert two["speedup_efficiency"] == pytest.approx(
+        two["speedup"] / two["speedup_bound"]
     )
