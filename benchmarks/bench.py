@@ -225,7 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
         "records with N ≥ 2 then carry their speed-up over 0 (speedup, "
         "step_speedup) and, from the shards' summed stage times, cpu_inflation "
         "(how much the processes slowed each other), step_speedup_bound = "
-        "N/cpu_inflation and sharding_efficiency",
+        "N/cpu_inflation and sharding_efficiency; serial_fraction (the stages "
+        "outside the step, in the coordinator's process only), speedup_bound "
+        "(Amdahl: those stages as in one process, the step at its bound) and "
+        "speedup_efficiency",
     )
     ap.add_argument(
         "--param-set", default="8k-35x3", help="CKKS parameter set (protocol/params.py)"
