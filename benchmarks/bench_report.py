@@ -93,10 +93,10 @@ def add_speedups(records: list[dict[str, Any]]) -> None:
             continue
         cpu = sum(r["stages_s"][s] for s in STEP_STAGES)
         cpu0 = sum(base["stages_s"][s] for s in STEP_STAGES)
-        step_speedup = base["stages_s"]["step_s"] / r["stages_s"]["step_s"]
+        coord0, step0 = base["coordinator_s"], base["stages_s"]["step_s"]
+        step_speedup = step0 / r["stages_s"]["step_s"]
         inflation = cpu / cpu0
         bound = r["workers"] / inflation
-        coord0, step0 = base["coordinator_s"], base["stages_s"]["step_s"]
         speedup = coord0 / r["coordinator_s"]
         speedup_bound = coord0 / (coord0 - step0 + step0 / bound)
         r.update(
