@@ -171,8 +171,26 @@ def summarise(out: Path) -> dict[str, Any]:
     return summary
 
 
+#: from this many seeds of a variant on, its runs are drawn faint and their
+#: mean on top (40 LunarLander seeds × 3 variants are otherwise one blur)
+MEAN_CURVE_SEEDS = 10
+
+
+def mean_curve(curves: list[np.ndarray]) -> np.ndarray:
+    """Mean over runs of (round, return) curves, each interpolated onto the
+    rounds of the first, up to the round every run reached: shape (n, 2)."""
+    curves = [c for c in curves if c.size]
+    if not curves:
+        return np.empty((0, 2))
+    end = min(c[-1, 0] for c in curves)
+    grid = curves[0][:, 0][curves[0][:, 0] <= end]
+    ys = [np.interp(grid, c[:, 0], c[:, 1]) for c in curves]
+    return np.column_stack([grid, np.mean(ys, axis=0)])
+
+
 def plot(out: Path, data: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> Path:
-    """Learning curves, one panel per env, encrypted vs twin vs exact Adam."""
+    """Learning curves, one panel per env, encrypted vs twin vs exact Adam
+    (with many seeds: each variant's mean bold over its faint runs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,17 +201,25 @@ def plot(out: Path, data: dict[str, dict[str, dict[int, dict[str, Any]]]]) -> Pa
     colours = {"ckks": "tab:red", "plain": "tab:blue", "exact": "tab:green"}
     for ax, env in zip(axes[0], envs, strict=True):
         for variant, seeds in sorted(data[env].items()):
-            for i, res in enumerate(seeds.values()):
-                curve = np.array([[r, m] for r, m, _ in res["curve"]])
+            colour = colours.get(variant, "k")
+            curves = [
+                np.array([[r, m] for r, m, _ in res["curve"]]) for res in seeds.values()
+            ]
+            many = len(curves) >= MEAN_CURVE_SEEDS
+            for i, curve in enumerate(curves):
                 if curve.size:
                     ax.plot(
                         curve[:, 0],
                         curve[:, 1],
-                        color=colours.get(variant, "k"),
-                        alpha=0.5,
-                        lw=0.8,
-                        label=variant if i == 0 else None,
+                        color=colour,
+                        alpha=0.12 if many else 0.5,
+                        lw=0.5 if many else 0.8,
+                        label=None if many or i else variant,
                     )
+            if many:
+                mean = mean_curve(curves)
+                label = f"{variant} (mean of {len(curves)})"
+                ax.plot(mean[:, 0], mean[:, 1], color=colour, lw=1.8, label=label)
         any_res = next(iter(next(iter(data[env].values())).values()))
         ax.axhline(any_res["solve_threshold"], color="k", ls="--", lw=0.8)
         ax.set_title(any_res["env_id"])

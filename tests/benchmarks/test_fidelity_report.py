@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks import fidelity
@@ -112,3 +113,15 @@ def test_runs_of_an_older_preset_are_left_out(out):
     assert fidelity.stale(path, "toy") == "preset changed since: lr 0.002 -> 0.001"
     v = summarise(out)["toy"]["variants"]
     assert v["ckks"]["mean_final_return"] == pytest.approx(85.0)  # seeds 0, 1 only
+
+
+def test_mean_curve_interpolates_onto_the_first_runs_rounds():
+    from benchmarks.fidelity_report import mean_curve
+
+    a = np.array([[0.0, 0.0], [10.0, 10.0], [20.0, 20.0], [30.0, 30.0]])
+    b = np.array([[0.0, 2.0], [5.0, 4.0], [25.0, 44.0]])  # ends at round 25
+    got = mean_curve([a, b, np.empty((0, 2))])
+    # rounds of a up to 25; b interpolated linearly: 10 → 14, 20 → 34
+    want = np.array([[0.0, 1.0], [10.0, 12.0], [20.0, 27.0]])
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
+    assert mean_curve([]).shape == (0, 2)
