@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from protocol import PROTOCOL_VERSION
+from protocol import PROTOCOL_VERSION, STATE_UNITS_VERSION
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
 from protocol.checkpoint import read_checkpoint, write_checkpoint
@@ -60,7 +60,7 @@ def load_resume(path: Path, cfg: RunConfig, param_set: str) -> Resume:
                 f"this run's is {want!r}"
             )
     written = int(meta.get("protocol_version", 1))
-    if written != PROTOCOL_VERSION and all(n in vectors for n in msg.STATE_NAMES):
+    if written < STATE_UNITS_VERSION and all(n in vectors for n in msg.STATE_NAMES):
         raise ConfigError(
             f"resume-from {path}: checkpoint was written by protocol version "
             f"{written}, whose m, V, r are in other units than version "

@@ -1,8 +1,9 @@
 """The versioned wire format (ARCHITECTURE §8), carried in Flower records.
 
 A vector travels as two records of a ``RecordDict``: ``<name>`` an
-``ArrayRecord`` of raw byte ``Array``s (one per slot-chunk; Flower chunks large
-arrays on the wire) and ``<name>.hdr`` a ``ConfigRecord`` holding the
+``ArrayRecord`` holding the slot-chunks concatenated in one raw byte ``Array``
+plus their lengths (:mod:`protocol.records`; Flower cuts large arrays into
+≤ 5 MB objects on the wire) and ``<name>.hdr`` a ``ConfigRecord`` holding the
 serialised :class:`VectorHeader`. :func:`read_vector` checks every header field
 against what the receiver expects *before* any chunk is parsed. The context is
 never sent with a vector.

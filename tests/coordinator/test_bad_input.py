@@ -157,14 +157,14 @@ def test_second_reply_to_same_message_ignored():
 
 
 def test_raw_array_required(ps):
-    """A chunk that is not a raw uint8 Array is refused."""
+    """Chunk data that is not a raw uint8 Array is refused."""
     from protocol.records import read_vector
 
     rd = RecordDict()
     exp = wire_expect(ps, "a" * 64, "plain", layout_digest="b" * 64)
     write_vector(rd, "gradient", make_header(exp, value_count=1, round_=1), [b"x"])
-    rd["gradient"]["0"] = Array(np.zeros(3, dtype=np.float32))
-    with pytest.raises(WireFormatError, match="raw byte array"):
+    rd["gradient"]["data"] = Array(np.zeros(3, dtype=np.float32))
+    with pytest.raises(WireFormatError, match="'data' missing or not a raw uint8"):
         read_vector(rd, "gradient", exp)
 
 

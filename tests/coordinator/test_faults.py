@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from coordinator.federation import Federation
 from protocol.config import RunConfig
@@ -103,15 +103,30 @@ def _corrupt_gradient(node_index: int, rnd: int, how: str):
         ):
             return reply
         content = reply.content
-        if how == "random-bytes":
-            junk = np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)
-            content["gradient"]["0"] = Array(
-                dtype="uint8", shape=(5000,), stype="raw", data=junk.tobytes()
-            )
-        elif how == "truncated":
-            a = content["gradient"]["1"]
-            content["gradient"]["1"] = Array(
-                dtype="uint8", shape=(100,), stype="raw", data=a.data[:100]
+        if how in ("random-bytes", "truncated", "missing-chunk"):
+            data = bytes(content["gradient"]["data"].data)
+            ends = np.cumsum(np.frombuffer(content["gradient"]["lengths"].data, "<u4"))
+            chunks = [data[s:e] for s, e in zip([0, *ends[:-1]], ends, strict=True)]
+            if how == "random-bytes":  # chunk 0 replaced by junk
+                rng = np.random.default_rng(0)
+                chunks[0] = rng.integers(0, 256, 5000, dtype=np.uint8).tobytes()
+            elif how == "truncated":  # chunk 1 cut to 100 bytes, its length saying so
+                chunks[1] = chunks[1][:100]
+            else:  # the last chunk gone, the header still counting it
+                chunks = chunks[:-1]
+            data, lengths = b"".join(chunks), [len(c) for c in chunks]
+            content["gradient"] = ArrayRecord(
+                {
+                    "data": Array(
+                        dtype="uint8", shape=(len(data),), stype="raw", data=data
+                    ),
+                    "lengths": Array(
+                        dtype="uint32",
+                        shape=(len(lengths),),
+                        stype="raw",
+                        data=np.array(lengths, dtype="<u4").tobytes(),
+                    ),
+                }
             )
         elif how in ("stale-round", "backend", "version", "fingerprint"):
             from protocol.wire import parse_header
@@ -126,8 +141,6 @@ def _corrupt_gradient(node_index: int, rnd: int, how: str):
             else:
                 hdr.fingerprint = "0" * 64
             content["gradient.hdr"] = ConfigRecord({"header": hdr.SerializeToString()})
-        elif how == "missing-chunk":
-            del content["gradient"]["2"]
         return Message(content, reply_to=request)
 
     return tamper

@@ -107,10 +107,11 @@ def test_participants_never_send_decrypted_values(runs):
                 }
             elif key.endswith(".hdr"):
                 assert set(record) == {"header"}
-            else:
-                assert all(
-                    a.stype == "raw" and a.dtype == "uint8" for a in record.values()
-                )
+            else:  # a vector: raw chunk bytes and their uint32 lengths, nothing else
+                assert set(record) == {"data", "lengths"}
+                assert (record["data"].stype, record["data"].dtype) == ("raw", "uint8")
+                lengths = record["lengths"]
+                assert (lengths.stype, lengths.dtype) == ("raw", "uint32")
 
 
 def test_state_travels_where_the_step_uses_it(runs):

@@ -161,6 +161,14 @@ def test_resume_refuses_mismatched_checkpoint(tmp_path):
     older = _raw(tmp_path, **{"resume-from": str(old), "num-rounds": 4})
     with pytest.raises(ConfigError, match="protocol version 1"):
         local_federation(older, RUN_ID + 4)
+    # protocol 2 had the same units (3 changed only the vectors' record layout)
+    v2 = tmp_path / "v2.npz"
+    write_checkpoint(v2, {**meta, "protocol_version": 2}, vectors)
+    fed = local_federation(
+        _raw(tmp_path, **{"resume-from": str(v2), "num-rounds": 4}), RUN_ID + 7
+    )
+    resumed_meta, resumed = fed._resume  # accepted at start, state included
+    assert resumed_meta["protocol_version"] == 2 and "r" in resumed
 
 
 def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
@@ -202,7 +210,10 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
 def test_forged_gradient_under_foreign_key_caught_by_participants(tmp_path):
     """A gradient under a foreign key with a matching header is summed (the keyless
     coordinator cannot tell); participants refuse the resulting θ; rolled back."""
-    from flwr.app import Array, Message
+    from flwr.app import Message
+
+    from protocol.records import write_vector
+    from protocol.wire import parse_header
 
     other = tmp_path / "other"
     keys.write_keys(other, PS, "ckks", force=False)
@@ -215,12 +226,11 @@ def test_forged_gradient_under_foreign_key_caught_by_participants(tmp_path):
             and int(task["round"]) == 2
             and request.metadata.dst_node_id == 1001
         ):
-            arr = reply.content["gradient"]
-            for key in list(arr.keys()):
-                junk = foreign.encrypt(np.full(PS.slots, 0.01))
-                arr[key] = Array(
-                    dtype="uint8", shape=(len(junk),), stype="raw", data=junk
-                )
+            hdr = parse_header(reply.content["gradient.hdr"]["header"])
+            junk = [
+                foreign.encrypt(np.full(PS.slots, 0.01)) for _ in range(hdr.chunk_count)
+            ]
+            write_vector(reply.content, "gradient", hdr, junk)
         return reply
 
     raw = _raw(tmp_path, **{"run-name": "forged-grad", "num-rounds": 4})

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -151,13 +151,84 @@ def test_other_backend_refused(ckks_pair, ps):
         )
 
 
+def _relayout(rd: RecordDict, key: str, data: bytes, lengths: list[int]) -> None:
+    """Replace a vector's chunk data and lengths (its header stays)."""
+    rd[key] = ArrayRecord(
+        {
+            "data": Array(dtype="uint8", shape=(len(data),), stype="raw", data=data),
+            "lengths": Array(
+                dtype="uint32",
+                shape=(len(lengths),),
+                stype="raw",
+                data=np.array(lengths, dtype="<u4").tobytes(),
+            ),
+        }
+    )
+
+
 def test_chunk_count_mismatch_with_header_rejected(ckks_pair, ps):
-    """An ArrayRecord with fewer chunks than its header claims is refused."""
+    """A vector with fewer chunks than its header claims is refused."""
     _, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp)
-    del rd["gradient"]["2"]
+    data = bytes(rd["gradient"]["data"].data)
+    _relayout(rd, "gradient", data[:2000], [1000, 1000])  # header says 3
     with pytest.raises(HeaderMismatch, match="chunk_count"):
         read_vector(rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth))
+
+
+def test_chunks_come_back_as_written(ps):
+    """Chunks of different sizes (incl. empty) survive the one-array layout."""
+    exp = _expect(ps, "f" * 64, "plain", "gradient", ps.depth)
+    chunks = [b"abc", b"", bytes(range(256)) * 3]
+    hdr = make_header(exp, value_count=N_VALUES, round_=5)
+    assert hdr.chunk_count == len(chunks)
+    rd = RecordDict()
+    sent = write_vector(rd, "gradient", hdr, chunks)
+    assert sent == len(hdr.SerializeToString()) + 4 * len(chunks) + 771
+    got_hdr, got = read_vector(rd, "gradient", exp)
+    assert got == chunks and got_hdr.chunk_count == 3
+
+
+@pytest.mark.parametrize(
+    ("data_len", "lengths", "match"),
+    [
+        (2999, [1000, 1000, 1000], "add up to 3000 bytes, the data has 2999"),
+        (3001, [1000, 1000, 1000], "add up to 3000 bytes, the data has 3001"),
+        (3000, [1000, 2000, 0], None),  # sizes move between chunks: parsed later
+    ],
+)
+def test_truncated_or_padded_chunk_data_refused(
+    ckks_pair, ps, data_len, lengths, match
+):
+    """Data that does not match the chunk lengths is refused before any parsing."""
+    _, coord, fp, _ = ckks_pair
+    rd = _garbage_vector(ps, fp)
+    data = (bytes(rd["gradient"]["data"].data) + b"x")[:data_len]
+    _relayout(rd, "gradient", data, lengths)
+    exp = _expect(ps, fp, "ckks", "gradient", ps.depth)
+    if match is None:
+        _, chunks = read_vector(rd, "gradient", exp)
+        assert [len(c) for c in chunks] == lengths
+    else:
+        with pytest.raises(WireFormatError, match=match):
+            read_vector(rd, "gradient", exp)
+
+
+def test_old_per_chunk_layout_refused_by_name(ps):
+    """A protocol-2 style record (one Array per chunk) names what is expected."""
+    exp = _expect(ps, "f" * 64, "plain", "gradient", ps.depth)
+    rd = RecordDict()
+    write_vector(
+        rd, "gradient", make_header(exp, value_count=N_VALUES, round_=5), [b"x"] * 3
+    )
+    rd["gradient"] = ArrayRecord(
+        {
+            str(i): Array(dtype="uint8", shape=(1,), stype="raw", data=b"x")
+            for i in range(3)
+        }
+    )
+    with pytest.raises(WireFormatError, match="expected arrays 'data' and 'lengths'"):
+        read_vector(rd, "gradient", exp)
 
 
 def test_random_bytes_as_ciphertext_raise_ciphertext_error(ckks_pair, ps):
