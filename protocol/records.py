@@ -77,11 +77,12 @@ def read_vector(rd: RecordDict, key: str, expect: Expect) -> tuple[Any, list[byt
     raw_lengths = _raw(arr, key, LENGTHS, "uint32")
     if len(raw_lengths) % _LEN.itemsize:
         raise WireFormatError(f"{key}: chunk lengths are {len(raw_lengths)} bytes")
-    lengths = np.frombuffer(raw_lengths, dtype=_LEN).astype(np.int64)
-    if len(lengths) != hdr.chunk_count:
+    count = len(raw_lengths) // _LEN.itemsize
+    if count != hdr.chunk_count:  # before converting: never more than the header says
         raise HeaderMismatch(
-            field="chunk_count", expected=hdr.chunk_count, received=len(lengths)
+            field="chunk_count", expected=hdr.chunk_count, received=count
         )
+    lengths = np.frombuffer(raw_lengths, dtype=_LEN).astype(np.int64)
     big = np.flatnonzero(lengths > MAX_CHUNK_BYTES)
     if big.size:
         i = int(big[0])

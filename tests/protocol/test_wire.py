@@ -308,3 +308,17 @@ def test_header_round_trip_property(round_, kind, name):
     assert back == hdr
     assert isinstance(back, type(VectorHeader()))
     _ = dataclasses.asdict(exp)
+
+
+def test_lengths_not_whole_uint32s_refused(ps):
+    """A lengths array whose byte count is not a multiple of 4 is refused."""
+    exp = _expect(ps, "f" * 64, "plain", "gradient", ps.depth)
+    rd = RecordDict()
+    write_vector(
+        rd, "gradient", make_header(exp, value_count=N_VALUES, round_=5), [b"x"] * 3
+    )
+    rd["gradient"]["lengths"] = Array(
+        dtype="uint32", shape=(5,), stype="raw", data=b"\x01\x00\x00\x00\x01"
+    )
+    with pytest.raises(WireFormatError, match="chunk lengths are 5 bytes"):
+        read_vector(rd, "gradient", exp)
