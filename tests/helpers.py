@@ -33,6 +33,24 @@ def assert_close(
     assert err <= atol, f"{what}: max abs error {err:.3e} > tolerance {atol:.3e}"
 
 
+def put_vector_arrays(rd: Any, key: str, data: bytes, lengths: list[int]) -> None:
+    """Replace vector ``key``'s chunk data and lengths (its header stays): the
+    protocol-3 layout written by hand, for tampering."""
+    from flwr.app import Array, ArrayRecord
+
+    rd[key] = ArrayRecord(
+        {
+            "data": Array(dtype="uint8", shape=(len(data),), stype="raw", data=data),
+            "lengths": Array(
+                dtype="uint32",
+                shape=(len(lengths),),
+                stype="raw",
+                data=np.array(lengths, dtype="<u4").tobytes(),
+            ),
+        }
+    )
+
+
 def wire_expect(
     ps: ParamSet,
     fingerprint: str,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from coordinator.federation import Federation
 from protocol.config import RunConfig
@@ -22,6 +22,7 @@ from tests.helpers import (
     local_key_file,
     local_raw,
     metrics_rows,
+    put_vector_arrays,
 )
 
 RUN_ID = 515
@@ -114,20 +115,8 @@ def _corrupt_gradient(node_index: int, rnd: int, how: str):
                 chunks[1] = chunks[1][:100]
             else:  # the last chunk gone, the header still counting it
                 chunks = chunks[:-1]
-            data, lengths = b"".join(chunks), [len(c) for c in chunks]
-            content["gradient"] = ArrayRecord(
-                {
-                    "data": Array(
-                        dtype="uint8", shape=(len(data),), stype="raw", data=data
-                    ),
-                    "lengths": Array(
-                        dtype="uint32",
-                        shape=(len(lengths),),
-                        stype="raw",
-                        data=np.array(lengths, dtype="<u4").tobytes(),
-                    ),
-                }
-            )
+            lengths = [len(c) for c in chunks]
+            put_vector_arrays(content, "gradient", b"".join(chunks), lengths)
         elif how in ("stale-round", "backend", "version", "fingerprint"):
             from protocol.wire import parse_header
 

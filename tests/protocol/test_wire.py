@@ -31,7 +31,7 @@ from protocol.wire import (
     make_header,
     parse_header,
 )
-from tests.helpers import assert_close, ckks_abs_tol, wire_expect
+from tests.helpers import assert_close, ckks_abs_tol, put_vector_arrays, wire_expect
 
 N_VALUES = 9155  # CartPole actor-critic: three chunks at 4096 slots
 
@@ -151,27 +151,12 @@ def test_other_backend_refused(ckks_pair, ps):
         )
 
 
-def _relayout(rd: RecordDict, key: str, data: bytes, lengths: list[int]) -> None:
-    """Replace a vector's chunk data and lengths (its header stays)."""
-    rd[key] = ArrayRecord(
-        {
-            "data": Array(dtype="uint8", shape=(len(data),), stype="raw", data=data),
-            "lengths": Array(
-                dtype="uint32",
-                shape=(len(lengths),),
-                stype="raw",
-                data=np.array(lengths, dtype="<u4").tobytes(),
-            ),
-        }
-    )
-
-
 def test_chunk_count_mismatch_with_header_rejected(ckks_pair, ps):
     """A vector with fewer chunks than its header claims is refused."""
     _, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp)
     data = bytes(rd["gradient"]["data"].data)
-    _relayout(rd, "gradient", data[:2000], [1000, 1000])  # header says 3
+    put_vector_arrays(rd, "gradient", data[:2000], [1000, 1000])  # header says 3
     with pytest.raises(HeaderMismatch, match="chunk_count"):
         read_vector(rd, "gradient", _expect(ps, fp, "ckks", "gradient", ps.depth))
 
@@ -204,7 +189,7 @@ def test_truncated_or_padded_chunk_data_refused(
     _, coord, fp, _ = ckks_pair
     rd = _garbage_vector(ps, fp)
     data = (bytes(rd["gradient"]["data"].data) + b"x")[:data_len]
-    _relayout(rd, "gradient", data, lengths)
+    put_vector_arrays(rd, "gradient", data, lengths)
     exp = _expect(ps, fp, "ckks", "gradient", ps.depth)
     if match is None:
         _, chunks = read_vector(rd, "gradient", exp)
