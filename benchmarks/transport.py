@@ -50,6 +50,7 @@ from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from benchmarks.bench import parse_list
+from protocol.params import get_param_set
 from protocol.records import read_vector, write_vector
 from protocol.wire import Expect, make_header
 
@@ -57,21 +58,22 @@ from protocol.wire import Expect, make_header
 #: bottom level (32.03 per value), a seeded gradient at the top (49.5; README,
 #: bench section)
 BOTTOM_CHUNK, TOP_CHUNK = 131_195, 202_752
-SLOTS = 4096
+PARAM_SET = get_param_set("8k-35x3")
+SLOTS = PARAM_SET.slots
 LAYOUTS = (3, 2)
 
 SERVER = """
-import sys
 from flwr.proto.message_pb2 import PullObjectResponse, PushObjectRequest
 STORE = {}
 async def app(scope, receive, send):
     if scope["type"] != "http":
         return
-    body, more = b"", True
+    parts, more = [], True
     while more:
         msg = await receive()
-        body += msg.get("body", b"")
+        parts.append(msg.get("body", b""))
         more = msg.get("more_body", False)
+    body = b"".join(parts)
     kind, oid = scope["path"].strip("/").split("/")
     if kind == "push":
         STORE[oid] = PushObjectRequest.FromString(body).object_content
@@ -85,7 +87,7 @@ async def app(scope, receive, send):
 
 def _expect(name: str, chunks: int) -> Expect:
     return Expect(
-        param_set="8k-35x3",
+        param_set=PARAM_SET.id,
         fingerprint="0" * 64,
         backend="ckks",
         run_id=1,
@@ -236,8 +238,10 @@ def run(params: list[int], participants: list[int], reps: int) -> list[dict[str,
                             "params": p,
                             "participants": k,
                             "reps": reps,
-                            **{f: runs[0][f] for f in ("chunks", "push_objects")},
-                            "pull_objects": runs[0]["pull_objects"],
+                            **{
+                                f: runs[0][f]
+                                for f in ("chunks", "push_objects", "pull_objects")
+                            },
                         }
                         for f in ("push_s", "pull_s"):
                             rec[f] = statistics.median(r[f] for r in runs)
