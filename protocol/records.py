@@ -91,11 +91,12 @@ def read_vector(rd: RecordDict, key: str, expect: Expect) -> tuple[Any, list[byt
             f"{MAX_CHUNK_BYTES} allowed"
         )
     data = _raw(arr, key, DATA, "uint8")
-    if int(lengths.sum()) != len(data):
+    ends = np.cumsum(lengths)
+    total = int(ends[-1]) if count else 0
+    if total != len(data):
         raise WireFormatError(
-            f"{key}: chunk lengths add up to {int(lengths.sum())} bytes, the data "
+            f"{key}: chunk lengths add up to {total} bytes, the data "
             f"has {len(data)} (truncated or padded)"
         )
-    ends = np.cumsum(lengths)
     view = memoryview(data)
     return hdr, [bytes(view[e - n : e]) for n, e in zip(lengths, ends, strict=True)]
