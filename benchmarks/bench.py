@@ -37,9 +37,11 @@ from benchmarks.bench_party import (
     Clock,
     Keys,
     Party,
-    from_wire_bytes,
+    Wire,
+    from_wire,
     make_party,
-    to_wire_bytes,
+    relay,
+    to_wire,
 )
 from benchmarks.bench_report import (
     add_speedups,
@@ -66,8 +68,9 @@ __all__ = [  # the CLI plus its parts re-exported for callers and tests
     "Keys",
     "Party",
     "Round",
+    "Wire",
     "build_parser",
-    "from_wire_bytes",
+    "from_wire",
     "main",
     "make_party",
     "markdown_table",
@@ -75,7 +78,8 @@ __all__ = [  # the CLI plus its parts re-exported for callers and tests
     "parse_list",
     "plot",
     "run_sweep",
-    "to_wire_bytes",
+    "relay",
+    "to_wire",
 ]
 
 DEFAULT_PARTICIPANTS = "2,4,8,16,32,64"

@@ -1,8 +1,9 @@
 """hedrl-bench: both ends of one backend at one parameter count.
 
 The keys of a sweep (one per backend, as one training run has one), the clock that
-times a round's stages, Flower's wire bytes, and a :class:`Party` holding θ and the
-encrypted Adam state (m, V, r) of one configuration. The round itself is in
+times a round's stages, Flower 1.42's object transport (:func:`to_wire`,
+:func:`from_wire`), and a :class:`Party` holding θ and the encrypted Adam state
+(m, V, r) of one configuration. The round itself is in
 :mod:`benchmarks.bench_round`; the sweep and CLI in :mod:`benchmarks.bench`.
 """
 
@@ -18,8 +19,14 @@ from typing import Any
 
 import numpy as np
 from flwr.app import RecordDict
-from flwr.common import serde
-from flwr.proto.recorddict_pb2 import RecordDict as ProtoRecordDict
+from flwr.proto.message_pb2 import PullObjectResponse, PushObjectRequest
+from flwr.proto.node_pb2 import Node
+from flwr.supercore.inflatable.inflatable_object import (
+    get_all_nested_objects,
+    get_object_tree,
+    no_object_id_recompute,
+)
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from coordinator.he_adam import StateUnits, initial_state
 from protocol import keys
@@ -50,14 +57,73 @@ class Clock:
             self.t[stage] += time.perf_counter() - start
 
 
-def to_wire_bytes(rd: RecordDict) -> bytes:
-    """What Flower puts on the wire for a message's content."""
-    return serde.recorddict_to_proto(rd).SerializeToString()
+@dataclass
+class Wire:
+    """A message's content as flwr 1.42 moves it: objects, one request each.
+
+    ``objects`` maps each object id to the bytes of one request: a
+    ``PushObjectRequest`` as the sender made it (:func:`to_wire`), or after
+    :func:`relay` the ``PullObjectResponse`` the receiver gets.
+    """
+
+    root: str
+    objects: dict[str, bytes]
+
+    @property
+    def size(self) -> int:
+        return sum(len(b) for b in self.objects.values())
 
 
-def from_wire_bytes(data: bytes) -> RecordDict:
-    """Inverse of :func:`to_wire_bytes`."""
-    return serde.recorddict_from_proto(ProtoRecordDict.FromString(data))
+_NODE = Node(node_id=1)
+
+
+def to_wire(rd: RecordDict) -> Wire:
+    """The sender's work in flwr 1.42's object transport (``HttpGrid.push_messages``
+    and a SuperNode's push alike): each object's id (SHA-256 over its deflated
+    bytes), the object tree, each object deflated into a ``PushObjectRequest``
+    (every Array and every ≤ 5 MB piece of one is an object). The socket work
+    of sending the requests is not included.
+    """
+    with no_object_id_recompute():
+        root = rd.object_id
+        objects = get_all_nested_objects(rd)
+        get_object_tree(rd).SerializeToString()  # sent with the message
+        return Wire(
+            root,
+            {
+                oid: PushObjectRequest(
+                    node=_NODE, run_id=RUN_ID, object_id=oid, object_content=o.deflate()
+                ).SerializeToString()
+                for oid, o in objects.items()
+            },
+        )
+
+
+def relay(wire: Wire) -> Wire:
+    """The SuperLink's part (not timed): pushed objects out as pull responses."""
+    return Wire(
+        wire.root,
+        {
+            oid: PullObjectResponse(
+                object_found=True,
+                object_available=True,
+                object_content=PushObjectRequest.FromString(b).object_content,
+            ).SerializeToString()
+            for oid, b in wire.objects.items()
+        },
+    )
+
+
+def from_wire(wire: Wire) -> RecordDict:
+    """The receiver's work: pull responses parsed, the records inflated."""
+    contents = {
+        oid: PullObjectResponse.FromString(b).object_content
+        for oid, b in wire.objects.items()
+    }
+    rd = inflate_object_from_contents(wire.root, contents)
+    if not isinstance(rd, RecordDict):
+        raise TypeError(f"wire: root object is {type(rd).__name__}, not RecordDict")
+    return rd
 
 
 # ---- one backend at one size ---------------------------------------------------------

@@ -4,17 +4,20 @@ No environment: each participant draws a random gradient of P parameters and the
 round runs through the real code of both sides —
 
     participant  clip/scale (participants.learner) → encrypt + records (protocol.codec
-                 send_plain) → Flower wire bytes (flwr serde)
-    coordinator  headers (read_vector) → ciphertext parsing, homomorphic sum,
+                 send_plain) → pushed as Flower 1.42 objects (bench_party.to_wire)
+    coordinator  pulled records (bench_party.from_wire), headers (read_vector) →
+                 ciphertext parsing, homomorphic sum,
                  unmasking of the refresher's re-encrypted state, HE-Adam and
                  masking the new state for the next refresher
                  (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
                  as the federation calls them) → θ records at the bottom level
                  (send_cts) → records of the state the step masked for the next
-                 refresher (Federation._masked_state)
+                 refresher (Federation._masked_state), both pushed as objects
     participant  θ decrypt (receive_plain); the refresher decrypts and re-encrypts
                  the masked m, V, r (as participants.node does)
 
+Every records stage includes Flower's object transport on its side (ids,
+deflating, requests; pulling: parsing and inflating), not the socket work.
 Stage names (``STAGES``) are the keys of ``stages_s`` in the JSON records.
 """
 
@@ -28,8 +31,10 @@ from benchmarks.bench_party import (
     Clock,
     Keys,
     Party,
-    from_wire_bytes,
-    to_wire_bytes,
+    Wire,
+    from_wire,
+    relay,
+    to_wire,
 )
 from coordinator.federation import Federation
 from coordinator.workers import STEP_STAGES, ChunkPool, masks_by_chunk, step_chunks
@@ -80,11 +85,11 @@ class Round:
             g_n = clip_and_scale(g, self.layout, self.clip)
             return self.hp.c * (1.0 / self.k) * p.part.gradient_factor * g_n
 
-    def _participant(self, theta_wire: bytes, clock: Clock) -> bytes:
+    def _participant(self, theta_wire: Wire, clock: Clock) -> Wire:
         p = self.p
         with clock("p_records_s"):
             receive_plain(
-                p.part, from_wire_bytes(theta_wire), msg.THETA, p.expect("theta", 0)
+                p.part, from_wire(theta_wire), msg.THETA, p.expect("theta", 0)
             )
         values = self._gradient(clock)
         with clock("p_records_s"):
@@ -97,9 +102,9 @@ class Round:
                 p.expect("gradient", p.ps.depth),
                 p.t,
             )
-            return to_wire_bytes(rd)
+            return to_wire(rd)
 
-    def _refresher(self, state_wire: bytes, clock: Clock) -> bytes:
+    def _refresher(self, state_wire: Wire, clock: Clock) -> Wire:
         p, top = self.p, self.p.ps.depth
         crypto = clock.t["_decrypt"], clock.t["_encrypt"]
         try:
@@ -107,23 +112,23 @@ class Round:
         finally:  # its decrypt/encrypt stay in refresh_s only
             clock.t["_decrypt"], clock.t["_encrypt"] = crypto
 
-    def _refresh(self, state_wire: bytes, clock: Clock, p: Party, top: int) -> bytes:
+    def _refresh(self, state_wire: Wire, clock: Clock, p: Party, top: int) -> Wire:
         with clock("refresh_s"):
-            content, out = from_wire_bytes(state_wire), RecordDict()
+            content, out = from_wire(state_wire), RecordDict()
             refresh_state(p.part, self.hp, content, out, p.expect, p.t)
-            return to_wire_bytes(out)
+            return to_wire(out)
 
     # coordinator side -------------------------------------------------------------
-    def _broadcast(self, clock: Clock) -> bytes:
+    def _broadcast(self, clock: Clock) -> Wire:
         p = self.p
         with clock("broadcast_s"):
             rd = RecordDict()
             self.down_bytes = send_cts(
                 p.coord, rd, msg.THETA, p.theta, p.expect("theta", 0), p.t, p.params
             )
-            return to_wire_bytes(rd)
+            return to_wire(rd)
 
-    def _mask(self, clock: Clock) -> tuple[bytes, list[np.ndarray]]:
+    def _mask(self, clock: Clock) -> tuple[Wire, list[np.ndarray]]:
         """The masked state's records; the masking itself is in the last step."""
         p, fed = self.p, self.fed
         fed.state, fed._round = p.state, p.t
@@ -131,22 +136,24 @@ class Round:
             fed._premasked = fed._mask_state()
         with clock("state_s"):
             rd, masks, _ = fed._masked_state()
-            return to_wire_bytes(rd), masks
+            return to_wire(rd), masks
 
-    def _headers(self, wire: bytes, keys_exps: list[tuple[str, Expect]], clock: Clock):
-        """Header checks and raw chunks, as Federation._parse_reply does."""
+    def _headers(self, wire: Wire, keys_exps: list[tuple[str, Expect]], clock: Clock):
+        """Pulled records, header checks and raw chunks, as Federation._parse_reply
+        does."""
         with clock("headers_s"):
-            rd = from_wire_bytes(wire)
+            rd = from_wire(wire)
             return [read_vector(rd, key, exp)[1] for key, exp in keys_exps]
 
     def run(self, keys: Keys) -> dict[str, float]:
         """One timed round: stage seconds (participant stages per participant)."""
         p, be, top, n = self.p, self.p.coord, self.p.ps.depth, self.p.chunks
         clock = keys.current = Clock()
-        theta_wire = self._broadcast(clock)
+        # relay(): the SuperLink between push and pull, not timed
+        theta_wire = relay(self._broadcast(clock))
         state_wire, masks = self._mask(clock)
         refresh = self._headers(
-            self._refresher(state_wire, clock),
+            relay(self._refresher(relay(state_wire), clock)),
             [
                 (msg.state_key("refresh", name), p.expect("refresh", level, name))
                 for name, level in zip(
@@ -157,7 +164,7 @@ class Round:
         )
         grads = [
             self._headers(
-                self._participant(theta_wire, clock),
+                relay(self._participant(theta_wire, clock)),
                 [(msg.GRADIENT, p.expect("gradient", top))],
                 clock,
             )[0]

@@ -6,17 +6,30 @@ Bytes are deterministic up to the zstd compression of SEAL's serialisation
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
+from flwr.proto.message_pb2 import PushObjectRequest
 
-from benchmarks.bench import STAGES, main, markdown_table, parse_count, parse_list
+from benchmarks import transport
+from benchmarks.bench import (
+    STAGES,
+    from_wire,
+    main,
+    markdown_table,
+    parse_count,
+    parse_list,
+    relay,
+    to_wire,
+)
 from benchmarks.bench_report import add_speedups
 from coordinator.workers import BadChunks, ChunkPool, step_chunks
 from protocol.adam import AdamHyper, StateUnits
 from protocol.errors import SecretKeyRefused
 from protocol.keys import generate
+from protocol.records import read_vector
 from tests.helpers import plain_step_inputs
 
 UPLOAD_TARGET = 50.0  # bytes per filled slot and participant (issue 5)
@@ -36,6 +49,30 @@ KEYS = {
     "coordinator_params_per_s",
     "padding_waste",
 }
+
+
+def test_wire_is_flowers_object_transport():
+    """The bench's records stages move content as flwr 1.42 objects: every id is
+    the SHA-256 of its object's content, a vector over 5 MB is split into pieces,
+    and the relayed objects inflate back to the same chunks."""
+    rng = np.random.default_rng(3)
+    chunks = 45  # 45 × 131,195 B ≈ 5.9 MB: two pieces of Flower's ≤ 5 MB
+    rd, sent = transport.vectors(3, ["theta", "m"], chunks, transport.BOTTOM_CHUNK, rng)
+    wire = to_wire(rd)
+    assert wire.root == rd.object_id
+    for oid, req in wire.objects.items():
+        content = PushObjectRequest.FromString(req).object_content
+        assert hashlib.sha256(content).hexdigest() == oid
+    data = 2 * chunks * transport.BOTTOM_CHUNK
+    assert data < wire.size < data * 1.01
+    # per vector: data Array + 2 pieces, its ArrayRecord, the header's
+    # ConfigRecord; the lengths Array + its piece are equal in both vectors (same
+    # ids), counted once; plus the root RecordDict
+    assert len(wire.objects) == 2 * (3 + 1 + 1) + 2 + 1
+    back = from_wire(relay(wire))
+    for name in ("theta", "m"):
+        got = read_vector(back, name, transport._expect(name, chunks))[1]
+        assert got == sent[name]
 
 
 def test_sizes_parse():
