@@ -58,6 +58,7 @@ from benchmarks.bench_round import (
 )
 from coordinator.workers import ChunkPool
 from protocol.adam import AdamHyper
+from protocol.memory import retain_freed_memory
 
 __all__ = [  # the CLI plus its parts re-exported for callers and tests
     "COORDINATOR_STAGES",
@@ -123,6 +124,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Every (P, K) configuration; backends and worker counts interleaved per rep."""
     rng = np.random.default_rng(args.seed)
     hp = AdamHyper(lr=args.lr)
+    # as the federation does by default (run-config retain-freed-memory)
+    retained = not args.no_retain_memory and retain_freed_memory()
     pools: dict[tuple[str, int], ChunkPool] = {}
     variants = [(b, w) for w in args.workers for b in args.backends]
     total = len(args.params) * len(args.participants) * args.reps * len(variants)
@@ -138,6 +141,7 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                     param_set=args.param_set,
                     backend=b,
                     workers=w,
+                    retain_memory=not args.no_retain_memory,
                 )
             return pools.get((b, w))
 
@@ -170,6 +174,8 @@ def run_sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
                         )
                     ]
                     add_speedups(config)  # workers N vs 0, same interleaved reps
+                    for rec in config:
+                        rec["retain_freed_memory"] = retained
                     records.extend(config)
         finally:
             for pool in pools.values():
@@ -266,6 +272,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="merge into the records already in --out (a configuration measured "
         "again replaces its old records); plot and table show the merged set",
+    )
+    ap.add_argument(
+        "--no-retain-memory",
+        action="store_true",
+        help="leave glibc's malloc at its defaults (the federation's "
+        "retain-freed-memory = false); by default this process and the workers "
+        "keep freed large allocations for reuse, as the federation does "
+        "(records: retain_freed_memory)",
     )
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap

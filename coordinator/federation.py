@@ -59,6 +59,7 @@ from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
+from protocol.memory import retain_freed_memory
 from protocol.params import get_param_set
 from protocol.wire import Expect
 
@@ -83,6 +84,8 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
     ) -> None:
         """``on_round(t, self)`` runs after each round (benchmarks, tests)."""
         self.on_round = on_round
+        if cfg.retain_freed_memory and retain_freed_memory():
+            log.info("hedrl: freed memory kept for reuse (retain-freed-memory)")
         self.last_aggregate: list[Ct] | None = None
         self.grid = grid
         self.cfg = cfg
@@ -233,6 +236,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 param_set=self.params.id,
                 backend=self.cfg.backend,
                 workers=workers,
+                retain_memory=self.cfg.retain_freed_memory,
             )
         log.info(
             "hedrl: coordinator work %s",

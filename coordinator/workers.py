@@ -51,6 +51,7 @@ from protocol import keys
 from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Backend, Ct
 from protocol.errors import ConfigError, HedrlError
+from protocol.memory import retain_freed_memory
 from protocol.params import get_param_set
 
 log = logging.getLogger("flwr.hedrl.coordinator")
@@ -302,8 +303,12 @@ def auto_workers(n_chunks: int, cores: int | None = None) -> int:
 _worker_be: Backend | None = None
 
 
-def _init_worker(contexts: Any, param_set: str, backend: str) -> None:
+def _init_worker(
+    contexts: Any, param_set: str, backend: str, retain_memory: bool
+) -> None:
     global _worker_be
+    if retain_memory:
+        retain_freed_memory()
     context = contexts.get(timeout=600)
     _worker_be, _ = keys.coordinator_backend(context, get_param_set(param_set), backend)
 
@@ -406,8 +411,17 @@ class ChunkPool:
     """
 
     def __init__(
-        self, *, context: bytes, param_set: str, backend: str, workers: int
+        self,
+        *,
+        context: bytes,
+        param_set: str,
+        backend: str,
+        workers: int,
+        retain_memory: bool = True,
     ) -> None:
+        """``retain_memory``: the workers keep freed memory for reuse
+        (:func:`protocol.memory.retain_freed_memory`, run-config
+        ``retain-freed-memory``)."""
         if workers < 1:
             raise ConfigError(f"workers must be ≥ 1, received {workers}")
         if getattr(multiprocessing.current_process(), "_inheriting", False):
@@ -451,7 +465,7 @@ class ChunkPool:
             max_workers=workers - 1,
             mp_context=mp,
             initializer=_init_worker,
-            initargs=(self._contexts, param_set, backend),
+            initargs=(self._contexts, param_set, backend, retain_memory),
         )
         # start every worker now so the first round does not pay for it
         try:

@@ -21,6 +21,7 @@ from protocol.backend import Backend
 from protocol.codec import receive_plain, refresh_state, send_plain
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import BackendMismatch, FingerprintMismatch, ThetaRejected
+from protocol.memory import retain_freed_memory
 from protocol.packing import n_chunks
 from protocol.params import get_param_set
 from protocol.wire import Expect
@@ -41,6 +42,8 @@ class Node:
         self.round: int | None = None
         self.context = context
         self.cfg = RunConfig.from_mapping(dict(context.run_config))
+        if self.cfg.retain_freed_memory:
+            retain_freed_memory()
         self.params = get_param_set(self.cfg.param_set)
         nc = context.node_config
         self.index = int(nc.get("partition-id", nc.get("participant-index", 0)))

@@ -99,6 +99,10 @@ class RunConfig:
     """Worker processes sharding the coordinator's per-chunk work (parsing, sum,
     unmask, HE-Adam): -1 = one per core, up to the chunk count and 8 (none on a
     single core or for a single chunk); 0 = in the ServerApp's process."""
+    retain_freed_memory: bool = True
+    """Keep freed large allocations in the coordinator's and participants'
+    processes for reuse instead of faulting fresh pages in every round (glibc
+    mallopt; :mod:`protocol.memory`)."""
     round_timeout: float = 600.0
     """Seconds to wait for replies in one exchange."""
     node_wait: float = 120.0

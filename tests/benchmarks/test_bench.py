@@ -48,6 +48,7 @@ KEYS = {
     "broadcast_bytes_per_param",
     "coordinator_params_per_s",
     "padding_waste",
+    "retain_freed_memory",
 }
 
 
