@@ -41,15 +41,9 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from flwr.proto.message_pb2 import (
-    PullObjectResponse,
-    PushObjectRequest,
-)
-from flwr.proto.node_pb2 import Node
-from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
-from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
 
 from benchmarks.bench import parse_list
+from benchmarks.bench_party import Wire, from_wire, to_wire
 from protocol.params import get_param_set
 from protocol.records import read_vector, write_vector
 from protocol.wire import Expect, make_header
@@ -161,24 +155,17 @@ class Link:
 
     def push(self, rd: RecordDict) -> tuple[str, list[str]]:
         """Push every object of ``rd``; (its id, the object ids)."""
-        node = Node(node_id=1)
-        objects = get_all_nested_objects(rd)
-        for oid, obj in objects.items():
-            req = PushObjectRequest(
-                node=node, run_id=1, object_id=oid, object_content=obj.deflate()
-            )
-            self.client.post(f"/push/{oid}", content=req.SerializeToString())
-        return rd.object_id, list(objects)
+        wire = to_wire(rd)  # ids, deflated objects, push requests
+        for oid, req in wire.objects.items():
+            self.client.post(f"/push/{oid}", content=req)
+        return wire.root, list(wire.objects)
 
     def pull(self, root: str, ids: list[str]) -> RecordDict:
         """Pull objects by id and inflate the records they make up."""
-        contents = {}
-        for oid in ids:
-            body = self.client.post(f"/pull/{oid}", content=b"").content
-            contents[oid] = PullObjectResponse.FromString(body).object_content
-        rd = inflate_object_from_contents(root, contents)
-        assert isinstance(rd, RecordDict)
-        return rd
+        bodies = {
+            oid: self.client.post(f"/pull/{oid}", content=b"").content for oid in ids
+        }
+        return from_wire(Wire(root, bodies))
 
     def close(self) -> None:
         self.client.close()
