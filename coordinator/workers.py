@@ -5,8 +5,10 @@ gradient ciphertexts, their sum, unmasking its refreshed m, V, r, its HE-Adam
 step and switching the new state to the bottom level touch no other chunk.
 :func:`step_chunks` does that work for a list of chunks; the federation calls
 it directly (``coordinator-workers`` 0 or 1) or through :class:`ChunkPool`, which
-cuts the chunk indices into one contiguous shard per process: the calling
-process works on the first, spawned worker processes on the others (TenSEAL's
+cuts most of the chunk indices into one contiguous shard per process, sized by
+each process's measured speed, and hands out the last fifth on demand to
+whichever process is through its own shard (:class:`Claims`): the calling
+process works on the first shard, spawned worker processes on the others (TenSEAL's
 ``n_threads`` does not speed up element-wise work, ARCHITECTURE §5, and
 sealapi's calls hold the GIL, so threads do not either: measured, 2 threads took
 38 ms per chunk where one took 34).
@@ -36,7 +38,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -66,6 +68,11 @@ Premasked = tuple[list[tuple[Chunk, Chunk, Chunk]], list[np.ndarray]]
 #: ``mask_s`` masks the new state for the next round's refresher)
 STEP_STAGES = ("parse_s", "sum_s", "unmask_s", "adam_s", "mask_s")
 _OUT_NAMES = ("theta", "m", "V", "r")
+#: where :meth:`ChunkPool.step` spends its caller's wall time: writing the
+#: spawned workers' chunks to the spool, its own shard, waiting for the last
+#: worker after it, collecting the workers' results (reading the masked state,
+#: loading the new θ and state)
+POOL_STAGES = ("spill_s", "own_s", "wait_s", "collect_s")
 
 
 @dataclass(frozen=True)
@@ -105,6 +112,8 @@ class StepResult:
     #: seconds spent per stage (:data:`STEP_STAGES`; summed over the processes
     #: when sharded, i.e. CPU seconds rather than wall time)
     timings: dict[str, float] = field(default_factory=dict)
+    #: the chunk index of each result, in the order above
+    chunks: list[int] = field(default_factory=list)
 
 
 def masks_by_chunk(masks: Sequence[np.ndarray], n: int) -> list[list[np.ndarray]]:
@@ -175,6 +184,8 @@ def step_chunks(
     keep_aggregate: bool = False,
     first_chunk: int = 0,
     mask_next: Sequence[Sequence[np.ndarray]] | None = None,
+    chunk_ids: Sequence[int] | None = None,
+    order: Iterable[int] | None = None,
 ) -> StepResult:
     """Sum, unmask and step every chunk.
 
@@ -193,6 +204,12 @@ def step_chunks(
     round's refresher gets, masked where the chunk is, in parallel when
     sharded. Raises :class:`BadChunks` (listing every chunk that did not parse)
     before anything is returned.
+
+    Position j is chunk ``chunk_ids[j]`` of the vector (default
+    ``first_chunk + j``: named in errors and output files). ``order`` gives
+    the positions to step, in that order, and may be lazy (a pool's process
+    claiming shared chunks, :class:`ChunkPool`); by default every position.
+    The result lists what was stepped in that order (``chunks``).
     """
     fn = OPTIMIZERS[optimizer]
     units = StateUnits.of(be, hp)
@@ -207,7 +224,12 @@ def step_chunks(
     masked: list[tuple[Chunk, Chunk, Chunk]] | None = None
     if mask_next is not None:
         masked = []
-    for j, th in enumerate(theta):
+    ids = (
+        range(first_chunk, first_chunk + len(theta)) if chunk_ids is None else chunk_ids
+    )
+    done: list[int] = []
+    for j in range(len(theta)) if order is None else order:
+        th, cid = theta[j], ids[j]
         t0 = now()
         xs = []
         for i, g in enumerate(grads[j]):
@@ -215,7 +237,7 @@ def step_chunks(
                 xs.append(_handle(be, g, top))
             except HedrlError as exc:
                 why = f"{type(exc).__name__}: {exc}"
-                failures.append(Failure("gradient", i, first_chunk + j, why))
+                failures.append(Failure("gradient", i, cid, why))
         try:
             mvr = [
                 Ct(_handle(be, c, lvl).data, lvl, f)
@@ -223,7 +245,7 @@ def step_chunks(
             ]
         except HedrlError as exc:
             why = f"{type(exc).__name__}: {exc}"
-            failures.append(Failure("refresh", 0, first_chunk + j, why))
+            failures.append(Failure("refresh", 0, cid, why))
         if failures:
             continue  # keep parsing: report every bad chunk at once
         theta_j = _handle(be, th, 0)
@@ -247,7 +269,7 @@ def step_chunks(
         ]
         out: list[Chunk]
         if out_dir is not None:
-            out = [out_dir / f"{first_chunk + j}.new-{n}" for n in _OUT_NAMES]
+            out = [out_dir / f"{cid}.new-{n}" for n in _OUT_NAMES]
             for c, path in zip(handles, out, strict=True):
                 be.dump_file(c, path)
         elif as_bytes:
@@ -259,7 +281,7 @@ def step_chunks(
             assert mask_next is not None
             into = None
             if out_dir is not None:
-                into = [out_dir / f"{first_chunk + j}.masked-{n}" for n in "mVr"]
+                into = [out_dir / f"{cid}.masked-{n}" for n in "mVr"]
             masked.append(mask_state(be, handles[1:], mask_next[j], units, into))
         t5 = now()
         spans = (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)
@@ -267,9 +289,10 @@ def step_chunks(
             clock[stage] += dt
         theta_out.append(out[0])
         state_out.append((out[1], out[2], out[3]))
+        done.append(cid)
     if failures:
         raise BadChunks(failures)
-    return StepResult(theta_out, state_out, aggregate, masked, clock)
+    return StepResult(theta_out, state_out, aggregate, masked, clock, done)
 
 
 def auto_workers(n_chunks: int, cores: int | None = None) -> int:
@@ -299,16 +322,78 @@ def auto_workers(n_chunks: int, cores: int | None = None) -> int:
     return next(w for w in range(first, top + 1) if makespan(w) <= 1.1 * best)
 
 
+# ---- chunks handed out on demand --------------------------------------------------
+#: share of a sharded step's chunks that are not split in advance: each process,
+#: once through its own shard, claims the next of them until none is left. The
+#: static split follows the speeds measured in earlier steps, but two vCPUs here
+#: change speed from round to round (a shard's time differed by up to 12 % from
+#: the other's at 1M parameters, 2026-12-04); a fifth absorbs that.
+SHARED_FRACTION = 0.2
+
+
+def _shared_count(n: int, processes: int) -> int:
+    """How many of ``n`` chunks are claimed on demand: about
+    :data:`SHARED_FRACTION` of them, leaving each process one of its own."""
+    if processes < 2:
+        return 0
+    return max(0, min(n - processes, round(SHARED_FRACTION * n)))
+
+
+class Claims:
+    """The next unclaimed shared chunk, in memory every process of a pool sees."""
+
+    def __init__(self, mp: Any) -> None:
+        self._next = mp.RawValue("q", 0)
+        self._lock = mp.Lock()
+
+    def reset(self, start: int) -> None:
+        with self._lock:
+            self._next.value = start
+
+    def take(self, stop: int) -> int | None:
+        """The next chunk below ``stop``, now this process's; None when none is left."""
+        with self._lock:
+            i = int(self._next.value)
+            if i >= stop:
+                return None
+            self._next.value = i + 1
+            return i
+
+
+class Claimed:
+    """A process's positions for :func:`step_chunks`: its ``fixed`` own chunks
+    (positions 0 … fixed − 1), then the shared chunks (``shared``, at positions
+    fixed, fixed + 1, …) it claims as it goes. Iterating again replays what was
+    claimed before and goes on claiming (a retry of the same step)."""
+
+    def __init__(self, fixed: int, claims: Claims | None, shared: range) -> None:
+        self.fixed, self.claims, self.shared = fixed, claims, shared
+        self.taken: list[int] = []
+
+    def __iter__(self) -> Iterator[int]:
+        yield from range(self.fixed)
+        base = self.fixed - self.shared.start
+        for i in list(self.taken):
+            yield base + i
+        if self.claims is None:
+            return
+        while (i := self.claims.take(self.shared.stop)) is not None:
+            self.taken.append(i)
+            yield base + i
+
+
 # ---- worker side ------------------------------------------------------------------
 _worker_be: Backend | None = None
+_worker_claims: Claims | None = None
 
 
 def _init_worker(
-    contexts: Any, param_set: str, backend: str, retain_memory: bool
+    contexts: Any, param_set: str, backend: str, retain_memory: bool, claims: Claims
 ) -> None:
-    global _worker_be
+    global _worker_be, _worker_claims
     if retain_memory:
         retain_freed_memory()
+    _worker_claims = claims
     context = contexts.get(timeout=600)
     _worker_be, _ = keys.coordinator_backend(context, get_param_set(param_set), backend)
 
@@ -326,12 +411,22 @@ def _step_shard(*args: Any, **kwargs: Any) -> StepResult | BadChunks:
 
 
 def _step_shard_spooled(
-    src: Path, out_dir: Path, packed: Any, kwargs: dict[str, Any]
+    src: Path,
+    out_dir: Path,
+    packed: Any,
+    kwargs: dict[str, Any],
+    shared: tuple[int, int, int] | None = None,
 ) -> StepResult | BadChunks:
     """:func:`_step_shard` on chunks in files (:mod:`coordinator.spool`), the
     masks in ``src``; the new chunks go to files in ``out_dir`` (bytes, through
-    the pipe, if they cannot be written there)."""
+    the pipe, if they cannot be written there). With ``shared`` = (own chunks,
+    first and end of the shared ones), the files hold the worker's own chunks
+    followed by the shared ones, which it claims (:class:`Claimed`) once
+    through its own."""
     args, mask_next = unspill(packed, src)
+    if shared is not None:
+        fixed, first, end = shared
+        kwargs = {**kwargs, "order": Claimed(fixed, _worker_claims, range(first, end))}
     try:
         return step_chunks(_be(), *args, mask_next=mask_next, out_dir=out_dir, **kwargs)
     except BadChunks as exc:
@@ -440,8 +535,18 @@ class ChunkPool:
         #: relative speed per process (the caller's first), from the last steps:
         #: how the next step's chunks are split
         self.weights = [1.0] * workers
+        #: the last step's :data:`POOL_STAGES` (seconds, the caller's wall time)
+        self.times = dict.fromkeys(POOL_STAGES, 0.0)
+        #: chunks each process stepped in the last step (the caller's first)
+        self.counts: list[int] = []
         self._pool: ProcessPoolExecutor | None = None
         self._spool: Spool | None = None
+        #: which shared chunk is next (:class:`Claims`; only with spawned workers)
+        self._claims: Claims | None = None
+        #: spool files written in the current step (each once per step)
+        self._written: set[Path] = set()
+        #: a spool that failed in this step, kept until its workers are done
+        self._retired: list[Spool] = []
         if workers == 1:
             return
         try:
@@ -461,11 +566,12 @@ class ChunkPool:
         for _ in range(workers - 1):
             self._contexts.put(context)
         self._contexts.cancel_join_thread()  # a dead worker must not block exit
+        self._claims = Claims(mp)
         self._pool = ProcessPoolExecutor(
             max_workers=workers - 1,
             mp_context=mp,
             initializer=_init_worker,
-            initargs=(self._contexts, param_set, backend, retain_memory),
+            initargs=(self._contexts, param_set, backend, retain_memory, self._claims),
         )
         # start every worker now so the first round does not pay for it
         try:
@@ -492,34 +598,41 @@ class ChunkPool:
         if self._spool is not None:
             self._spool.close()
             self._spool = None
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        while self._retired:
+            self._retired.pop().close()
 
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
 
     def _file(self, c: Chunk, path: Path) -> Path:
-        """One chunk in its own spool file (SEAL loads it from there)."""
-        if isinstance(c, Path):
-            return c
+        """One chunk in its own spool file (SEAL loads it from there); a shared
+        chunk's file is written once per step, whichever worker needs it first."""
+        if isinstance(c, Path) or path in self._written:
+            return c if isinstance(c, Path) else path
         if isinstance(c, Ct):
             self.be.dump_file(c, path)
         else:
             write_file(path, c)
+        self._written.add(path)
         return path
 
     def _spill(
         self,
         shard: int,
-        sl: slice,
+        chunks: Sequence[int],
         args: tuple[Any, ...],
         mask_next: list[Sequence[np.ndarray]] | None,
     ) -> tuple[Path, Any] | None:
-        """Put a shard's chunks into spool files, one per chunk, and its masks
-        into one more: (that file, what to send), or None to send all in-band."""
+        """Put a worker's chunks (``chunks``: their indices, as in ``args``)
+        into spool files, one per chunk, and its masks into one more: (that
+        file, what to send), or None to send all in-band."""
         if self._spool is None:
             return None
         theta, state, level, unmask, grads, t, hp = args
         path = self._spool.path
-        chunks = range(sl.start, sl.stop)
         try:
             theta_f = [
                 self._file(c, path(f"{i}.theta"))
@@ -546,7 +659,8 @@ class ChunkPool:
                 self._spool.dir,
                 exc,
             )
-            self._spool.close()
+            # closed once this step's workers are done with the files written
+            self._retired.append(self._spool)
             self._spool = None
             return None
 
@@ -577,7 +691,10 @@ class ChunkPool:
         """:func:`step_chunks` sharded over the workers; results as handles
         (the masked state, which only goes on the wire, as bytes).
 
-        The first shard runs here while the spawned workers run the others.
+        The first shard runs here while the spawned workers run the others;
+        the last :data:`SHARED_FRACTION` of the chunks go to whichever process
+        is free first (:class:`Claims`), so a process that runs slower in this
+        step than in the last ones does not hold the others up.
         """
         n = len(theta)
         if len(state) != n or len(grads) != n:
@@ -585,88 +702,133 @@ class ChunkPool:
                 f"{n} θ chunks, {len(state)} state chunks, {len(grads)} gradient "
                 "chunks: expected equal counts"
             )
-        start = time.perf_counter()
-        shards = _shards(n, self.weights)
+        now = time.perf_counter
+        start = now()
+        # the last chunks are claimed on demand (only by workers reading the
+        # spool; in-band ones get their own chunks only), the rest split by speed
+        shared_n = _shared_count(n, self.workers) if self._spool is not None else 0
+        shared = range(n - shared_n, n)
+        shards = _shards(n - shared_n, self.weights)
         own, *others = shards
+        if self._claims is not None:
+            self._claims.reset(shared.start)
+        self._written = set()
+        self._close_retired()  # a step that ended in BadChunks left it
         futures = []
         done_at: dict[Future[Any], float] = {}
         for shard, sl in enumerate(others, start=1):
             assert self._pool is not None, "step on a closed pool"
-            args = (
-                theta[sl],
-                state[sl],
-                state_level,
-                None if unmask is None else list(unmask[sl]),
-                grads[sl],
-                t,
-                hp,
-            )
-            kwargs = {"optimizer": optimizer, "k": k, "first_chunk": sl.start}
-            nxt = None if mask_next is None else list(mask_next[sl])
-            spooled = self._spill(shard, sl, args, nxt)
-            if spooled is None:
-                args = (
-                    [self._bytes(c) for c in theta[sl]],
-                    [tuple(self._bytes(c) for c in s) for s in state[sl]],
-                    *args[2:4],
-                    [[self._bytes(c) for c in g] for g in grads[sl]],
-                    *args[5:],
+            ids = [*range(sl.start, sl.stop), *shared]
+            args = _pick(ids, theta, state, state_level, unmask, grads, t, hp)
+            nxt = None if mask_next is None else [mask_next[i] for i in ids]
+            kwargs: dict[str, Any] = {"optimizer": optimizer, "k": k, "chunk_ids": ids}
+            spooled = self._spill(shard, ids, args, nxt)
+            if spooled is None:  # in-band: its own chunks only
+                ids = ids[: sl.stop - sl.start]
+                th, st, _, um, gr, _, _ = _pick(
+                    ids, theta, state, state_level, unmask, grads, t, hp
                 )
+                args = (
+                    [self._bytes(c) for c in th],
+                    [tuple(self._bytes(c) for c in s) for s in st],
+                    state_level,
+                    um,
+                    [[self._bytes(c) for c in g] for g in gr],
+                    t,
+                    hp,
+                )
+                kwargs["chunk_ids"] = ids
+                nxt = None if nxt is None else nxt[: len(ids)]
                 fut = self._pool.submit(_step_shard, *args, mask_next=nxt, **kwargs)
             else:
                 assert self._spool is not None
                 src, packed = spooled
                 fut = self._pool.submit(
-                    _step_shard_spooled, src, self._spool.dir, packed, kwargs
+                    _step_shard_spooled,
+                    src,
+                    self._spool.dir,
+                    packed,
+                    kwargs,
+                    (sl.stop - sl.start, shared.start, shared.stop),
                 )
-            fut.add_done_callback(lambda f: done_at.setdefault(f, time.perf_counter()))
+            fut.add_done_callback(lambda f: done_at.setdefault(f, now()))
             futures.append(fut)
+        t_own = now()
         try:
+            ids = [*range(own.start, own.stop), *shared]
             mine: StepResult | BadChunks = step_chunks(
                 self.be,
-                theta[own],
-                state[own],
-                state_level,
-                None if unmask is None else unmask[own],
-                grads[own],
-                t,
-                hp,
+                *_pick(ids, theta, state, state_level, unmask, grads, t, hp),
                 optimizer=optimizer,
                 k=k,
-                first_chunk=own.start,
-                mask_next=None if mask_next is None else mask_next[own],
+                chunk_ids=ids,
+                order=Claimed(own.stop - own.start, self._claims, shared),
+                mask_next=None if mask_next is None else [mask_next[i] for i in ids],
             )
         except BadChunks as exc:  # the other shards' failures are reported too
             mine = exc
         finally:
-            seconds = [time.perf_counter() - start]
+            t_wait = now()
+            seconds = [t_wait - start]
             wait(futures)  # never leave a shard running into the next step
+        t_collect = now()
         results: list[StepResult | BadChunks] = [mine]
         for f in futures:
-            t_read = time.perf_counter()
+            t_read = now()
             results.append(self._read_masked(f.result()))
             # a worker's time: until its reply arrived, plus reading its chunks
-            seconds.append(done_at[f] - start + time.perf_counter() - t_read)
+            seconds.append(done_at[f] - start + now() - t_read)
         failures = [f for r in results if isinstance(r, BadChunks) for f in r.failures]
         if failures:
             raise BadChunks(failures)
+        done = [r.chunks for r in results if isinstance(r, StepResult)]
+        if sorted(i for c in done for i in c) != list(range(n)):
+            raise RuntimeError(f"pool step: chunks stepped {done}, expected 0…{n - 1}")
+        self.counts = [len(c) for c in done]
         if len(shards) == self.workers and n > self.workers:
-            sizes = [sl.stop - sl.start for sl in shards]
-            self.weights = _rebalanced(self.weights, sizes, seconds)
+            self.weights = _rebalanced(self.weights, self.counts, seconds)
         be = self.be
         out = StepResult([], [], timings=dict.fromkeys(STEP_STAGES, 0.0))
-        if mask_next is not None:
-            out.masked = []
+        theta_new: list[Ct | None] = [None] * n
+        state_new: list[tuple[Ct, Ct, Ct] | None] = [None] * n
+        masked_new: list[tuple[Chunk, Chunk, Chunk] | None] = [None] * n
         for r in results:
             assert isinstance(r, StepResult)
             for stage, dt in r.timings.items():
                 out.timings[stage] += dt
-            if out.masked is not None:
-                assert r.masked is not None
-                out.masked.extend(r.masked)
-            out.theta.extend(_handle(be, c, 0) for c in r.theta)
-            out.state.extend(
-                tuple(_handle(be, c, 0) for c in s)  # type: ignore[misc]
-                for s in r.state
-            )
+            for j, i in enumerate(r.chunks):
+                theta_new[i] = _handle(be, r.theta[j], 0)
+                state_new[i] = tuple(_handle(be, c, 0) for c in r.state[j])  # type: ignore[assignment]
+                if r.masked is not None:
+                    masked_new[i] = r.masked[j]
+        out.theta = theta_new  # type: ignore[assignment]
+        out.state = state_new  # type: ignore[assignment]
+        out.chunks = list(range(n))
+        if mask_next is not None:
+            out.masked = masked_new  # type: ignore[assignment]
+        self._close_retired()
+        spans = (t_own - start, t_wait - t_own, t_collect - t_wait, now() - t_collect)
+        self.times = dict(zip(POOL_STAGES, spans, strict=True))
         return out
+
+
+def _pick(
+    ids: Sequence[int],
+    theta: Sequence[Chunk],
+    state: Sequence[tuple[Chunk, Chunk, Chunk]],
+    state_level: int | Sequence[int],
+    unmask: Sequence[Sequence[np.ndarray]] | None,
+    grads: Sequence[Sequence[Chunk]],
+    t: int,
+    hp: AdamHyper,
+) -> tuple[Any, ...]:
+    """:func:`step_chunks`'s positional arguments for the chunks ``ids``."""
+    return (
+        [theta[i] for i in ids],
+        [state[i] for i in ids],
+        state_level,
+        None if unmask is None else [unmask[i] for i in ids],
+        [grads[i] for i in ids],
+        t,
+        hp,
+    )

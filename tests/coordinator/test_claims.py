@@ -1,0 +1,147 @@
+"""The last chunks of a sharded step go to whichever process is free first."""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+
+import numpy as np
+
+import coordinator.workers as workers
+from coordinator.spool import spill, write_file
+from coordinator.workers import (
+    ChunkPool,
+    Claimed,
+    Claims,
+    _shared_count,
+    step_chunks,
+)
+from protocol.keys import generate
+from tests.helpers import plain_step_inputs
+
+
+def _flat(res):
+    return list(res.theta) + [c for s in res.state for c in s]
+
+
+def test_each_shared_chunk_goes_to_one_claimer():
+    """Two processes' positions interleaved: own chunks first, then the shared
+    ones (chunks 5–7 at positions after the own ones), each claimed once;
+    iterating again replays what was claimed and claims nothing twice."""
+    claims = Claims(multiprocessing.get_context("spawn"))
+    claims.reset(5)
+    shared = range(5, 8)
+    a, b = Claimed(1, claims, shared), Claimed(1, claims, shared)
+    ia, ib = iter(a), iter(b)
+    assert [next(ia), next(ib)] == [0, 0]  # own chunk each
+    assert [next(ia), next(ib), next(ia)] == [1, 2, 3]  # chunks 5, 6, 7
+    assert list(ib) == [] and list(ia) == []  # none left
+    assert (a.taken, b.taken) == ([5, 7], [6])
+    assert list(a) == [0, 1, 3] and list(b) == [0, 2]  # a retry: the same chunks
+    assert list(Claimed(2, None, shared)) == [0, 1]  # nothing shared
+
+
+def test_shared_count_leaves_each_process_an_own_chunk():
+    assert _shared_count(245, 2) == 49
+    assert _shared_count(25, 2) == 5
+    assert _shared_count(3, 2) == 1
+    assert _shared_count(3, 3) == 0
+    assert _shared_count(100, 1) == 0
+
+
+def test_a_slow_process_leaves_the_shared_chunks_to_the_other(ps, plain, monkeypatch):
+    """The caller's process made slower (100 ms per homomorphic addition, in
+    its own backend only): the spawned worker, done with its own chunks long
+    before, steps all shared ones; the result is bit-for-bit the in-process
+    step's, and the next split moves chunks to the worker."""
+    _, pub, _ = generate(ps, "plain")
+    n = 10
+    args, nxt = plain_step_inputs(ps, plain, n=n, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+        add = pool.be.add
+
+        def slow_add(x, y):
+            time.sleep(0.1)
+            return add(x, y)
+
+        monkeypatch.setattr(pool.be, "add", slow_add)
+        got = pool.step(*args, mask_next=nxt)
+        counts, weights = pool.counts, pool.weights
+    shared = _shared_count(n, 2)
+    assert shared == 2 and counts == [4, 4 + shared]  # 8 own chunks split 4:4
+    assert weights[1] > 1.0 > weights[0]
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
+    assert got.masked == want.masked
+    assert got.chunks == list(range(n))
+
+
+def test_a_worker_retrying_in_band_keeps_the_chunks_it_claimed(
+    ps, plain, tmp_path, monkeypatch
+):
+    """The worker's side, run here: it claims shared chunk 0, cannot write its
+    result (the output directory is gone) and starts again in-band: chunk 0
+    again (replayed, not claimed twice), then chunk 1; nothing is left over."""
+    claims = Claims(multiprocessing.get_context("spawn"))
+    claims.reset(0)
+    monkeypatch.setattr(workers, "_worker_be", plain)
+    monkeypatch.setattr(workers, "_worker_claims", claims)
+    args, nxt = plain_step_inputs(ps, plain, n=2, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    theta, state, top, masks, grads, t, hp = args
+    files = []
+    for i, c in enumerate([*theta, *[x for s in state for x in s], *sum(grads, [])]):
+        write_file(tmp_path / f"c{i}", c)
+        files.append(tmp_path / f"c{i}")
+    theta_f, rest = files[:2], files[2:]
+    state_f = [tuple(rest[0:3]), tuple(rest[3:6])]
+    grads_f = [rest[6:8], rest[8:10]]
+    tree = ((theta_f, state_f, top, masks, grads_f, t, hp), nxt)
+    packed = spill(tree, tmp_path / "in-1")
+    kwargs = {"optimizer": "he-adam", "k": 1.0, "chunk_ids": [0, 1]}
+    got = workers._step_shard_spooled(
+        tmp_path / "in-1", tmp_path / "gone", packed, kwargs, (0, 0, 2)
+    )
+    assert got.chunks == [0, 1] and claims.take(2) is None
+    assert all(isinstance(c, bytes) for c in got.theta)
+    for g, w in zip(got.theta, want.theta, strict=True):
+        np.testing.assert_array_equal(plain.load(g, level=0).data, w.data)
+    assert got.masked == want.masked
+
+
+def test_a_spool_failing_midway_stays_until_the_step_is_done(
+    ps, plain, monkeypatch, caplog
+):
+    """Three processes; the spool fills up after the first worker's files are
+    written: the second worker's chunks go in-band, while the first still reads
+    (and writes) its files; the directory goes only after the step, whose
+    result is the in-process one."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = plain_step_inputs(ps, plain, n=6, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    full = []
+    real_write, real_spill = workers.write_file, workers.spill
+
+    def write_file(path, data):
+        if full:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    def spill_then_full(tree, path):
+        out = real_spill(tree, path)
+        full.append(path)
+        return out
+
+    monkeypatch.setattr(workers, "write_file", write_file)
+    monkeypatch.setattr(workers, "spill", spill_then_full)
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=3) as pool:
+        spool_dir = pool._spool.dir
+        got = pool.step(*args, mask_next=nxt)
+        assert pool._spool is None and not spool_dir.exists()
+        assert sum(pool.counts) == 6 and len(full) == 1
+        again = pool.step(*args, mask_next=nxt)  # all in-band now
+    for res in (got, again):
+        for g, w in zip(_flat(res), _flat(want), strict=True):
+            np.testing.assert_array_equal(g.data, w.data)
+        assert res.masked == want.masked
