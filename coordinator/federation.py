@@ -112,6 +112,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         self.keep_aggregate = False  # benchmarks: keep Σ x of each step
         self._spare: dict[str, Any] = {"node": None, "down": 0, "up": 0}  # per round
         self._step_timings: dict[str, float] = {}  # per round
+        self._pool_chunks: list[int] | None = None  # per round: chunks per process
         # (m, V, r) of the last step already masked for the next round's
         # refresher (per chunk) and the masks, name-major; used once
         self._premasked: Premasked | None = None
@@ -317,6 +318,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         self._round = t
         self._spare = {"node": None, "down": 0, "up": 0}
         self._step_timings = {}
+        self._pool_chunks = None
         t0 = time.perf_counter()
         refreshers = self._refreshers(t)
         theta_rd = RecordDict()
@@ -442,8 +444,10 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             round_s=done - t0,
             stepped=stepped,
             **{"time/exchange_s": t_recv - t_send, "time/prepare_s": t_send - t0},
-            # CPU seconds per stage, summed over chunks (and workers)
+            # CPU seconds per stage, summed over chunks (and workers); with
+            # workers also the pool's wall seconds in this process (pool_*)
             **{f"time/{k}": v for k, v in self._step_timings.items()},
+            **{"pool/chunks": self._pool_chunks},
             **participant_stages(accepted),
         )
         return rec
