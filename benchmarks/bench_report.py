@@ -7,6 +7,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from benchmarks.bench_round import (
     BENCH_PARTICIPANT_STAGES,
     COORDINATOR_STAGES,
@@ -177,8 +179,11 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         (ax_k, "participants", "params", lambda v: f"P={_fmt_p(v)}"),
         (ax_p, "params", "participants", lambda v: f"K={v}"),
     ):
+        values = sorted({r[fixed_key] for r in recs})
+        # one colour per value of the other axis, the same for both backends
+        colours = plt.get_cmap("viridis")(np.linspace(0.0, 0.9, len(values)))
         for b in sorted({r["backend"] for r in recs}):
-            for fixed in sorted({r[fixed_key] for r in recs}):
+            for fixed, colour in zip(values, colours, strict=True):
                 pts = sorted(
                     (r[x_key], r["round_s"])
                     for r in recs
@@ -186,7 +191,10 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
                 )
                 if pts:
                     ax.plot(
-                        *zip(*pts, strict=True), style[b], label=f"{b} {label(fixed)}"
+                        *zip(*pts, strict=True),
+                        style[b],
+                        color=colour,
+                        label=f"{b} {label(fixed)}",
                     )
     for ax, xl in ((ax_k, "participants K"), (ax_p, "parameters P")):
         ax.set_xscale("log", base=2 if ax is ax_k else 10)
@@ -194,7 +202,9 @@ def plot(records: list[dict[str, Any]], path: Path) -> None:
         ax.set_xlabel(xl)
         ax.set_ylabel("seconds per round (median)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
+        low, high = ax.get_ylim()
+        ax.set_ylim(low, high * 10)  # room for the legend above the lines
+        ax.legend(fontsize=7, ncol=2, loc="upper left")
     fig.suptitle(
         f"hedrl aggregation round (coordinator + participant critical path), "
         f"{recs[0]['param_set']}, workers={w0}"
