@@ -6,10 +6,12 @@ import multiprocessing
 import time
 
 import numpy as np
+import pytest
 
 import coordinator.workers as workers
 from coordinator.spool import spill, write_file
 from coordinator.workers import (
+    BadChunks,
     ChunkPool,
     Claimed,
     Claims,
@@ -145,3 +147,28 @@ def test_a_spool_failing_midway_stays_until_the_step_is_done(
         for g, w in zip(_flat(res), _flat(want), strict=True):
             np.testing.assert_array_equal(g.data, w.data)
         assert res.masked == want.masked
+
+
+def test_bad_chunks_are_reported_wherever_they_were_claimed(ps, plain):
+    """Unparsable chunks in the caller's shard, the worker's and the shared
+    part are all named, whoever claimed them; the next step of the same pool
+    (inputs mended) is the in-process one."""
+    _, pub, _ = generate(ps, "plain")
+    n = 10
+    args, nxt = plain_step_inputs(ps, plain, n=n, replies=2)
+    theta, state, top, masks, grads, t, hp = args
+    bad_grads = [list(g) for g in grads]
+    bad_grads[0][1] = b"junk"  # the caller's own shard
+    bad_grads[9][0] = grads[9][0][:100]  # shared (the last fifth)
+    bad_state = list(state)
+    bad_state[5] = (state[5][0], b"", state[5][2])  # the worker's own shard
+    bad = (theta, bad_state, top, masks, bad_grads, t, hp)
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+        with pytest.raises(BadChunks) as caught:
+            pool.step(*bad, mask_next=nxt)
+        got = pool.step(*args, mask_next=nxt)
+    named = sorted((f.source, f.index, f.chunk) for f in caught.value.failures)
+    assert named == [("gradient", 0, 9), ("gradient", 1, 0), ("refresh", 0, 5)]
+    want = step_chunks(plain, *args, mask_next=nxt)
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
