@@ -26,9 +26,13 @@ bytes, never as live TenSEAL objects, and not through the executor's pipe:
 each chunk of a spawned worker's shard is a file in a RAM-backed spool
 directory, loaded and saved by SEAL, and the worker gets only the names
 (:mod:`coordinator.spool`; the pipe moved 60–130 MB/s here, a 1M-parameter
-shard is ~190 MB in and ~110 MB out). If the spool cannot be written, the
-chunks go through the pipe. New state leaves a worker at
-the bottom level, where a chunk saves in well under a millisecond.
+shard is ~190 MB in and ~110 MB out). The worker starts as soon as it has the
+names and its masks, and steps each chunk once the caller has written its
+files (:meth:`Claims.wait_ready`), instead of idling while all are written. If
+the spool cannot be written, the worker stops where its files end, the caller
+steps the rest of its chunks, and later chunks go through the pipe. New state
+leaves a worker at the bottom level, where a chunk saves in well under a
+millisecond.
 """
 
 from __future__ import annotations
@@ -339,12 +343,42 @@ def _shared_count(n: int, processes: int) -> int:
     return max(0, min(n - processes, round(SHARED_FRACTION * n)))
 
 
-class Claims:
-    """The next unclaimed shared chunk, in memory every process of a pool sees."""
+#: how long a worker waits for the caller to write its next chunk's files
+READY_TIMEOUT_S = 600.0
 
-    def __init__(self, mp: Any) -> None:
+
+class Claims:
+    """What every process of a pool sees in shared memory: the next unclaimed
+    shared chunk, and per spawned worker how many of its chunks' spool files
+    the caller has written (−1 − that count once it has given up writing)."""
+
+    def __init__(self, mp: Any, workers: int = 1) -> None:
         self._next = mp.RawValue("q", 0)
         self._lock = mp.Lock()
+        self._ready = mp.RawArray("q", max(workers, 1))
+
+    def set_ready(self, shard: int, n: int) -> None:
+        """Shard ``shard``'s first ``n`` positions are written."""
+        self._ready[shard] = n
+
+    def give_up(self, shard: int, n: int) -> None:
+        """Shard ``shard``'s first ``n`` positions are written, the rest never
+        will be."""
+        self._ready[shard] = -1 - n
+
+    def wait_ready(self, shard: int, n: int, timeout: float = READY_TIMEOUT_S) -> bool:
+        """Wait until the first ``n`` positions of ``shard`` are written: True, or
+        False if the caller gave up writing (or did not get there in time)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            have = self._ready[shard]
+            if have >= n:
+                return True
+            if have < 0:  # given up after −1 − have positions
+                return n <= -1 - have
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.0005)
 
     def reset(self, start: int) -> None:
         with self._lock:
@@ -364,18 +398,38 @@ class Claimed:
     """A process's positions for :func:`step_chunks`: its ``fixed`` own chunks
     (positions 0 … fixed − 1), then the shared chunks (``shared``, at positions
     fixed, fixed + 1, …) it claims as it goes. Iterating again replays what was
-    claimed before and goes on claiming (a retry of the same step)."""
+    claimed before and goes on claiming (a retry of the same step).
 
-    def __init__(self, fixed: int, claims: Claims | None, shared: range) -> None:
+    A spawned worker (``shard``) steps a position only once the caller has
+    written its files (:meth:`Claims.wait_ready`), and claims shared chunks only
+    once all its files are there; if the caller could not write them, it stops
+    and the caller steps what is left."""
+
+    def __init__(
+        self,
+        fixed: int,
+        claims: Claims | None,
+        shared: range,
+        shard: int | None = None,
+    ) -> None:
         self.fixed, self.claims, self.shared = fixed, claims, shared
+        self.shard = shard
         self.taken: list[int] = []
 
+    def _ready(self, n: int) -> bool:
+        if self.shard is None or self.claims is None:
+            return True
+        return self.claims.wait_ready(self.shard, n)
+
     def __iter__(self) -> Iterator[int]:
-        yield from range(self.fixed)
+        for j in range(self.fixed):
+            if not self._ready(j + 1):
+                return
+            yield j
         base = self.fixed - self.shared.start
         for i in list(self.taken):
             yield base + i
-        if self.claims is None:
+        if self.claims is None or not self._ready(self.fixed + len(self.shared)):
             return
         while (i := self.claims.take(self.shared.stop)) is not None:
             self.taken.append(i)
@@ -416,17 +470,20 @@ def _step_shard_spooled(
     packed: Any,
     kwargs: dict[str, Any],
     shared: tuple[int, int, int] | None = None,
+    shard: int | None = None,
 ) -> StepResult | BadChunks:
     """:func:`_step_shard` on chunks in files (:mod:`coordinator.spool`), the
     masks in ``src``; the new chunks go to files in ``out_dir`` (bytes, through
     the pipe, if they cannot be written there). With ``shared`` = (own chunks,
     first and end of the shared ones), the files hold the worker's own chunks
     followed by the shared ones, which it claims (:class:`Claimed`) once
-    through its own."""
+    through its own. With ``shard``, the caller is still writing the files:
+    each is used once :class:`Claims` says it is there."""
     args, mask_next = unspill(packed, src)
     if shared is not None:
         fixed, first, end = shared
-        kwargs = {**kwargs, "order": Claimed(fixed, _worker_claims, range(first, end))}
+        order = Claimed(fixed, _worker_claims, range(first, end), shard)
+        kwargs = {**kwargs, "order": order}
     try:
         return step_chunks(_be(), *args, mask_next=mask_next, out_dir=out_dir, **kwargs)
     except BadChunks as exc:
@@ -566,7 +623,7 @@ class ChunkPool:
         for _ in range(workers - 1):
             self._contexts.put(context)
         self._contexts.cancel_join_thread()  # a dead worker must not block exit
-        self._claims = Claims(mp)
+        self._claims = Claims(mp, workers)
         self._pool = ProcessPoolExecutor(
             max_workers=workers - 1,
             mp_context=mp,
@@ -607,17 +664,28 @@ class ChunkPool:
     def _bytes(self, c: Chunk) -> bytes:
         return c if isinstance(c, bytes) else self.be.dump(c)
 
-    def _file(self, c: Chunk, path: Path) -> Path:
+    def _write(self, c: Chunk, path: Path) -> None:
         """One chunk in its own spool file (SEAL loads it from there); a shared
         chunk's file is written once per step, whichever worker needs it first."""
         if isinstance(c, Path) or path in self._written:
-            return c if isinstance(c, Path) else path
+            return
         if isinstance(c, Ct):
             self.be.dump_file(c, path)
         else:
             write_file(path, c)
         self._written.add(path)
-        return path
+
+    def _give_up_spool(self, exc: OSError) -> None:
+        assert self._spool is not None
+        log.warning(
+            "coordinator workers: cannot write to %s (%s); chunks go through "
+            "the pipe from now on",
+            self._spool.dir,
+            exc,
+        )
+        # closed once this step's workers are done with the files written
+        self._retired.append(self._spool)
+        self._spool = None
 
     def _spill(
         self,
@@ -625,44 +693,113 @@ class ChunkPool:
         chunks: Sequence[int],
         args: tuple[Any, ...],
         mask_next: list[Sequence[np.ndarray]] | None,
-    ) -> tuple[Path, Any] | None:
-        """Put a worker's chunks (``chunks``: their indices, as in ``args``)
-        into spool files, one per chunk, and its masks into one more: (that
-        file, what to send), or None to send all in-band."""
+    ) -> tuple[Path, Any, list[list[tuple[Chunk, Path]]]] | None:
+        """A worker's chunks (``chunks``: their indices, as in ``args``) as
+        spool files, one per chunk, named but not written yet, and its masks
+        written into one more file: (that file, what to send, the files to
+        write per position — :meth:`_write_files`), or None to send all
+        in-band."""
         if self._spool is None:
             return None
         theta, state, level, unmask, grads, t, hp = args
         path = self._spool.path
-        try:
-            theta_f = [
-                self._file(c, path(f"{i}.theta"))
-                for i, c in zip(chunks, theta, strict=True)
-            ]
-            state_f = [
+        files: list[list[tuple[Chunk, Path]]] = []
+
+        def name(c: Chunk, tag: str) -> Path:
+            return c if isinstance(c, Path) else path(tag)
+
+        theta_f, state_f, grads_f = [], [], []
+        for i, th, st, gr in zip(chunks, theta, state, grads, strict=True):
+            theta_f.append(name(th, f"{i}.theta"))
+            state_f.append(
                 tuple(
-                    self._file(c, path(f"{i}.refresh-{n}"))
-                    for n, c in zip("mVr", s, strict=True)
+                    name(c, f"{i}.refresh-{n}") for n, c in zip("mVr", st, strict=True)
                 )
-                for i, s in zip(chunks, state, strict=True)
-            ]
-            grads_f = [
-                [self._file(c, path(f"{i}.grad-{r}")) for r, c in enumerate(g)]
-                for i, g in zip(chunks, grads, strict=True)
-            ]
-            src = path(f"in-{shard}")
-            tree = ((theta_f, state_f, level, unmask, grads_f, t, hp), mask_next)
-            return src, spill(tree, src)
-        except OSError as exc:  # full or gone: the pipe still works
-            log.warning(
-                "coordinator workers: cannot write to %s (%s); chunks go through "
-                "the pipe from now on",
-                self._spool.dir,
-                exc,
             )
-            # closed once this step's workers are done with the files written
-            self._retired.append(self._spool)
-            self._spool = None
+            grads_f.append([name(c, f"{i}.grad-{r}") for r, c in enumerate(gr)])
+            pos = [theta_f[-1], *state_f[-1], *grads_f[-1]]
+            files.append(list(zip([th, *st, *gr], pos, strict=True)))
+        src = path(f"in-{shard}")
+        tree = ((theta_f, state_f, level, unmask, grads_f, t, hp), mask_next)
+        try:
+            return src, spill(tree, src), files
+        except OSError as exc:  # full or gone: the pipe still works
+            self._give_up_spool(exc)
             return None
+
+    def _write_files(self, shard: int, files: list[list[tuple[Chunk, Path]]]) -> int:
+        """Write a submitted worker's files position by position, telling it as
+        each is there; returns how many positions were written (fewer if the
+        spool failed: the worker stops there)."""
+        assert self._claims is not None
+        for p, pos in enumerate(files):
+            try:
+                for c, path in pos:
+                    self._write(c, path)
+            except OSError as exc:
+                self._claims.give_up(shard, p)
+                self._give_up_spool(exc)
+                return p
+            self._claims.set_ready(shard, p + 1)
+        return len(files)
+
+    def _submit(
+        self,
+        shard: int,
+        sl: slice,
+        shared: range,
+        track: tuple[list[Future[Any]], dict[Future[Any], float]],
+        full: tuple[Any, ...],
+        mask_next: Sequence[Sequence[np.ndarray]] | None,
+        base: dict[str, Any],
+    ) -> list[int]:
+        """Start one spawned worker on its shard ``sl`` (and the shared chunks)
+        of the step's arguments ``full``: through the spool, the worker starting
+        at once while its files are written, or in-band. The future goes into
+        ``track`` (futures, their done times). Returns its own chunks whose
+        files could not be written (the caller steps them)."""
+        assert self._pool is not None, "step on a closed pool"
+        futures, done_at = track
+        n_own = sl.stop - sl.start
+        ids = [*range(sl.start, sl.stop), *shared]
+        args = _pick(ids, *full)
+        nxt = None if mask_next is None else [mask_next[i] for i in ids]
+        kwargs: dict[str, Any] = {**base, "chunk_ids": ids}
+        planned = self._spill(shard, ids, args, nxt)
+        if planned is None:  # in-band: its own chunks only
+            ids = ids[:n_own]
+            th, st, level, um, gr, t, hp = _pick(ids, *full)
+            args = (
+                [self._bytes(c) for c in th],
+                [tuple(self._bytes(c) for c in s) for s in st],
+                level,
+                um,
+                [[self._bytes(c) for c in g] for g in gr],
+                t,
+                hp,
+            )
+            kwargs["chunk_ids"] = ids
+            nxt = None if nxt is None else nxt[:n_own]
+            fut = self._pool.submit(_step_shard, *args, mask_next=nxt, **kwargs)
+            fut.add_done_callback(lambda f: done_at.setdefault(f, time.perf_counter()))
+            futures.append(fut)
+            return []
+        src, packed, files = planned
+        assert self._claims is not None and self._spool is not None
+        self._claims.set_ready(shard, 0)
+        fut = self._pool.submit(
+            _step_shard_spooled,
+            src,
+            self._spool.dir,
+            packed,
+            kwargs,
+            (n_own, shared.start, shared.stop),
+            shard,
+        )
+        fut.add_done_callback(lambda f: done_at.setdefault(f, time.perf_counter()))
+        futures.append(fut)
+        written = self._write_files(shard, files)
+        return ids[written:n_own]
 
     @staticmethod
     def _read_masked(res: StepResult | BadChunks) -> StepResult | BadChunks:
@@ -714,55 +851,33 @@ class ChunkPool:
             self._claims.reset(shared.start)
         self._written = set()
         self._close_retired()  # a step that ended in BadChunks left it
-        futures = []
+        full = (theta, state, state_level, unmask, grads, t, hp)
+        base = {"optimizer": optimizer, "k": k}
+        futures: list[Future[Any]] = []
         done_at: dict[Future[Any], float] = {}
-        for shard, sl in enumerate(others, start=1):
-            assert self._pool is not None, "step on a closed pool"
-            ids = [*range(sl.start, sl.stop), *shared]
-            args = _pick(ids, theta, state, state_level, unmask, grads, t, hp)
-            nxt = None if mask_next is None else [mask_next[i] for i in ids]
-            kwargs: dict[str, Any] = {"optimizer": optimizer, "k": k, "chunk_ids": ids}
-            spooled = self._spill(shard, ids, args, nxt)
-            if spooled is None:  # in-band: its own chunks only
-                ids = ids[: sl.stop - sl.start]
-                th, st, _, um, gr, _, _ = _pick(
-                    ids, theta, state, state_level, unmask, grads, t, hp
+        # own chunks of workers whose files could not all be written: stepped here
+        leftover: list[int] = []
+        try:
+            for shard, sl in enumerate(others, start=1):
+                leftover += self._submit(
+                    shard, sl, shared, (futures, done_at), full, mask_next, base
                 )
-                args = (
-                    [self._bytes(c) for c in th],
-                    [tuple(self._bytes(c) for c in s) for s in st],
-                    state_level,
-                    um,
-                    [[self._bytes(c) for c in g] for g in gr],
-                    t,
-                    hp,
-                )
-                kwargs["chunk_ids"] = ids
-                nxt = None if nxt is None else nxt[: len(ids)]
-                fut = self._pool.submit(_step_shard, *args, mask_next=nxt, **kwargs)
-            else:
-                assert self._spool is not None
-                src, packed = spooled
-                fut = self._pool.submit(
-                    _step_shard_spooled,
-                    src,
-                    self._spool.dir,
-                    packed,
-                    kwargs,
-                    (sl.stop - sl.start, shared.start, shared.stop),
-                )
-            fut.add_done_callback(lambda f: done_at.setdefault(f, now()))
-            futures.append(fut)
+        except BaseException:
+            if self._claims is not None:  # the workers stop where they are
+                for shard in range(1, len(others) + 1):
+                    self._claims.give_up(shard, 0)
+            wait(futures)
+            raise
         t_own = now()
         try:
-            ids = [*range(own.start, own.stop), *shared]
+            ids = [*range(own.start, own.stop), *leftover, *shared]
             mine: StepResult | BadChunks = step_chunks(
                 self.be,
-                *_pick(ids, theta, state, state_level, unmask, grads, t, hp),
+                *_pick(ids, *full),
                 optimizer=optimizer,
                 k=k,
                 chunk_ids=ids,
-                order=Claimed(own.stop - own.start, self._claims, shared),
+                order=Claimed(len(ids) - len(shared), self._claims, shared),
                 mask_next=None if mask_next is None else [mask_next[i] for i in ids],
             )
         except BadChunks as exc:  # the other shards' failures are reported too

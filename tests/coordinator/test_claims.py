@@ -112,41 +112,84 @@ def test_a_worker_retrying_in_band_keeps_the_chunks_it_claimed(
     assert got.masked == want.masked
 
 
-def test_a_spool_failing_midway_stays_until_the_step_is_done(
-    ps, plain, monkeypatch, caplog
-):
-    """Three processes; the spool fills up after the first worker's files are
-    written: the second worker's chunks go in-band, while the first still reads
-    (and writes) its files; the directory goes only after the step, whose
-    result is the in-process one."""
-    _, pub, _ = generate(ps, "plain")
-    args, nxt = plain_step_inputs(ps, plain, n=6, replies=2)
-    want = step_chunks(plain, *args, mask_next=nxt)
-    full = []
-    real_write, real_spill = workers.write_file, workers.spill
+def _failing_on(monkeypatch, prefix):
+    """write_file raising ENOSPC for spool files of chunk ``prefix`` on."""
+    real_write = workers.write_file
+    failed = []
 
     def write_file(path, data):
-        if full:
+        if path.name.startswith(prefix):
+            failed.append(path.name)
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    def spill_then_full(tree, path):
-        out = real_spill(tree, path)
-        full.append(path)
-        return out
-
     monkeypatch.setattr(workers, "write_file", write_file)
-    monkeypatch.setattr(workers, "spill", spill_then_full)
+    return failed
+
+
+def test_a_spool_failing_midway_stays_until_the_step_is_done(ps, plain, monkeypatch):
+    """Three processes (chunks 0–1 here, 2–3 and 4 in the workers, 5 shared);
+    the spool fills up at the second worker's chunk: that worker steps
+    nothing, the caller steps chunk 4, the first worker still reads (and
+    writes) its files, and the directory goes only after the step. The next
+    step goes in-band; both are the in-process step."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = plain_step_inputs(ps, plain, n=6, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    failed = _failing_on(monkeypatch, "4.")
     with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=3) as pool:
         spool_dir = pool._spool.dir
         got = pool.step(*args, mask_next=nxt)
         assert pool._spool is None and not spool_dir.exists()
-        assert sum(pool.counts) == 6 and len(full) == 1
+        assert failed == ["4.theta"]
+        assert pool.counts[2] == 0 and pool.counts[1] >= 2 and sum(pool.counts) == 6
         again = pool.step(*args, mask_next=nxt)  # all in-band now
+        assert sum(pool.counts) == 6 and pool.counts[2] == 1
     for res in (got, again):
         for g, w in zip(_flat(res), _flat(want), strict=True):
             np.testing.assert_array_equal(g.data, w.data)
         assert res.masked == want.masked
+
+
+def test_a_worker_stops_where_its_files_end(ps, plain, monkeypatch):
+    """Two processes, chunks 0–3 here, 4–7 in the worker, 8–9 shared; writing
+    chunk 6's files fails: the worker steps 4 and 5 and claims nothing, the
+    caller steps the rest; the result is the in-process step's."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = plain_step_inputs(ps, plain, n=10, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    _failing_on(monkeypatch, "6.")
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+        got = pool.step(*args, mask_next=nxt)
+        assert pool.counts == [8, 2]
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
+    assert got.masked == want.masked
+
+
+def test_the_worker_starts_before_its_files_are_all_written(ps, plain, monkeypatch):
+    """Writing made slow (20 ms a file): the worker's first new θ is in the
+    spool before the caller has written the worker's last chunk."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = plain_step_inputs(ps, plain, n=10, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    real_write = workers.write_file
+    seen = []
+
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+        first_out = pool._spool.path("4.new-theta")
+
+        def slow_write(path, data):
+            time.sleep(0.02)
+            if path.name == "7.theta":  # the worker's last own chunk
+                seen.append(first_out.exists())
+            real_write(path, data)
+
+        monkeypatch.setattr(workers, "write_file", slow_write)
+        got = pool.step(*args, mask_next=nxt)
+    assert seen == [True]
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
 
 
 def test_bad_chunks_are_reported_wherever_they_were_claimed(ps, plain):
@@ -170,5 +213,42 @@ def test_bad_chunks_are_reported_wherever_they_were_claimed(ps, plain):
     named = sorted((f.source, f.index, f.chunk) for f in caught.value.failures)
     assert named == [("gradient", 0, 9), ("gradient", 1, 0), ("refresh", 0, 5)]
     want = step_chunks(plain, *args, mask_next=nxt)
+    for g, w in zip(_flat(got), _flat(want), strict=True):
+        np.testing.assert_array_equal(g.data, w.data)
+
+
+def test_ready_counts_and_giving_up():
+    claims = Claims(multiprocessing.get_context("spawn"), workers=2)
+    claims.set_ready(1, 3)
+    assert claims.wait_ready(1, 3) and claims.wait_ready(1, 1)
+    start = time.monotonic()
+    assert not claims.wait_ready(1, 4, timeout=0.05)  # not yet, and not in time
+    assert time.monotonic() - start >= 0.05
+    claims.give_up(1, 2)  # two written, the rest never will be: no waiting
+    assert claims.wait_ready(1, 2) and not claims.wait_ready(1, 3, timeout=60)
+
+
+def test_an_error_while_writing_stops_the_worker_and_leaves_the_pool_usable(
+    ps, plain, monkeypatch
+):
+    """Not a full disk but a bug while the worker's files are written: the step
+    raises it after the worker has stopped, and the pool's next step is right."""
+    _, pub, _ = generate(ps, "plain")
+    args, nxt = plain_step_inputs(ps, plain, n=10, replies=2)
+    want = step_chunks(plain, *args, mask_next=nxt)
+    real_write = workers.write_file
+
+    def broken(path, data):
+        if path.name == "5.theta":
+            raise RuntimeError("boom")
+        real_write(path, data)
+
+    with ChunkPool(context=pub, param_set=ps.id, backend="plain", workers=2) as pool:
+        monkeypatch.setattr(workers, "write_file", broken)
+        with pytest.raises(RuntimeError, match="boom"):
+            pool.step(*args, mask_next=nxt)
+        monkeypatch.setattr(workers, "write_file", real_write)
+        got = pool.step(*args, mask_next=nxt)
+        assert pool._spool is not None and sum(pool.counts) == 10
     for g, w in zip(_flat(got), _flat(want), strict=True):
         np.testing.assert_array_equal(g.data, w.data)
