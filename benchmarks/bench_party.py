@@ -138,7 +138,7 @@ class Party:
     context: bytes
     fingerprint: str
     clock: Clock = field(default_factory=Clock)
-    theta: list[Ct] = field(default_factory=list)
+    theta: list[Ct | bytes] = field(default_factory=list)
     state: list[tuple[Ct, Ct, Ct]] = field(default_factory=list)
     t: int = 1
 

@@ -164,7 +164,7 @@ class ThetaTrace:
         part, _ = keys.participant_backend(self.key_path, fed.params, self.backend)
 
         def dec(cts: list[Any]) -> np.ndarray:
-            return np.concatenate([part.decrypt(fed.be.dump(c)) for c in cts])[
+            return np.concatenate([part.decrypt(fed.be.to_bytes(c)) for c in cts])[
                 : fed.param_count
             ]
 

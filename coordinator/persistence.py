@@ -33,7 +33,7 @@ Resume = tuple[dict[str, Any], dict[str, list[bytes]]]
 class Good(NamedTuple):
     """θ a majority accepted in round ``step + 1``, with the state it came with."""
 
-    theta: list[Ct]
+    theta: list[Ct | bytes]
     state: State | None
     step: int
 
@@ -159,7 +159,7 @@ class CheckpointMixin:
     fingerprint: str
     layout_digest: str
     param_count: int
-    theta: list[Ct]
+    theta: list[Ct | bytes]
     state: State | None
     _good: Good | None
 
@@ -180,7 +180,7 @@ class CheckpointMixin:
             return None
         else:
             theta, state, step = self._good
-        vectors = {"theta": [self.be.dump(c) for c in theta]}
+        vectors = {"theta": [self.be.to_bytes(c) for c in theta]}
         levels = {"theta": 0}
         if state is not None:
             for j, name in enumerate(msg.STATE_NAMES):

@@ -53,7 +53,9 @@ class StepMixin:
     grid: Grid
     nodes: list[int]
     n_chunks: int
-    theta: list[Ct]
+    #: handles, or bytes as a pool returns them (each only serialised again
+    #: for the broadcast, so its workers' copies need no loading)
+    theta: list[Ct | bytes]
     state: list[tuple[Ct, Ct, Ct]] | None
     pool: ChunkPool | None
     keep_aggregate: bool

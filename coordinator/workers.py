@@ -190,6 +190,7 @@ def step_chunks(
     mask_next: Sequence[Sequence[np.ndarray]] | None = None,
     chunk_ids: Sequence[int] | None = None,
     order: Iterable[int] | None = None,
+    theta_as_bytes: bool = False,
 ) -> StepResult:
     """Sum, unmask and step every chunk.
 
@@ -213,7 +214,9 @@ def step_chunks(
     ``first_chunk + j``: named in errors and output files). ``order`` gives
     the positions to step, in that order, and may be lazy (a pool's process
     claiming shared chunks, :class:`ChunkPool`); by default every position.
-    The result lists what was stepped in that order (``chunks``).
+    The result lists what was stepped in that order (``chunks``). With
+    ``theta_as_bytes`` the new θ comes back serialised even when the state
+    comes back as handles (θ only goes on the wire until the next step).
     """
     fn = OPTIMIZERS[optimizer]
     units = StateUnits.of(be, hp)
@@ -280,6 +283,8 @@ def step_chunks(
             out = [be.dump(c) for c in handles]
         else:
             out = list(handles)
+            if theta_as_bytes:
+                out[0] = be.dump(handles[0])
         t4 = now()
         if masked is not None:
             assert mask_next is not None
@@ -825,8 +830,9 @@ class ChunkPool:
         k: float = 1.0,
         mask_next: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> StepResult:
-        """:func:`step_chunks` sharded over the workers; results as handles
-        (the masked state, which only goes on the wire, as bytes).
+        """:func:`step_chunks` sharded over the workers; the new state as
+        handles, θ and the masked state (which only go on the wire until the
+        next step) as bytes.
 
         The first shard runs here while the spawned workers run the others;
         the last :data:`SHARED_FRACTION` of the chunks go to whichever process
@@ -878,6 +884,7 @@ class ChunkPool:
                 k=k,
                 chunk_ids=ids,
                 order=Claimed(len(ids) - len(shared), self._claims, shared),
+                theta_as_bytes=True,
                 mask_next=None if mask_next is None else [mask_next[i] for i in ids],
             )
         except BadChunks as exc:  # the other shards' failures are reported too
@@ -904,7 +911,7 @@ class ChunkPool:
             self.weights = _rebalanced(self.weights, self.counts, seconds)
         be = self.be
         out = StepResult([], [], timings=dict.fromkeys(STEP_STAGES, 0.0))
-        theta_new: list[Ct | None] = [None] * n
+        theta_new: list[bytes | None] = [None] * n
         state_new: list[tuple[Ct, Ct, Ct] | None] = [None] * n
         masked_new: list[tuple[Chunk, Chunk, Chunk] | None] = [None] * n
         for r in results:
@@ -912,7 +919,10 @@ class ChunkPool:
             for stage, dt in r.timings.items():
                 out.timings[stage] += dt
             for j, i in enumerate(r.chunks):
-                theta_new[i] = _handle(be, r.theta[j], 0)
+                th = r.theta[j]
+                theta_new[i] = (
+                    th.read_bytes() if isinstance(th, Path) else be.to_bytes(th)
+                )
                 state_new[i] = tuple(_handle(be, c, 0) for c in r.state[j])  # type: ignore[assignment]
                 if r.masked is not None:
                     masked_new[i] = r.masked[j]

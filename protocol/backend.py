@@ -99,6 +99,11 @@ class Backend(abc.ABC):
     def dump(self, a: Ct) -> bytes:
         """Serialise one chunk (factor must be 1)."""
 
+    def to_bytes(self, c: Ct | bytes) -> bytes:
+        """A chunk's serialisation: :meth:`dump` of a handle, or the chunk itself
+        if it is one already (the coordinator keeps θ from its workers so)."""
+        return c if isinstance(c, bytes) else self.dump(c)
+
     def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
         """:meth:`load` of a chunk stored alone in a file."""
         with open(path, "rb") as fh:

@@ -131,7 +131,9 @@ def decrypt_chunks(part: Backend, chunks: Iterable[bytes], count: int) -> np.nda
 def decrypt_theta(fed: Federation, key_file: Path, backend: str) -> np.ndarray:
     """The federation's current θ, decrypted with the participant's 8k-35x3 key."""
     part, _ = keys.participant_backend(key_file, get_param_set("8k-35x3"), backend)
-    return decrypt_chunks(part, [fed.be.dump(c) for c in fed.theta], fed.param_count)
+    return decrypt_chunks(
+        part, [fed.be.to_bytes(c) for c in fed.theta], fed.param_count
+    )
 
 
 __all__ = [

@@ -199,7 +199,7 @@ def test_refresher_and_spare_drop_skip_step_and_keep_state(tmp_path):
     thetas: list[list[bytes]] = []
 
     def on_round(t: int, fed: Federation) -> None:
-        thetas.append([fed.be.dump(c) for c in fed.theta])
+        thetas.append([fed.be.to_bytes(c) for c in fed.theta])
 
     def tamper(request: Message, reply: Message) -> Message | None:
         kind = request.metadata.message_type
@@ -224,7 +224,7 @@ def test_no_refresh_skips_step_and_keeps_state(tmp_path):
     thetas: list[list[bytes]] = []
 
     def on_round(t: int, fed: Federation) -> None:
-        thetas.append([fed.be.dump(c) for c in fed.theta])
+        thetas.append([fed.be.to_bytes(c) for c in fed.theta])
 
     raw = _raw(tmp_path, "plain", **{"spare-refresher": False})
     fed = local_federation(raw, RUN_ID, on_round=on_round, tamper=_drop(2, 2))

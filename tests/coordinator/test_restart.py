@@ -184,14 +184,14 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
 
     def forge(t: int, fed: Federation) -> None:
         if t == 2:
-            kept["good"] = [fed.be.dump(c) for c in fed._good.theta]  # θ_2 accepted
+            kept["good"] = [fed.be.to_bytes(c) for c in fed._good.theta]  # θ_2 accepted
             junk = np.random.default_rng(1).normal(0, 0.3, PS.slots)
             fed.theta = [
                 fed.be.to_bottom(fed.be.load(foreign.encrypt(junk), level=3))
                 for _ in fed.theta
             ]
         if t == 3:
-            kept["after"] = [fed.be.dump(c) for c in fed.theta]
+            kept["after"] = [fed.be.to_bytes(c) for c in fed.theta]
             # written after round 2, when θ_3 was already the forged one
             kept["checkpoint"] = read_checkpoint(fed.out_dir / "checkpoint.npz")
 
@@ -264,7 +264,7 @@ def test_minority_refusal_does_not_stall_training(tmp_path):
     fed = local_federation(
         raw,
         RUN_ID,
-        on_round=lambda t, f: thetas.append([f.be.dump(c) for c in f.theta]),
+        on_round=lambda t, f: thetas.append([f.be.to_bytes(c) for c in f.theta]),
         tamper=refuse,
     )
     fed.run()
