@@ -666,9 +666,6 @@ class ChunkPool:
         while self._retired:
             self._retired.pop().close()
 
-    def _bytes(self, c: Chunk) -> bytes:
-        return c if isinstance(c, bytes) else self.be.dump(c)
-
     def _write(self, c: Chunk, path: Path) -> None:
         """One chunk in its own spool file (SEAL loads it from there); a shared
         chunk's file is written once per step, whichever worker needs it first."""
@@ -767,19 +764,19 @@ class ChunkPool:
         futures, done_at = track
         n_own = sl.stop - sl.start
         ids = [*range(sl.start, sl.stop), *shared]
-        args = _pick(ids, *full)
+        args = _pick(ids, full)
         nxt = None if mask_next is None else [mask_next[i] for i in ids]
         kwargs: dict[str, Any] = {**base, "chunk_ids": ids}
         planned = self._spill(shard, ids, args, nxt)
         if planned is None:  # in-band: its own chunks only
             ids = ids[:n_own]
-            th, st, level, um, gr, t, hp = _pick(ids, *full)
+            th, st, level, um, gr, t, hp = _pick(ids, full)
             args = (
-                [self._bytes(c) for c in th],
-                [tuple(self._bytes(c) for c in s) for s in st],
+                [self.be.to_bytes(c) for c in th],
+                [tuple(self.be.to_bytes(c) for c in s) for s in st],
                 level,
                 um,
-                [[self._bytes(c) for c in g] for g in gr],
+                [[self.be.to_bytes(c) for c in g] for g in gr],
                 t,
                 hp,
             )
@@ -879,7 +876,7 @@ class ChunkPool:
             ids = [*range(own.start, own.stop), *leftover, *shared]
             mine: StepResult | BadChunks = step_chunks(
                 self.be,
-                *_pick(ids, *full),
+                *_pick(ids, full),
                 optimizer=optimizer,
                 k=k,
                 chunk_ids=ids,
@@ -937,17 +934,10 @@ class ChunkPool:
         return out
 
 
-def _pick(
-    ids: Sequence[int],
-    theta: Sequence[Chunk],
-    state: Sequence[tuple[Chunk, Chunk, Chunk]],
-    state_level: int | Sequence[int],
-    unmask: Sequence[Sequence[np.ndarray]] | None,
-    grads: Sequence[Sequence[Chunk]],
-    t: int,
-    hp: AdamHyper,
-) -> tuple[Any, ...]:
-    """:func:`step_chunks`'s positional arguments for the chunks ``ids``."""
+def _pick(ids: Sequence[int], full: tuple[Any, ...]) -> tuple[Any, ...]:
+    """:func:`step_chunks`'s positional arguments ``full`` (θ, state, state
+    level, unmask, gradients, t, hp) for the chunks ``ids`` only."""
+    theta, state, state_level, unmask, grads, t, hp = full
     return (
         [theta[i] for i in ids],
         [state[i] for i in ids],
