@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import coordinator.workers as workers
-from coordinator.spool import spill, write_file
 from coordinator.workers import (
     BadChunks,
     ChunkPool,
@@ -19,7 +18,7 @@ from coordinator.workers import (
     step_chunks,
 )
 from protocol.keys import generate
-from tests.helpers import plain_step_inputs
+from tests.helpers import plain_step_inputs, spooled_inputs
 
 
 def _flat(res, be):
@@ -93,16 +92,7 @@ def test_a_worker_retrying_in_band_keeps_the_chunks_it_claimed(
     monkeypatch.setattr(workers, "_worker_claims", claims)
     args, nxt = plain_step_inputs(ps, plain, n=2, replies=2)
     want = step_chunks(plain, *args, mask_next=nxt)
-    theta, state, top, masks, grads, t, hp = args
-    files = []
-    for i, c in enumerate([*theta, *[x for s in state for x in s], *sum(grads, [])]):
-        write_file(tmp_path / f"c{i}", c)
-        files.append(tmp_path / f"c{i}")
-    theta_f, rest = files[:2], files[2:]
-    state_f = [tuple(rest[0:3]), tuple(rest[3:6])]
-    grads_f = [rest[6:8], rest[8:10]]
-    tree = ((theta_f, state_f, top, masks, grads_f, t, hp), nxt)
-    packed = spill(tree, tmp_path / "in-1")
+    packed = spooled_inputs(args, nxt, tmp_path)
     kwargs = {"optimizer": "he-adam", "k": 1.0, "chunk_ids": [0, 1]}
     got = workers._step_shard_spooled(
         tmp_path / "in-1", tmp_path / "gone", packed, kwargs, (0, 0, 2)

@@ -16,7 +16,7 @@ from coordinator.spool import Blob, Spool, _owner, spill, unspill, write_file
 from coordinator.workers import ChunkPool, _rebalanced, _shards, step_chunks
 from protocol.errors import CiphertextError
 from protocol.keys import generate
-from tests.helpers import plain_step_inputs
+from tests.helpers import plain_step_inputs, spooled_inputs
 
 
 def test_spill_round_trip_keeps_structure_and_contents(tmp_path):
@@ -226,16 +226,7 @@ def test_worker_sends_its_results_in_band_when_it_cannot_write_them(
     monkeypatch.setattr(workers, "_worker_be", plain)
     args, nxt = plain_step_inputs(ps, plain, n=2, replies=2)
     want = step_chunks(plain, *args, mask_next=nxt)
-    theta, state, top, masks, grads, t, hp = args
-    files = []
-    for i, c in enumerate([*theta, *[x for s in state for x in s], *sum(grads, [])]):
-        write_file(tmp_path / f"c{i}", c)
-        files.append(tmp_path / f"c{i}")
-    theta_f, rest = files[:2], files[2:]
-    state_f = [tuple(rest[0:3]), tuple(rest[3:6])]
-    grads_f = [rest[6:8], rest[8:10]]
-    tree = ((theta_f, state_f, top, masks, grads_f, t, hp), nxt)
-    packed = spill(tree, tmp_path / "in-1")
+    packed = spooled_inputs(args, nxt, tmp_path)
     kwargs = {"optimizer": "he-adam", "k": 1.0, "first_chunk": 0}
     got = workers._step_shard_spooled(
         tmp_path / "in-1", tmp_path / "gone", packed, kwargs
