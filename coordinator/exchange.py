@@ -14,6 +14,9 @@ from collections.abc import Sequence
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from protocol import messages as msg
+from protocol.errors import RunEnded
+
 
 def exchange(
     grid: Grid, messages: Sequence[Message], *, timeout: float, poll: float = 0.02
@@ -50,3 +53,19 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
                 f"{timeout:.0f} s"
             )
         time.sleep(0.2)
+
+
+def check_terminal(replies: dict[int, Message | None]) -> None:
+    """Raise RunEnded if a participant answered with the terminal code: its
+    refusal budget under this key is spent, it will answer nothing more."""
+    for node, reply in replies.items():
+        if (
+            reply is not None
+            and reply.has_error()
+            and msg.TERMINAL_CODE in reply.error.reason
+        ):
+            raise RunEnded(
+                f"participant {node} has spent its refusal budget under this key "
+                "and answers no more: the run ends (check why θ was refused; a new "
+                "run needs a fresh key)"
+            )

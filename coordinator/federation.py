@@ -28,7 +28,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.exchange import exchange, wait_for_nodes
+from coordinator.exchange import check_terminal, exchange, wait_for_nodes
 from coordinator.persistence import (
     CheckpointMixin,
     Good,
@@ -96,6 +96,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self._mask_rng = np.random.default_rng(secrets.randbits(128))
         self.start_round = 0
+        self.wire_offset = 0  # set at setup (_first_wire_round)
         self.key_run_id = run_id
         self._resume: Resume | None = None
         if cfg.resume_from:
@@ -145,13 +146,17 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
     def _task(self, round_: int, **extra: Any) -> ConfigRecord:
         return ConfigRecord(
             {
-                "key-run-id": self.key_run_id,
                 "round": round_,
                 "fingerprint": self.fingerprint,
                 "backend": self.cfg.backend,
                 **extra,
             }
         )
+
+    def _wire(self, t: int) -> int:
+        """The round number messages of step ``t`` carry (participants require
+        them to increase under a key, across runs: :meth:`_first_wire_round`)."""
+        return t + self.wire_offset
 
     # ---- setup -----------------------------------------------------------------
     def setup(self) -> None:
@@ -172,8 +177,6 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                     "round": 0,
                     "backend": self.cfg.backend,
                     "send-context": int(i == 0),
-                    "participant-index": i,
-                    "key-run-id": self.key_run_id,
                 }
             )
             out.append(self._message(node, msg.SETUP, RecordDict({msg.TASK: task}), 0))
@@ -181,6 +184,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         infos = []
         for node in self.nodes:
             reply = replies[node]
+            check_terminal({node: reply})
             if reply is None or reply.has_error():
                 err = "timeout" if reply is None else reply.error.reason
                 raise HedrlError(f"participant {node} failed setup: {err}")
@@ -221,6 +225,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         )
         self.theta = [self.be.to_bottom(c) for c in theta0]
         self.state: list[tuple[Ct, Ct, Ct]] | None = None
+        accepted_at = 0  # the round participants accepted the starting θ in
         if self._resume is not None:
             self.theta, self.state, self.start_round = resume_state(
                 self.be,
@@ -228,6 +233,11 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 fingerprint=self.fingerprint,
                 layout_digest=self.layout_digest,
             )
+            meta = self._resume[0]
+            accepted_at = int(meta.get("wire_round", self.start_round + 1))
+        self.wire_offset = self._first_wire_round(infos, accepted_at) - (
+            self.start_round + 1
+        )
         workers = self.cfg.coordinator_workers
         if workers < 0:
             workers = auto_workers(self.n_chunks)
@@ -254,6 +264,32 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             self.n_chunks,
             self.out_dir,
         )
+
+    def _first_wire_round(self, infos: list[Any], accepted_at: int) -> int:
+        """The first round to send: above every round the participants handled
+        under this key, and far enough above it that the starting θ (accepted
+        in round ``accepted_at``, 0 for θ0) is within their step bound of the
+        last θ each accepted: that θ is at most (last − accepted_at) steps away.
+        """
+        last = 0
+        for node, info in zip(self.nodes, infos, strict=True):
+            value = info.get("last-round", 0)
+            if not isinstance(value, int) or value < 0:
+                raise HedrlError(
+                    f"participant {node} failed setup: last-round {value!r} is not "
+                    "a round number"
+                )
+            last = max(last, value)
+        first = self.start_round + 1
+        if last:
+            first = max(first, 2 * last - min(accepted_at, last) + 1)
+            log.info(
+                "hedrl: participants handled rounds up to %d under this key: this "
+                "run's messages carry rounds from %d",
+                last,
+                first,
+            )
+        return first
 
     # ---- one round ---------------------------------------------------------------
     def _draw_masks(self) -> list[np.ndarray]:
@@ -315,7 +351,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
 
     def run_round(self, t: int) -> dict[str, Any]:
         """Exchange with every participant, refresh, and take HE-Adam step t."""
-        self._round = t
+        w = self._round = self._wire(t)
         self._spare = {"node": None, "down": 0, "up": 0}
         self._step_timings = {}
         self._pool_chunks = None
@@ -328,17 +364,14 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             msg.THETA,
             self.theta,
             self._expect("theta", 0, None),
-            t,
+            w,
             self.param_count,
         )
         masks: dict[int, list[np.ndarray]] = {}
         out, down = [], 0
         for node in self.nodes:
             task = self._task(
-                t,
-                refresher=int(node in refreshers),
-                init=int(self.state is None),
-                **{"num-participants": len(self.nodes)},
+                w, refresher=int(node in refreshers), init=int(self.state is None)
             )
             content = RecordDict({msg.TASK: task})
             content[msg.THETA] = theta_rd[msg.THETA]
@@ -347,10 +380,11 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             if node in refreshers:
                 _, masks[node], sent = self._masked_state(into=content)
                 down += sent
-            out.append(self._message(node, msg.TRAIN, content, t))
+            out.append(self._message(node, msg.TRAIN, content, w))
         t_send = time.perf_counter()
         replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
         t_recv = time.perf_counter()
+        check_terminal(replies)
         accepted: list[Reply] = []
         missing: list[int] = []
         rejected: dict[str, str] = {}
@@ -366,7 +400,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 continue
             up += vector_bytes(reply.content)
             try:
-                accepted.append(self._parse_reply(t, node, reply, masks.get(node)))
+                accepted.append(self._parse_reply(w, node, reply, masks.get(node)))
             except HedrlError as exc:
                 log.warning(
                     "hedrl: round %d: reply of participant %d rejected: %s: %s",
@@ -385,7 +419,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             for n in self.nodes
             if replies[n] is not None
             and replies[n].has_error()
-            and "ThetaRejected" in replies[n].error.reason
+            and msg.REFUSED_CODE in replies[n].error.reason
         ]
         rec["refused"] = refused
         if refused and 2 * len(refused) >= len(refused) + len(accepted):
@@ -464,26 +498,97 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         self.theta, self.state = self._good.theta, self._good.state
         self._premasked = None  # masked the refused step's state
         log.warning(
-            "hedrl: round %d: θ refused by participant(s) %s (content check); "
-            "rolled back to the last θ every participant accepted",
+            "hedrl: round %d: θ refused by participant(s) %s; rolled back to the "
+            "last θ a majority accepted",
             t,
             refused,
         )
         return True
 
     def _parse_reply(
-        self, t: int, node: int, reply: Message, masks: list[np.ndarray] | None
+        self, w: int, node: int, reply: Message, masks: list[np.ndarray] | None
     ) -> Reply:
         """Validate one reply completely (:func:`coordinator.replies.parse_reply`)."""
         return parse_reply(
             reply.content,
-            t=t,
+            t=w,
             node=node,
             masks=masks,
             be=self.be,
             expect=self._expect,
             squares=self.state is None,
         )
+
+    # ---- the final θ ----------------------------------------------------------------
+    def finish(self, t: int) -> dict[str, Any]:
+        """After the last step: the final θ to every participant, then every
+        participant's tag on it to each of them. A participant releases a θ
+        (hedrl-release) only if it accepted it and a majority of the federation
+        tagged the same ciphertext. Returns summary.json's ``final``."""
+        w = self._wire(t + 1)
+        theta_rd = RecordDict()
+        send_cts(
+            self.be,
+            theta_rd,
+            msg.THETA,
+            self.theta,
+            self._expect("theta", 0, None),
+            w,
+            self.param_count,
+        )
+        out = []
+        for node in self.nodes:
+            content = RecordDict({msg.TASK: self._task(w)})
+            for key in (msg.THETA, msg.THETA + ".hdr"):
+                content[key] = theta_rd[key]
+            out.append(self._message(node, msg.FINAL, content, w))
+        replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
+        tags: dict[int, bytes] = {}
+        for node in self.nodes:
+            reply = replies[node]
+            if reply is None or reply.has_error():
+                why = "timeout" if reply is None else reply.error.reason
+                log.warning("hedrl: final θ: participant %d: %s", node, why)
+                continue
+            rec = reply.content.get(msg.FINAL_REPLY)
+            tag = None if rec is None else rec.get("tag")
+            index = None if rec is None else rec.get("participant-index")
+            if isinstance(tag, bytes) and len(tag) == 32 and isinstance(index, int):
+                tags[index] = tag
+            else:
+                log.warning("hedrl: final θ: participant %d sent no usable tag", node)
+        confirmed: list[int] = []
+        if tags:
+            record = ConfigRecord(
+                {"indices": list(tags), "tags": [tags[i] for i in tags]}
+            )
+            out = [
+                self._message(
+                    node,
+                    msg.CONFIRM,
+                    RecordDict({msg.TASK: self._task(w), msg.FINAL_TAGS: record}),
+                    w,
+                )
+                for node in self.nodes
+            ]
+            replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
+            for node in self.nodes:
+                reply = replies[node]
+                if reply is not None and not reply.has_error():
+                    confirmed.append(node)
+                else:
+                    why = "timeout" if reply is None else reply.error.reason
+                    log.warning("hedrl: final θ: participant %d: %s", node, why)
+        log.info(
+            "hedrl: final θ (round %d) accepted by %d of %d participants and "
+            "confirmed by %d; release it on a participant's host: hedrl-release "
+            "--keys <its key directory> --out policy.npz",
+            w,
+            len(tags),
+            len(self.nodes),
+            len(confirmed),
+        )
+        return {"round": w, "tagged": len(tags), "confirmed": confirmed}
 
     # ---- the run -------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ and, once the participants' key is known, to their key and layout
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -162,6 +163,7 @@ class CheckpointMixin:
     theta: list[Ct | bytes]
     state: State | None
     _good: Good | None
+    _wire: Callable[[int], int]
 
     def checkpoint(self, t: int, *, final: bool = False) -> Path | None:
         """Write θ, m, V, r and the step counter atomically.
@@ -199,6 +201,8 @@ class CheckpointMixin:
             "levels": levels,
             "env_id": self.cfg.env_id,
             "state_hyper": _state_hyper(self.cfg),
+            # the round (as sent) in which participants accept(ed) this θ
+            "wire_round": self._wire(step + 1),
         }
         write_checkpoint(path, meta, vectors)
         return path

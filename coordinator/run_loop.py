@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.config import RunConfig
+from protocol.errors import RunEnded
 from protocol.params import ParamSet
 
 log = logging.getLogger("flwr.hedrl.coordinator")
@@ -41,6 +42,7 @@ class RunLoopMixin:
     on_round: Callable[[int, Any], None] | None
     setup: Callable[[], None]
     run_round: Callable[[int], dict[str, Any]]
+    finish: Callable[[int], dict[str, Any]]
     checkpoint: Callable[..., Path | None]
 
     def _run(self, start: float) -> dict[str, Any]:
@@ -52,7 +54,12 @@ class RunLoopMixin:
         t = 0
         with open(metrics_path, "w") as fh:
             for t in range(self.start_round + 1, self.cfg.num_rounds + 1):
-                rec = self.run_round(t)
+                try:
+                    rec = self.run_round(t)
+                except RunEnded as exc:
+                    log.error("hedrl: round %d: %s", t, exc)
+                    self.checkpoint(t)  # the last θ a majority accepted
+                    raise
                 fh.write(json.dumps(rec) + "\n")
                 fh.flush()
                 self.history.append(rec)
@@ -99,7 +106,9 @@ class RunLoopMixin:
                     break
         ckpt = self.checkpoint(t, final=True)
         assert ckpt is not None
+        final = self.finish(t)
         summary = self._summary(t, returns, reached, time.perf_counter() - start, ckpt)
+        summary["final"] = final
         (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         log.info(
             "hedrl: done after %d rounds; metrics %s; checkpoint %s",

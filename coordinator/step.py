@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.exchange import exchange
+from coordinator.exchange import check_terminal, exchange
 from coordinator.replies import ExpectFor, Reply, read_refresh, vector_bytes
 from coordinator.workers import (
     BadChunks,
@@ -69,6 +69,7 @@ class StepMixin:
     _masked_state: Callable[..., tuple[RecordDict, list[np.ndarray], int]]
     _draw_masks: Callable[[], list[np.ndarray]]
     _premasked: Premasked | None
+    _round: int  # the round as sent in this round's messages
 
     def _aggregate_and_step(
         self,
@@ -95,7 +96,7 @@ class StepMixin:
                 assert r.squares is not None
                 sq = [be.add(a, b) for a, b in zip(sq, r.squares, strict=True)]
             fresh = self._initial_state(
-                t, accepted[0].node, sq, len(self.nodes) / len(accepted)
+                self._round, accepted[0].node, sq, len(self.nodes) / len(accepted)
             )
         spares: list[Reply] = []
         tried = list(refreshers)
@@ -114,7 +115,7 @@ class StepMixin:
                     if n in by_node and by_node[n].refresh is not None
                 ] + [r for r in spares if r.refresh is not None]
                 if not usable and self.cfg.spare_refresher and len(tried) < 2:
-                    spare = self._spare_refresh(t, tried, list(by_node))
+                    spare = self._spare_refresh(self._round, tried, list(by_node))
                     if spare is not None:
                         spares.append(spare)
                         usable = [spare]
@@ -192,7 +193,8 @@ class StepMixin:
     def _initial_state(
         self, t: int, refresher: int, sq: list[Ct], k: float
     ) -> list[list[Ct]]:
-        """Round 1: a key holder turns Σ w·g² (times k = K/K') into m0, V0, r0."""
+        """Round 1: a key holder turns Σ w·g² (times k = K/K') into m0, V0, r0
+        (``t`` is the round as sent)."""
         rd = RecordDict({msg.TASK: self._task(t, refresher=1, k=float(k))})
         send_cts(
             self.be,
@@ -208,6 +210,7 @@ class StepMixin:
             [self._message(refresher, msg.V0, rd, t)],
             timeout=self.cfg.round_timeout,
         )[refresher]
+        check_terminal({refresher: reply})
         if reply is None or reply.has_error():
             raise HedrlError(f"refresher {refresher} did not return V0")
         levels = StateUnits.levels(self.be.top_level)
@@ -224,7 +227,8 @@ class StepMixin:
     def _spare_refresh(
         self, t: int, tried: list[int], replied: list[int]
     ) -> Reply | None:
-        """Ask the next participant that replied this round to refresh m, V, r.
+        """Ask the next participant that replied in round ``t`` (as sent) to
+        refresh m, V, r.
 
         One extra exchange, only in a round whose refresher failed; the spare
         gets freshly masked state. Returns its reply, or None if it fails too.
@@ -249,6 +253,7 @@ class StepMixin:
             [self._message(spare, msg.REFRESH, content, t)],
             timeout=self.cfg.round_timeout,
         )[spare]
+        check_terminal({spare: reply})
         why = None
         refresh = None
         if reply is None or reply.has_error():

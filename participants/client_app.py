@@ -90,4 +90,16 @@ def v0(message: Message, context: Context) -> Message:
     return _handle("initial_state", message, context)
 
 
+@app.query("final")
+def final(message: Message, context: Context) -> Message:
+    """After the last round: check the final θ, keep it, tag its ciphertext."""
+    return _handle("final", message, context)
+
+
+@app.query("confirm")
+def confirm(message: Message, context: Context) -> Message:
+    """Compare every participant's tag on the final θ with this one's."""
+    return _handle("confirm", message, context)
+
+
 __all__ = ["app", "process_age"]

@@ -1,26 +1,40 @@
-"""One participant's handling of a message: keys, checks, learner, codec."""
+"""One participant's handling of a message: trust, guard, learner, codec.
+
+Each handler first checks everything that needs no decryption (task fields,
+round order, headers, the ciphertexts' structure; errors say what is wrong),
+then decrypts and uses what it decrypted inside
+:meth:`participants.guard.Guard.decrypting`, where any failure becomes the one
+constant refusal (docs/threat-model.md). What leaves a participant: fresh
+encryptions of rounded values, a refusal, a tag on the final θ (an HMAC of its
+ciphertext bytes), and, if its operator allows it, episode metrics.
+"""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from participants.guard import Guard, OutOfOrder, Terminal, Trust, digest, final_tag
 from participants.learner import Learner, clip_and_scale
 from protocol import keys
 from protocol import messages as msg
 from protocol.adam import StateUnits, initial_state
 from protocol.backend import Backend
-from protocol.codec import receive_plain, refresh_state, send_plain
-from protocol.config import RunConfig, expand_dir
-from protocol.errors import BackendMismatch, FingerprintMismatch, ThetaRejected
+from protocol.codec import Received, decrypt_received, receive_checked, send_plain
+from protocol.config import RunConfig
+from protocol.errors import (
+    BackendMismatch,
+    HeaderMismatch,
+    KeyMaterialError,
+    ThetaRejected,
+    WireFormatError,
+)
 from protocol.memory import retain_freed_memory
 from protocol.packing import n_chunks
 from protocol.params import get_param_set
@@ -29,8 +43,12 @@ from protocol.wire import Expect
 log = logging.getLogger("flwr.hedrl.participant")
 
 STATE_KEY = "hedrl"
-LAST_THETA_KEY = "hedrl-last-theta"  # local only; never leaves the participant
-THETA_ABS_LIMIT = 1e4
+#: Σ w·g² of normalised gradients lies in [0, 1]; this much CKKS error is allowed
+SQUARES_SLACK = 1e-3
+#: reported returns are rounded to this (docs/threat-model.md counts their bits)
+RETURN_QUANTUM = 0.01
+#: reported stage seconds are rounded to this
+SECONDS_QUANTUM = 1e-3
 
 
 class Node:
@@ -45,10 +63,9 @@ class Node:
         if self.cfg.retain_freed_memory:
             retain_freed_memory()
         self.params = get_param_set(self.cfg.param_set)
-        nc = context.node_config
-        self.index = int(nc.get("partition-id", nc.get("participant-index", 0)))
         self.run_id = int(context.run_id)
-        self.key_run_id = self.run_id  # a resumed run keeps the original run's key
+        self.trust = Trust.from_context(context.node_config, self.cfg, self.run_id)
+        self.index = self.trust.index
         self.learner = Learner(self.cfg, self.index)
         self.timings["node"] = time.perf_counter() - t0
 
@@ -60,43 +77,49 @@ class Node:
         finally:
             self.timings[name] = self.timings.get(name, 0.0) + time.perf_counter() - t0
 
-    # ---- keys ----------------------------------------------------------------
-    def _key_path(self) -> Path:
-        explicit = self.context.node_config.get("secret-context")
-        if explicit:
-            return Path(str(explicit)).expanduser()
-        return (
-            expand_dir(self.cfg.keys_dir)
-            / f"run-{self.key_run_id}"
-            / keys.PARTICIPANT_FILE
-        )
-
-    def _backend(self, *, provision: bool = False) -> tuple[Backend, str]:
-        path = self._key_path()
-        if provision and not self.context.node_config.get("secret-context"):
-            info = keys.provision(path.parent, self.params, self.cfg.backend)
-            if info.created:
-                log.info(
-                    "hedrl: participant %d created the run's key in %s",
-                    self.index,
-                    path.parent,
+    # ---- keys and checks that need no decryption ----------------------------------
+    def _key(self, *, provision: bool = False) -> tuple[Backend, str, Guard]:
+        """The key this participant's own configuration names, and its guard."""
+        path = self.trust.key_path
+        with self._timed("key"):
+            if provision and self.trust.may_provision:
+                info = keys.provision(path.parent, self.params, self.cfg.backend)
+                if info.created:
+                    log.info(
+                        "hedrl: participant %d created the run's key in %s",
+                        self.index,
+                        path.parent,
+                    )
+            if not path.exists():
+                log.error("hedrl: participant %d: no key at %s", self.index, path)
+                raise KeyMaterialError(
+                    "no participant context where this participant's configuration "
+                    "says (node config secret-context, or keys-dir in simulation)"
                 )
-        return keys.participant_backend(path, self.params, self.cfg.backend)
+            be, fp = keys.participant_backend(path, self.params, self.cfg.backend)
+        return be, fp, Guard(self.trust, fp)
 
-    def _evaluation_context(self, be: Backend) -> bytes:
-        """The public context of the key ``be`` holds, without loading it again.
+    def _task(self, content: RecordDict) -> tuple[Any, int]:
+        """The task record and its round, after the backend check."""
+        task = content.get(msg.TASK)
+        if not isinstance(task, ConfigRecord):
+            raise WireFormatError("message carries no task record")
+        if task.get("backend") != self.cfg.backend:
+            raise BackendMismatch(
+                field="backend", expected=self.cfg.backend, received=task.get("backend")
+            )
+        round_ = task.get("round")
+        if not isinstance(round_, int) or isinstance(round_, bool):
+            raise WireFormatError(f"task round: expected an int, received {round_!r}")
+        self.round = round_
+        return task, round_
 
-        A deployed participant host has only ``participant.ctx``: derive the
-        evaluation context from the context this message already loaded (loading
-        a secret context again regenerates its keys) instead of from the file.
-        """
-        path = self._key_path()
-        public = path.with_name(keys.COORDINATOR_FILE)
-        if self.cfg.backend == "ckks" and not public.exists():
-            from protocol import ckks
-
-            return ckks.serialize_public(be.ctx)
-        return keys.evaluation_context(path, self.params, self.cfg.backend)
+    @staticmethod
+    def _flag(task: Any, key: str) -> bool:
+        value = task.get(key, 0)
+        if value not in (0, 1):
+            raise WireFormatError(f"task {key!r}: expected 0 or 1, received {value!r}")
+        return bool(value)
 
     def _expect(
         self,
@@ -106,7 +129,6 @@ class Node:
         round_: int | None,
         name: str | None = None,
     ) -> Expect:
-        layout = self.learner.layout
         return Expect(
             param_set=self.params.id,
             fingerprint=fp,
@@ -114,51 +136,62 @@ class Node:
             run_id=self.run_id,
             layout_digest=self.learner.layout_digest,
             slot_count=self.params.slots,
-            chunk_count=n_chunks(layout.size, self.params.slots),
+            chunk_count=n_chunks(self.learner.layout.size, self.params.slots),
             kind=kind,
             level=level,
             round=round_,
             name=name,
         )
 
-    def _check_task(self, task: Any, fp: str | None) -> None:
-        if task["backend"] != self.cfg.backend:
-            raise BackendMismatch(
-                field="backend", expected=self.cfg.backend, received=task["backend"]
+    def _receive(
+        self, be: Backend, key: str, expect: Expect, value_count: int
+    ) -> Received:
+        """A vector's header and chunks checked before decryption."""
+        with self._timed("check"):
+            got = receive_checked(be, self._content, key, expect)
+        if got.header.value_count != value_count:
+            raise HeaderMismatch(
+                field="value_count",
+                expected=value_count,
+                received=got.header.value_count,
             )
-        if fp is not None and "fingerprint" in task and task["fingerprint"] != fp:
-            raise FingerprintMismatch(
-                expected=fp,
-                received=str(task["fingerprint"]),
-                where="task from coordinator",
+        return got
+
+    def _receive_state(self, be: Backend, fp: str, t: int) -> list[Received]:
+        slots = (
+            n_chunks(self.learner.layout.size, self.params.slots) * self.params.slots
+        )
+        return [
+            self._receive(
+                be, msg.state_key("state", n), self._expect(fp, "state", 0, t, n), slots
             )
+            for n in msg.STATE_NAMES
+        ]
 
-    def _begin(self, content: RecordDict) -> tuple[Any, int, Backend, str]:
-        """A round's task: (task, round, backend, fingerprint), checked."""
-        task = content[msg.TASK]
-        self.key_run_id = int(task.get("key-run-id", self.run_id))
-        t = self.round = int(task["round"])
-        with self._timed("key"):
-            be, fp = self._backend()
-        self._check_task(task, fp)
-        return task, t, be, fp
-
-    # ---- handlers ------------------------------------------------------------
+    # ---- handlers ------------------------------------------------------------------
     def setup(self, content: RecordDict) -> RecordDict:
-        """Provision/load the key; report fingerprint, layout (maybe context, θ0)."""
-        task = content[msg.TASK]
-        self.key_run_id = int(task.get("key-run-id", self.run_id))
-        self._check_task(task, None)
-        with self._timed("key"):
-            be, fp = self._backend(provision=True)
+        """Load (in simulation, provision) the key; report fingerprint, layout and
+        the last round handled under it (maybe the evaluation context and θ0)."""
+        self._content = content
+        task = content.get(msg.TASK)
+        if not isinstance(task, ConfigRecord):
+            raise WireFormatError("message carries no task record")
+        if task.get("backend") != self.cfg.backend:
+            raise BackendMismatch(
+                field="backend", expected=self.cfg.backend, received=task.get("backend")
+            )
+        be, fp, guard = self._key(provision=True)
+        if guard.spent:
+            raise Terminal()
         info: dict[str, Any] = {
             "fingerprint": fp,
             "layout-digest": self.learner.layout_digest,
             "param-count": int(self.learner.layout.size),
             "participant-index": self.index,
+            "last-round": guard.last_round,
         }
         out = RecordDict()
-        if int(task["send-context"]):
+        if self._flag(task, "send-context"):
             with self._timed("evaluation-context"):
                 info["context"] = self._evaluation_context(be)
             send_plain(
@@ -172,74 +205,79 @@ class Node:
         out[msg.SETUP_REPLY] = ConfigRecord(info)
         return out
 
-    def _decrypt_theta(
-        self, be: Backend, fp: str, content: RecordDict, t: int, k: int
-    ) -> np.ndarray:
-        """Decrypt θ and check it where the key is (a keyless coordinator can't).
+    def _evaluation_context(self, be: Backend) -> bytes:
+        """The public context of the key ``be`` holds, without loading it again
+        (a deployed participant host has only ``participant.ctx``)."""
+        path = self.trust.key_path
+        if (
+            self.cfg.backend == "ckks"
+            and not path.with_name(keys.COORDINATOR_FILE).exists()
+        ):
+            from protocol import ckks
 
-        Refused: non-finite values, |θ| > 1e4, or a change since the last θ this
-        participant accepted larger than 10·K·lr per element and round (one Adam
-        step moves an element by at most ≈ lr·(1−β1)/sqrt(1−β2) ≈ 3.2·lr, times
-        k ≤ K after dropouts). A ciphertext under a foreign key decrypts to noise
-        far beyond that.
-        """
-        theta = receive_plain(be, content, msg.THETA, self._expect(fp, "theta", 0, t))
-        if not np.all(np.isfinite(theta)):
-            raise ThetaRejected(f"round {t}: decrypted θ holds non-finite values")
-        peak = float(np.max(np.abs(theta)))
-        if peak > THETA_ABS_LIMIT:
-            raise ThetaRejected(
-                f"round {t}: |θ| up to {peak:.3g} > {THETA_ABS_LIMIT:.0g}"
-            )
-        last = self.context.state.get(LAST_THETA_KEY)
-        if last is not None:
-            prev = np.frombuffer(bytes(last["theta"]), dtype="<f8")
-            rounds = max(1, t - int(last["round"]))
-            bound = 10.0 * k * self.cfg.lr * rounds
-            change = (
-                float(np.max(np.abs(theta - prev)))
-                if prev.size == theta.size
-                else float("inf")
-            )
-            if change > bound:
-                raise ThetaRejected(
-                    f"round {t}: θ changed by up to {change:.3g} in {rounds} "
-                    f"round(s) since the last accepted θ; at most {bound:.3g} expected"
-                )
-        self.context.state[LAST_THETA_KEY] = ConfigRecord(
-            {"theta": theta.astype("<f8").tobytes(), "round": t}
-        )
+            return ckks.serialize_public(be.ctx)  # type: ignore[attr-defined]
+        return keys.evaluation_context(path, self.params, self.cfg.backend)
+
+    def _theta(self, be: Backend, got: Received, t: int, guard: Guard) -> np.ndarray:
+        """Decrypt θ and check it against this participant's own bound."""
+        with self._timed("decrypt"):
+            theta = decrypt_received(be, got)
+            guard.check_theta(theta, t, self.learner.initial_theta())
         return theta
 
     def train(self, content: RecordDict) -> RecordDict:
-        """Decrypt θ, one PPO minibatch gradient, encrypt; refresh state if asked."""
-        task, t, be, fp = self._begin(content)
-        with self._timed("decrypt"):
-            theta = self._decrypt_theta(
-                be, fp, content, t, int(task["num-participants"])
-            )
+        """Check and decrypt θ, one PPO gradient, encrypt; refresh if asked."""
+        self._content = content
+        task, t = self._task(content)
+        refresher, init = self._flag(task, "refresher"), self._flag(task, "init")
+        be, fp, guard = self._key()
+        guard.admit("train", t)
+        if refresher:
+            guard.admit("refresh", t)
+        theta_in = self._receive(
+            be, msg.THETA, self._expect(fp, "theta", 0, t), self.learner.layout.size
+        )
+        state_in = self._receive_state(be, fp, t) if refresher else None
+        kinds = ("train", "refresh") if refresher else ("train",)
+        out = RecordDict()
+        with guard.decrypting(kinds, t):
+            theta = self._theta(be, theta_in, t, guard)
+            self._learn_into(be, fp, theta, t, init, out)
+            if state_in is not None:
+                self._refresh_into(be, fp, state_in, t, out)
+            out[msg.METRICS] = self._metrics()
+            guard.accept_theta(theta, t, digest(theta_in.chunks))
+        return out
+
+    def _learn_into(
+        self,
+        be: Backend,
+        fp: str,
+        theta: np.ndarray,
+        t: int,
+        init: bool,
+        out: RecordDict,
+    ) -> None:
         with self._timed("learn"):
             saved = self.context.state.get(STATE_KEY)
-            grad, stats, new_saved = self.learner.step(
+            grad, self._stats, new_saved = self.learner.step(
                 theta,
                 None if saved is None else bytes(saved["blob"]),
                 cache_scope=(self.run_id, self.context.node_id),
             )
             self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
-            weight = 1.0 / int(task["num-participants"])
+            weight = 1.0 / self.cfg.num_participants
             g_n = clip_and_scale(grad, self.learner.layout, self.learner.bounds)
-        hp = self.cfg.hyper
-        out = RecordDict()
         with self._timed("encrypt"):
             send_plain(
                 be,
                 out,
                 msg.GRADIENT,
-                hp.c * weight * be.gradient_factor * g_n,
+                self.cfg.hyper.c * weight * be.gradient_factor * g_n,
                 self._expect(fp, "gradient", be.top_level, None),
                 t,
             )
-            if int(task["init"]):
+            if init:
                 send_plain(
                     be,
                     out,
@@ -248,73 +286,181 @@ class Node:
                     self._expect(fp, "squares", be.top_level, None),
                     t,
                 )
-        if int(task["refresher"]):
-            self._refresh_into(be, fp, content, t, out)
-        out[msg.METRICS] = MetricRecord(
-            {
-                "episodes": int(stats["episodes"]),
-                "return-sum": float(stats["return_sum"]),
-                "env-steps": int(stats["env_steps"]),
-                # seconds of this handler's stages (the round's breakdown)
-                **{
-                    msg.stage_time_key(k): float(self.timings.get(k, 0.0))
-                    for k in msg.PARTICIPANT_STAGES
-                },
-            }
-        )
-        return out
+
+    def _metrics(self) -> MetricRecord:
+        """Environment steps always; episodes, returns and stage seconds only if
+        this participant's operator allows it (they depend on the decrypted θ)."""
+        stats = self._stats
+        record: dict[str, int | float] = {"env-steps": int(stats["env_steps"])}
+        if self.trust.report_metrics:
+            ret = round(float(stats["return_sum"]) / RETURN_QUANTUM) * RETURN_QUANTUM
+            record.update(
+                {
+                    "episodes": int(stats["episodes"]),
+                    "return-sum": ret,
+                    **{
+                        msg.stage_time_key(k): round(
+                            self.timings.get(k, 0.0) / SECONDS_QUANTUM
+                        )
+                        * SECONDS_QUANTUM
+                        for k in msg.PARTICIPANT_STAGES
+                    },
+                }
+            )
+        return MetricRecord(record)
 
     def _refresh_into(
-        self, be: Backend, fp: str, content: RecordDict, t: int, out: RecordDict
+        self, be: Backend, fp: str, state_in: list[Received], t: int, out: RecordDict
     ) -> None:
-        """Decrypt the masked m, V, r and re-encrypt them (``refresh_state``)."""
+        """Decrypt the masked m, V, r and re-encrypt them, rounded, one level
+        each where the step uses them (:class:`~protocol.adam.StateUnits`)."""
+        units = StateUnits.of(be, self.cfg.hyper)
         with self._timed("refresh"):
-            refresh_state(
-                be,
-                self.cfg.hyper,
-                content,
-                out,
-                lambda kind, level, name: self._expect(fp, kind, level, None, name),
-                t,
-            )
+            for name, got, level in zip(
+                msg.STATE_NAMES, state_in, units.levels(be.top_level), strict=True
+            ):
+                values = decrypt_received(be, got)
+                send_plain(  # refuses non-finite or absurdly large values
+                    be,
+                    out,
+                    msg.state_key("refresh", name),
+                    units.refresh_scale(name) * values,
+                    self._expect(fp, "refresh", level, None, name),
+                    t,
+                )
 
     def refresh(self, content: RecordDict) -> RecordDict:
         """Spare refresher: the round's refresher failed; refresh only."""
-        task, t, be, fp = self._begin(content)
+        self._content = content
+        _, t = self._task(content)
+        be, fp, guard = self._key()
+        guard.admit("refresh", t)
+        state_in = self._receive_state(be, fp, t)
         out = RecordDict()
-        self._refresh_into(be, fp, content, t, out)
+        with guard.decrypting(("refresh",), t):
+            self._refresh_into(be, fp, state_in, t, out)
         return out
 
     def initial_state(self, content: RecordDict) -> RecordDict:
         """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))
         (in the step's input units, :class:`~protocol.adam.StateUnits`)."""
-        task, t, be, fp = self._begin(content)
-        squares = receive_plain(
-            be, content, msg.SQUARES, self._expect(fp, "squares", be.top_level, t)
-        )
-        if not np.all(np.isfinite(squares)) or np.any(squares < -1e-3):
-            raise ThetaRejected(
-                f"round {t}: squared-gradient sum is not a sum of squares"
+        self._content = content
+        task, t = self._task(content)
+        k = task.get("k")
+        if not isinstance(k, float) or not 1.0 <= k <= self.cfg.num_participants:
+            raise WireFormatError(
+                f"task 'k' (K/K'): expected a float in [1, "
+                f"{self.cfg.num_participants}], received {k!r}"
             )
-        k = float(task.get("k", 1.0))  # K/K': mean over the replies that arrived
+        be, fp, guard = self._key()
+        guard.admit("v0", t)
+        size = n_chunks(self.learner.layout.size, self.params.slots) * self.params.slots
+        got = self._receive(
+            be, msg.SQUARES, self._expect(fp, "squares", be.top_level, t), size
+        )
         out = RecordDict()
-        units = StateUnits.of(be, self.cfg.hyper)
-        for name, values, factor, level in zip(
-            msg.STATE_NAMES,
-            initial_state(k * np.maximum(squares, 0.0), self.cfg.hyper),
-            units.inp,
-            units.levels(be.top_level),
-            strict=True,
-        ):
-            send_plain(
-                be,
-                out,
-                msg.state_key("v0", name),
-                factor * values,
-                self._expect(fp, "v0", level, None, name),
+        with guard.decrypting(("v0",), t):
+            squares = decrypt_received(be, got)
+            if not (
+                np.all(np.isfinite(squares))
+                and np.all(squares >= -SQUARES_SLACK)
+                and np.all(squares <= 1.0 + SQUARES_SLACK)
+            ):
+                raise ThetaRejected("squared-gradient sum is not one")
+            units = StateUnits.of(be, self.cfg.hyper)
+            for name, values, factor, level in zip(
+                msg.STATE_NAMES,
+                initial_state(k * np.clip(squares, 0.0, 1.0), self.cfg.hyper),
+                units.inp,
+                units.levels(be.top_level),
+                strict=True,
+            ):
+                send_plain(
+                    be,
+                    out,
+                    msg.state_key("v0", name),
+                    factor * values,
+                    self._expect(fp, "v0", level, None, name),
+                    t,
+                )
+        return out
+
+    def final(self, content: RecordDict) -> RecordDict:
+        """The run's last θ: check it like any θ, keep it for hedrl-release and
+        return a tag on its ciphertext bytes for the others to compare."""
+        self._content = content
+        _, t = self._task(content)
+        be, fp, guard = self._key()
+        guard.admit("final", t)
+        got = self._receive(
+            be, msg.THETA, self._expect(fp, "theta", 0, t), self.learner.layout.size
+        )
+        if be.mac_key is None:  # a participant backend always has one
+            raise KeyMaterialError("no MAC key: not a participant's context")
+        out = RecordDict()
+        with guard.decrypting(("final",), t):
+            theta = self._theta(be, got, t, guard)
+            d = digest(got.chunks)
+            layout = self.learner.layout
+            guard.store_final(
+                theta,
                 t,
+                {
+                    "digest": d,
+                    "env_id": self.cfg.env_id,
+                    "continuous": self.learner.continuous,
+                    "names": list(layout.names),
+                    "shapes": [list(s) for s in layout.shapes],
+                    "param_set": self.params.id,
+                    "backend": self.cfg.backend,
+                },
+            )
+            guard.accept_theta(theta, t, d)
+            out[msg.FINAL_REPLY] = ConfigRecord(
+                {
+                    "tag": final_tag(be.mac_key, d, t, self.index),
+                    "participant-index": self.index,
+                }
             )
         return out
 
+    def confirm(self, content: RecordDict) -> RecordDict:
+        """Compare the other participants' tags with this one's final θ: a
+        majority of the federation must have received the same ciphertext
+        before hedrl-release will release it."""
+        self._content = content
+        _, t = self._task(content)
+        be, _, guard = self._key()
+        guard.admit("confirm", t)
+        rec = content.get(msg.FINAL_TAGS)
+        if not isinstance(rec, ConfigRecord):
+            raise WireFormatError("confirm carries no tags record")
+        indices, tags = rec.get("indices"), rec.get("tags")
+        if (
+            not isinstance(indices, list)
+            or not isinstance(tags, list)
+            or len(indices) != len(tags)
+            or len(set(indices)) != len(indices)
+            or not all(isinstance(i, int) and 0 <= i < 2**31 for i in indices)
+            or not all(isinstance(g, bytes) and len(g) == 32 for g in tags)
+        ):
+            raise WireFormatError(
+                "confirm: tags must be distinct indices with 32-byte tags"
+            )
+        if be.mac_key is None:
+            raise KeyMaterialError("no MAC key: not a participant's context")
+        guard.handled("confirm", t)
+        valid = guard.confirm_final(
+            t, dict(zip(indices, tags, strict=True)), be.mac_key
+        )
+        log.info(
+            "hedrl: participant %d: final θ of round %d confirmed by %d participants; "
+            "hedrl-release can release it",
+            self.index,
+            t,
+            valid,
+        )
+        return RecordDict({msg.FINAL_REPLY: ConfigRecord({"confirmed": valid})})
 
-__all__ = ["Node", "dataclasses"]
+
+__all__ = ["Node", "OutOfOrder"]

@@ -1,21 +1,24 @@
 """Model release on a key holder's machine: ``hedrl-release`` and ``hedrl-eval``.
 
-IND-CPA^D (Li & Micciancio, "On the security of homomorphic encryption on
-approximate numbers", EUROCRYPT 2021): a CKKS decryption carries the encryption
-error e; anyone who sees decryptions in full precision together with the
-ciphertexts can solve for the secret key (two full-precision decryptions of θ
-recovered the key in ~0.1 s in our probe, ARCHITECTURE §2). A released policy
-therefore goes out only after **noise flooding and rounding**:
+``hedrl-release`` decrypts nothing new: it releases the final θ this
+participant decrypted, checked and stored at the end of the run
+(:meth:`participants.node.Node.final`), and only once a majority of the
+federation has confirmed, with tags only key holders can make, that they
+received the same ciphertext. It never reads the coordinator's checkpoint: a
+coordinator that wrote a crafted one learns nothing from a release.
 
-    θ_release = round(θ_dec + N(0, σ²), q),  σ = 2^-12 ≈ 2.4e-4,  q = 2^-14
+A decryption carries the encryption error e, and e depends on the secret key
+(IND-CPA^D, Li & Micciancio, EUROCRYPT 2021). The released policy is therefore
+flooded and rounded,
 
-At ``8k-35x3`` the decryption error of θ is ≈ 1e-7…1e-6 (measured), so σ is
-≈ 2^8–2^11 times larger: the error's contribution to each released value is
-hidden up to a statistical distance of roughly |e|/σ per coordinate. This is a
-mitigation, not a proof — a 2^-40 bound would need σ ≈ 2^40·|e|, which would
-destroy the policy. Hence: **retire the key after a release** (a fresh key per
-training run is the default) and never release twice from the same key.
-σ is far below the scale of the weights (≈ 0.1–1).
+    θ_release = round(θ_dec + N(0, σ²), q),  σ = 2^-12 ≈ 2.4e-4,  q = 2^-14,
+
+and released at most once per key. What that protects is stated in
+docs/threat-model.md ("Release"): against the coordinator, who holds θ's
+ciphertext, a release is one RLWE sample whose error is the flooding noise
+(computational protection, with its parameters there); statistically it is
+not hidden (σ/|e| ≈ 2^12 gives a statistical distance of ~2^-6 over a policy
+of 9k values). σ is far below the scale of the weights (≈ 0.1–1).
 """
 
 from __future__ import annotations
@@ -29,59 +32,82 @@ from typing import Any
 
 import numpy as np
 
+from participants.guard import Guard, Trust
 from protocol import keys
-from protocol.checkpoint import read_checkpoint
-from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
+from protocol.errors import HedrlError, KeyMaterialError
 from protocol.params import get_param_set
 
 DEFAULT_NOISE_STD = 2.0**-12
 DEFAULT_ROUND_TO = 2.0**-14
 
 
+def _guards(keys_dir: Path, state_dir: Path, participant: int | None) -> list[Guard]:
+    """The guards under this key in ``state_dir`` with a final θ, lowest index first."""
+    key_path = keys_dir / keys.PARTICIPANT_FILE
+    records = []
+    for path in sorted(state_dir.glob("guard-*-p*.json")):
+        raw = json.loads(path.read_text())
+        if raw.get("final") and (participant in (None, raw["participant"])):
+            records.append(raw)
+    if not records:
+        raise KeyMaterialError(
+            f"no final θ in {state_dir}"
+            + ("" if participant is None else f" for participant {participant}")
+            + ": the run has not finished (it ends with a final θ every "
+            "participant checks)"
+        )
+    final = records[0]["final"]
+    params = get_param_set(final["param_set"])
+    _, fp = keys.participant_backend(key_path, params, final["backend"])
+    guards = [
+        Guard(Trust.local(key_path, state_dir, int(r["participant"])), fp)
+        for r in records
+        if r["fingerprint"] == fp
+    ]
+    if not guards:
+        raise KeyMaterialError(f"no final θ under the key in {keys_dir}")
+    return sorted(guards, key=lambda g: g.trust.index)
+
+
 def release(
     keys_dir: Path,
-    checkpoint: Path,
     out: Path,
     *,
+    state_dir: Path | None = None,
+    participant: int | None = None,
     noise_std: float = DEFAULT_NOISE_STD,
     round_to: float = DEFAULT_ROUND_TO,
 ) -> dict[str, Any]:
-    """Decrypt the checkpoint's θ, flood with noise, round, and write ``out``."""
-    from participants.layout import make_layout
-    from participants.learner import env_spec
-    from protocol.packing import layout_digest, unpack
-
+    """Flood and round the agreed final θ kept under the key in ``keys_dir``,
+    write it to ``out``, and mark the key released."""
     if not noise_std > 0 or not round_to > 0:
         raise HedrlError("noise-std and round-to must be > 0 (a release needs both)")
-    meta, vectors = read_checkpoint(checkpoint)
-    params = get_param_set(meta["param_set"])
-    be, fp = keys.participant_backend(
-        keys_dir / keys.PARTICIPANT_FILE, params, meta["backend"]
-    )
-    if fp != meta["fingerprint"]:
-        raise FingerprintMismatch(
-            expected=meta["fingerprint"],
-            received=fp,
-            where=f"key in {keys_dir} vs checkpoint",
+    guards = _guards(keys_dir, state_dir or keys_dir, participant)
+    if any(g.state.released for g in guards):
+        raise KeyMaterialError(
+            "this key's final θ was released already; a second release with fresh "
+            "noise would let the two be averaged (docs/threat-model.md)"
         )
-    obs_dim, act_dim, continuous = env_spec(meta["env_id"])
-    layout = make_layout(obs_dim, act_dim, continuous)
-    digest = layout_digest(zip(layout.names, layout.shapes, strict=True))
-    if digest != meta["layout_digest"]:
-        raise HeaderMismatch(
-            field="layout_digest", expected=meta["layout_digest"], received=digest
+    agreed = [g for g in guards if g.state.final and g.state.final.get("agreed")]
+    if not agreed:
+        raise KeyMaterialError(
+            "the final θ was not confirmed by a majority of the participants "
+            "(they received different ciphertexts, or the run ended early): "
+            "nothing is released"
         )
-    theta = unpack([be.decrypt(c) for c in vectors["theta"]], int(meta["param_count"]))
+    if len({g.state.final["digest"] for g in agreed}) > 1:  # type: ignore[index]
+        raise KeyMaterialError("participants here kept different final θ")
+    theta, final = agreed[0].final_theta()
     rng = np.random.default_rng(secrets.randbits(128))  # never reproducible
     released = np.round((theta + rng.normal(0.0, noise_std, theta.shape)) / round_to)
     released *= round_to
     info = {
-        "env_id": meta["env_id"],
-        "continuous": continuous,
-        "names": list(layout.names),
-        "shapes": [list(s) for s in layout.shapes],
-        "step": meta["step"],
-        "param_set": meta["param_set"],
+        "env_id": final["env_id"],
+        "continuous": final["continuous"],
+        "names": final["names"],
+        "shapes": final["shapes"],
+        "round": final["round"],
+        "param_set": final["param_set"],
         "noise_std": noise_std,
         "round_to": round_to,
     }
@@ -89,6 +115,8 @@ def release(
     np.savez(
         out, theta=released, info=np.frombuffer(json.dumps(info).encode(), np.uint8)
     )
+    for g in guards:
+        g.mark_released()
     return info
 
 
@@ -162,9 +190,10 @@ def release_main(argv: list[str] | None = None) -> int:
     """Entry point of ``hedrl-release``."""
     ap = argparse.ArgumentParser(
         prog="hedrl-release",
-        description="Decrypt the final θ of an encrypted checkpoint on a key holder's "
-        "machine and export it with noise flooding and rounding (IND-CPA^D; see "
-        "participants/release.py). Retire the key afterwards.",
+        description="Export the final θ this participant accepted at the end of "
+        "the run, once a majority of the participants confirmed the same "
+        "ciphertext, with noise flooding and rounding (docs/threat-model.md, "
+        "'Release'). Once per key.",
     )
     ap.add_argument(
         "--keys",
@@ -172,7 +201,20 @@ def release_main(argv: list[str] | None = None) -> int:
         type=Path,
         help="directory holding participant.ctx of the run",
     )
-    ap.add_argument("--checkpoint", required=True, type=Path, help="checkpoint.npz")
+    ap.add_argument(
+        "--state-dir",
+        type=Path,
+        default=None,
+        help="the participant's state directory (node config state-dir; "
+        "default: --keys)",
+    )
+    ap.add_argument(
+        "--participant",
+        type=int,
+        default=None,
+        help="participant index whose final θ to release (default: the lowest "
+        "in the state directory)",
+    )
     ap.add_argument("--out", required=True, type=Path, help="output POLICY.npz")
     ap.add_argument(
         "--noise-std",
@@ -190,8 +232,9 @@ def release_main(argv: list[str] | None = None) -> int:
     try:
         info = release(
             args.keys,
-            args.checkpoint,
             args.out,
+            state_dir=args.state_dir,
+            participant=args.participant,
             noise_std=args.noise_std,
             round_to=args.round_to,
         )
@@ -199,9 +242,9 @@ def release_main(argv: list[str] | None = None) -> int:
         print(f"hedrl-release: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"released {info['env_id']} policy (step {info['step']}) to {args.out} with "
-        f"noise σ={info['noise_std']:.3g}, rounding {info['round_to']:.3g}; "
-        "retire this key now"
+        f"released {info['env_id']} policy (final θ of round {info['round']}) to "
+        f"{args.out} with noise σ={info['noise_std']:.3g}, rounding "
+        f"{info['round_to']:.3g}; this key releases nothing more"
     )
     return 0
 

@@ -46,6 +46,9 @@ class Backend(abc.ABC):
     """Arithmetic on slot chunks plus (de)serialisation of chunks."""
 
     name: str
+    #: a key holder's MAC key, derived from its secret key (None on the
+    #: coordinator): participants tag the final θ with it
+    mac_key: bytes | None = None
 
     def __init__(self, params: ParamSet) -> None:
         self.params = params
@@ -123,6 +126,10 @@ class Backend(abc.ABC):
     @abc.abstractmethod
     def decrypt(self, chunk: bytes) -> np.ndarray:
         """Decrypt one chunk to ``slots`` float64 values."""
+
+    @abc.abstractmethod
+    def decrypt_ct(self, a: Ct) -> np.ndarray:
+        """Decrypt a handle that :meth:`load` checked; the factor is removed."""
 
     # ---- level- and factor-tracking operations -----------------------------
     def mul(self, a: Ct, b: Ct) -> Ct:
@@ -228,6 +235,9 @@ class PlainBackend(Backend):
     def encrypt(self, values: np.ndarray, level: int | None = None) -> bytes:
         lvl = self.top_level if level is None else level
         return self.dump(Ct(np.asarray(values, dtype=np.float64), lvl))
+
+    def decrypt_ct(self, a: Ct) -> np.ndarray:
+        return np.asarray(a.data, dtype=np.float64) / a.factor
 
     def decrypt(self, chunk: bytes) -> np.ndarray:
         if len(chunk) != 1 + 8 * self.slots:

@@ -61,6 +61,11 @@ def fingerprint(ctx: ts.Context, param_set_id: str) -> str:
     return h.hexdigest()
 
 
+def secret_key_bytes(ctx: ts.Context) -> bytes:
+    """SEAL's serialisation of the secret key (participants only: MAC key)."""
+    return _save_bytes(ctx.secret_key().data)
+
+
 def serialize_secret(ctx: ts.Context) -> bytes:
     """Bytes of the full context including the secret key (participants only)."""
     return ctx.serialize(save_secret_key=True, save_relin_keys=False)
@@ -89,6 +94,19 @@ def load_secret_context(data: bytes) -> ts.Context:
     # them cost ~35 ms per message in deployment, where every message is a fresh
     # process); serialize_public makes them for the coordinator's context
     return ctx
+
+
+def check_params(ctx: ts.Context, params: ParamSet) -> None:
+    """Raise KeyMaterialError unless ``ctx`` was made for parameter set ``params``."""
+    parms = ctx.seal_context().data.key_context_data().parms()
+    degree = int(parms.poly_modulus_degree())
+    bits = tuple(int(m.bit_count()) for m in parms.coeff_modulus())
+    if (degree, bits) != (params.poly_modulus_degree, params.coeff_mod_bit_sizes):
+        raise KeyMaterialError(
+            f"key has N={degree} and primes of {bits} bits; parameter set "
+            f"{params.id!r} has N={params.poly_modulus_degree} and "
+            f"{params.coeff_mod_bit_sizes}"
+        )
 
 
 def load_public_context(data: bytes) -> ts.Context:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 from flwr.app import RecordDict
@@ -49,6 +50,8 @@ def send_plain(
         raise UpdateRejected(
             f"{key}: |value| up to {peak:.3g}, at most {MAX_ABS_VALUE:.3g} allowed"
         )
+    grid = be.params.encrypt_grid  # never encrypt a value's low, noisy bits
+    values = np.round(values / grid) * grid
     chunks = [be.encrypt(c, level=expect.level) for c in pack(values, be.slots)]
     if len(chunks) != expect.chunk_count:
         raise UpdateRejected(
@@ -61,8 +64,31 @@ def send_plain(
 
 def receive_plain(be: Backend, rd: RecordDict, key: str, expect: Expect) -> np.ndarray:
     """Check the header of ``rd[key]``, then decrypt and unpack it."""
+    received = receive_checked(be, rd, key, expect)
+    return decrypt_received(be, received)
+
+
+@dataclasses.dataclass(frozen=True)
+class Received:
+    """A vector checked before decryption: header, chunks as sent, handles."""
+
+    header: Any
+    chunks: list[bytes]
+    cts: list[Ct]
+
+
+def receive_checked(be: Backend, rd: RecordDict, key: str, expect: Expect) -> Received:
+    """The header of ``rd[key]`` against ``expect``, then every chunk parsed and
+    checked as a ciphertext of this context at ``expect.level``. Nothing is
+    decrypted: what fails here depends only on the bytes received."""
     hdr, chunks = read_vector(rd, key, expect)
-    return unpack([be.decrypt(c) for c in chunks], int(hdr.value_count))
+    return Received(hdr, chunks, [be.load(c, level=expect.level) for c in chunks])
+
+
+def decrypt_received(be: Backend, received: Received) -> np.ndarray:
+    """Decrypt and unpack a vector :func:`receive_checked` accepted."""
+    values = [be.decrypt_ct(c) for c in received.cts]
+    return unpack(values, int(received.header.value_count))
 
 
 def refresh_state(

@@ -107,6 +107,23 @@ class RunConfig:
     """Seconds to wait for replies in one exchange."""
     node_wait: float = 120.0
     """Seconds to wait for num-participants nodes to register."""
+    key_run_id: int = 0
+    """Simulation only: participants use the key of keys-dir/run-<key-run-id>/
+    (0: the checkpoint's key when resume-from is set, else this run's own)."""
+    theta_step_bound: float = 0.0
+    """Simulation only (deployed participants read their node config): the
+    largest change per element and round a participant accepts in θ
+    (0: 10·lr; HE-Adam moves an element by at most ≈ 3.2·lr a step)."""
+    max_round_gap: int = 64
+    """Simulation only: rounds the θ bound may grow over at most (G)."""
+    max_rounds: int = 100_000
+    """Simulation only: the highest round number a participant serves under one key."""
+    refusal_budget: int = 3
+    """Simulation only: refusals a participant gives under one key before it
+    stops answering (each refusal may tell the coordinator one bit)."""
+    report_metrics: bool = True
+    """Simulation only: participants report episode counts and returns (these
+    depend on the decrypted policy; off by default in deployment)."""
 
     def min_participants_for(self, k: int) -> int:
         """Resolved min-participants for k registered participants."""
@@ -223,6 +240,19 @@ class RunConfig:
                 f"only) or 2..64, received {self.coordinator_workers}"
             )
         parse_layer_bounds(self.layer_bounds)  # ConfigError if malformed
+        for key, value, low in (
+            ("key-run-id", self.key_run_id, 0),
+            ("max-round-gap", self.max_round_gap, 1),
+            ("max-rounds", self.max_rounds, 1),
+            ("refusal-budget", self.refusal_budget, 1),
+        ):
+            if value < low:
+                raise ConfigError(f"{key}: must be >= {low}, received {value}")
+        if not 0.0 <= self.theta_step_bound < float("inf"):
+            raise ConfigError(
+                f"theta-step-bound: must be >= 0 (0: 10·lr), received "
+                f"{self.theta_step_bound!r}"
+            )
         top = min(22, ps.max_mask_bits)
         if not 1 <= self.mask_bits <= top:
             why = f" (param-set {ps.id!r}: the masked state must fit its bottom prime)"

@@ -66,3 +66,7 @@ class UpdateRejected(HedrlError, ValueError):
 
 class ThetaRejected(HedrlError, ValueError):
     """A participant's sanity check refused the decrypted global policy."""
+
+
+class RunEnded(HedrlError):
+    """The run cannot go on (e.g. a participant's refusal budget is spent)."""

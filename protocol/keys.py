@@ -16,7 +16,6 @@ import fcntl
 import hashlib
 import json
 import logging
-import os
 import secrets
 import threading
 from collections import OrderedDict
@@ -25,6 +24,7 @@ from pathlib import Path
 
 from protocol.backend import Backend, PlainBackend
 from protocol.errors import ConfigError, KeyMaterialError, SecretKeyRefused
+from protocol.files import write_atomic
 from protocol.params import ParamSet
 
 log = logging.getLogger(__name__)
@@ -50,18 +50,6 @@ class KeyInfo:
     @property
     def coordinator_path(self) -> Path:
         return self.directory / COORDINATOR_FILE
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def _plain_fingerprint(param_set_id: str, token: str) -> str:
@@ -101,9 +89,9 @@ def write_keys(
             "(pass --force to replace the key)"
         )
     sec, pub, fp = generate(params, backend)
-    _write_atomic(directory / PARTICIPANT_FILE, sec, 0o600)
-    _write_atomic(directory / COORDINATOR_FILE, pub, 0o644)
-    _write_atomic(directory / FINGERPRINT_FILE, (fp + "\n").encode(), 0o644)
+    write_atomic(directory / PARTICIPANT_FILE, sec, 0o600)
+    write_atomic(directory / COORDINATOR_FILE, pub, 0o644)
+    write_atomic(directory / FINGERPRINT_FILE, (fp + "\n").encode(), 0o644)
     return KeyInfo(directory, fp, created=True)
 
 
@@ -140,6 +128,11 @@ def _plain_body(data: bytes) -> dict[str, object]:
     return dict(body)
 
 
+def _mac_key(secret: bytes) -> bytes:
+    """A MAC key only key holders can derive (SHA-256 of the secret, labelled)."""
+    return hashlib.sha256(b"hedrl-mac-key\0" + secret).digest()
+
+
 def participant_backend(
     path: Path, params: ParamSet, backend: str
 ) -> tuple[Backend, str]:
@@ -161,10 +154,16 @@ def participant_backend(
             if not data.startswith(_PLAIN_MAGIC):
                 raise KeyMaterialError("expected a plaintext-twin context, got CKKS")
             body = _plain_body(data)
+            if body.get("param_set") != params.id:
+                raise KeyMaterialError(
+                    f"key is for parameter set {body.get('param_set')!r}, "
+                    f"not {params.id!r}"
+                )
             out: tuple[Backend, str] = (
                 PlainBackend(params),
                 _plain_fingerprint(params.id, str(body["token"])),
             )
+            out[0].mac_key = _mac_key(str(body["token"]).encode())
         else:
             if data.startswith(_PLAIN_MAGIC):
                 raise KeyMaterialError(
@@ -173,7 +172,9 @@ def participant_backend(
             from protocol import ckks
 
             ctx = ckks.load_secret_context(data)
+            ckks.check_params(ctx, params)
             out = (ckks.CkksBackend(params, ctx), ckks.fingerprint(ctx, params.id))
+            out[0].mac_key = _mac_key(ckks.secret_key_bytes(ctx))
         _cache[key] = out
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)

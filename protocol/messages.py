@@ -6,10 +6,14 @@ SETUP = "query.setup"  # coordinator asks for fingerprint, layout (and context, 
 TRAIN = "train"  # one round: θ down, gradient (and refreshed state) up
 REFRESH = "query.refresh"  # only when the round's refresher failed: masked m, V, r
 V0 = "query.v0"  # round 1 only: squared-gradient sum down, m0, V0, r0 up
+FINAL = "query.final"  # after the last round: final θ down, a tag on it up
+CONFIRM = "query.confirm"  # every participant's tag down, "confirmed" up
 
 TASK = "task"  # ConfigRecord in every request
 SETUP_REPLY = "setup"  # ConfigRecord in the setup reply
 METRICS = "metrics"  # MetricRecord in a train reply (environment counts only)
+FINAL_REPLY = "final"  # ConfigRecord in a final or confirm reply
+FINAL_TAGS = "tags"  # ConfigRecord in a confirm request: indices and tags
 
 THETA = "theta"
 GRADIENT = "gradient"
@@ -27,3 +31,9 @@ def stage_time_key(stage: str) -> str:
 def state_key(prefix: str, name: str) -> str:
     """Record key of one optimiser-state vector, e.g. ``state.m``."""
     return f"{prefix}.{name}"
+
+
+# A participant's refusal and terminal replies carry exactly these texts (its
+# exception's text, which Flower forwards): nothing that depends on a decryption.
+REFUSED_CODE = "hedrl-refused"
+TERMINAL_CODE = "hedrl-terminal"

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from protocol.errors import ConfigError
 
 HE_STANDARD_128_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
+#: bits between the scale's precision and the grid participants round to
+ENCRYPT_GRID_HEADROOM_BITS = 15
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,14 @@ class ParamSet:
     def scale(self) -> float:
         """The nominal CKKS scale Δ."""
         return float(2**self.scale_bits)
+
+    @property
+    def encrypt_grid(self) -> float:
+        """Participants round every value to a multiple of this before they
+        encrypt it: 2^(15 − scale bits), about 15× the error of one decryption
+        at 8k-35x3 (2^-20 ≈ 9.5e-7 against an rms of 6.4e-8), so what a
+        refresher re-encrypts carries little of that error (docs/threat-model.md)."""
+        return 2.0 ** (ENCRYPT_GRID_HEADROOM_BITS - self.scale_bits)
 
     @property
     def max_mask_bits(self) -> int:

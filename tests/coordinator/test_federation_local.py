@@ -104,7 +104,10 @@ def test_participants_never_send_decrypted_values(runs):
                     "param-count",
                     "participant-index",
                     "context",
+                    "last-round",
                 }
+            elif key == "final":  # a tag on the final θ's ciphertext bytes
+                assert set(record) in ({"tag", "participant-index"}, {"confirmed"})
             elif key.endswith(".hdr"):
                 assert set(record) == {"header"}
             else:  # a vector: raw chunk bytes and their uint32 lengths, nothing else

@@ -9,6 +9,7 @@ import pytest
 
 from coordinator.federation import Federation
 from protocol import PROTOCOL_VERSION, keys
+from protocol import messages as msg
 from protocol.checkpoint import read_checkpoint, write_checkpoint
 from protocol.codec import receive_plain
 from protocol.errors import ConfigError
@@ -46,8 +47,11 @@ class Killed(RuntimeError):
     """Stands in for the ServerApp process dying."""
 
 
-def _theta_sent(part, fed: Federation, round_: int, meta: dict, chunks: int):
-    """θ as the participants decrypt it from the coordinator's round message."""
+def _theta_sent(part, fed: Federation, step: int, meta: dict, chunks: int):
+    """θ as the participants decrypt it from the coordinator's message of the
+    round that takes step ``step`` (messages carry that round plus the run's
+    offset: participants require rounds to increase under a key)."""
+    round_ = fed._wire(step)
     train = next(
         m
         for m in fed.grid.sent
@@ -75,7 +79,8 @@ def _record_masks(fed: Federation) -> dict[int, list[np.ndarray]]:
 
     def masked_state(into=None):
         rd, masks, sent = real(into)
-        drawn.setdefault(fed._round, []).extend(m.copy() for m in masks)
+        step = fed._round - fed.wire_offset
+        drawn.setdefault(step, []).extend(m.copy() for m in masks)
         return rd, masks, sent
 
     fed._masked_state = masked_state
@@ -254,9 +259,7 @@ def test_minority_refusal_does_not_stall_training(tmp_path):
             and int(task["round"]) >= 2
             and request.metadata.dst_node_id == 1001
         ):
-            return Message(
-                Error(code=0, reason="ThetaRejected: crafted"), reply_to=request
-            )
+            return Message(Error(code=0, reason=msg.REFUSED_CODE), reply_to=request)
         return reply
 
     raw = _raw(tmp_path, **{"run-name": "minority", "num-rounds": 4})

@@ -1,98 +1,178 @@
-"""Release: the final θ leaves only with noise flooding and rounding; eval runs it."""
+"""Release: only the final θ the participants accepted and agreed on leaves, once,
+with noise flooding and rounding; eval runs it."""
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
+from flwr.app import Message
 
 from participants import release as rel
 from protocol import keys
+from protocol import messages as msg
 from protocol.checkpoint import read_checkpoint
 from protocol.params import get_param_set
 from tests.helpers import decrypt_chunks, local_federation, local_raw
 
 RUN_ID = 31
+PS = get_param_set("8k-35x3")
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("rel")
+def _run(tmp, run_id: int = RUN_ID, participants: int = 2, **grid_kw):
     raw = local_raw(
         tmp,
         **{
             "backend": "ckks",
             "num-rounds": 3,
-            "num-participants": 2,
+            "num-participants": participants,
             "seed": 2,
             "run-name": "r",
         },
     )
-    local_federation(raw, RUN_ID).run()
-    return tmp, tmp / "keys" / f"run-{RUN_ID}", tmp / "results" / "r" / "checkpoint.npz"
+    fed = local_federation(raw, run_id, **grid_kw)
+    summary = fed.run()
+    return fed, summary, tmp / "keys" / f"run-{run_id}"
 
 
-def test_release_floods_and_rounds_theta(trained, capsys):
-    """Released θ = decrypted θ + noise, on the rounding grid, within 6σ + q/2."""
-    tmp, key_dir, ckpt = trained
-    out = tmp / "policy.npz"
-    assert (
-        rel.release_main(
-            ["--keys", str(key_dir), "--checkpoint", str(ckpt), "--out", str(out)]
-        )
-        == 0
-    )
-    assert "retire this key" in capsys.readouterr().out
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("rel")
+    fed, summary, key_dir = _run(tmp)
+    return tmp, key_dir, tmp / "results" / "r" / "checkpoint.npz", summary
+
+
+@pytest.fixture
+def key_dir(trained, tmp_path):
+    """A copy of the trained run's key directory (a release marks it used)."""
+    return shutil.copytree(trained[1], tmp_path / "keys")
+
+
+def test_release_floods_and_rounds_the_agreed_final_theta(trained, key_dir, capsys):
+    """Released θ = the final θ (what the final checkpoint holds) + noise, on the
+    rounding grid, within 6σ + q/2; a second release from the key is refused."""
+    _, _, ckpt, summary = trained
+    assert summary["final"]["tagged"] == 2 and len(summary["final"]["confirmed"]) == 2
+    out = key_dir.parent / "policy.npz"
+    assert rel.release_main(["--keys", str(key_dir), "--out", str(out)]) == 0
+    assert "releases nothing more" in capsys.readouterr().out
     theta, info = rel.load_policy(out)
     meta, vectors = read_checkpoint(ckpt)
-    be, _ = keys.participant_backend(
-        key_dir / "participant.ctx", get_param_set("8k-35x3"), "ckks"
-    )
+    be, _ = keys.participant_backend(key_dir / "participant.ctx", PS, "ckks")
     exact = decrypt_chunks(be, vectors["theta"], theta.size)
     diff = theta - exact
     assert np.max(np.abs(diff)) <= 6 * info["noise_std"] + info["round_to"] / 2
     assert np.std(diff) > info["noise_std"] / 2  # noise really added
     grid = theta / info["round_to"]
     assert np.allclose(grid, np.round(grid))
-    assert info["env_id"] == "CartPole-v1" and info["step"] == meta["step"]
+    assert info["env_id"] == "CartPole-v1"
+    assert info["round"] == summary["final"]["round"]
+    again = key_dir.parent / "again.npz"
+    assert rel.release_main(["--keys", str(key_dir), "--out", str(again)]) == 2
+    assert "released already" in capsys.readouterr().err and not again.exists()
 
 
-def test_release_refuses_other_key(trained, tmp_path):
-    """A key that does not match the checkpoint's fingerprint is refused."""
-    _, _, ckpt = trained
-    keys.write_keys(tmp_path / "k", get_param_set("8k-35x3"), "ckks", force=False)
-    code = rel.release_main(
-        [
-            "--keys",
-            str(tmp_path / "k"),
-            "--checkpoint",
-            str(ckpt),
-            "--out",
-            str(tmp_path / "p.npz"),
-        ]
-    )
+def test_malicious_checkpoint_is_never_read(trained, key_dir, monkeypatch, capsys):
+    """A release reads only the final θ the participant checked and stored: the
+    coordinator's checkpoint (which a deviating coordinator writes as it likes)
+    is never opened, and the command takes no checkpoint."""
+    import protocol.checkpoint
+
+    def never(*_a, **_k):
+        raise AssertionError("hedrl-release read a checkpoint")
+
+    monkeypatch.setattr(protocol.checkpoint, "read_checkpoint", never)
+    monkeypatch.setattr(np, "load", never)  # nor any .npz the coordinator wrote
+    out = key_dir.parent / "p.npz"
+    with pytest.raises(SystemExit):
+        rel.release_main(
+            ["--keys", str(key_dir), "--checkpoint", "c.npz", "--out", str(out)]
+        )
+    assert "unrecognized arguments: --checkpoint" in capsys.readouterr().err
+    monkeypatch.undo()
+    monkeypatch.setattr(protocol.checkpoint, "read_checkpoint", never)
+    rel.release(key_dir, out)
+    assert out.exists()
+
+
+def test_release_refuses_other_key(trained, key_dir, tmp_path):
+    """The key directory's key must be the one the stored final θ is under."""
+    other = tmp_path / "k"
+    keys.write_keys(other, PS, "ckks", force=False)
+    for guard in key_dir.glob("guard-*"):
+        shutil.copy(guard, other / guard.name)
+    code = rel.release_main(["--keys", str(other), "--out", str(tmp_path / "p.npz")])
     assert code == 2 and not (tmp_path / "p.npz").exists()
 
 
-def test_eval_runs_released_policy(trained, capsys):
+def test_malicious_split_final_theta_is_released_by_one_group_at_most(tmp_path):
+    """The coordinator sends participant 1002 another final θ than 1000 and 1001
+    (θ of the round before: it passes every check). With every tag relayed,
+    nobody agrees; with 1002's tag held back from the others, the two who got the
+    same θ agree and 1002 (one tag of three) does not: one θ is releasable."""
+    held_back: dict[str, object] = {}
+
+    def split(request: Message) -> Message:
+        kind = request.metadata.message_type
+        if kind == msg.TRAIN:
+            held_back["theta"] = (
+                request.content[msg.THETA],
+                request.content[msg.THETA + ".hdr"],
+            )
+        if kind == msg.FINAL and request.metadata.dst_node_id == 1002:
+            from protocol.records import read_header, write_vector
+            from protocol.wire import parse_header
+
+            arr, hdr_rec = held_back["theta"]  # type: ignore[misc]
+            hdr = parse_header(hdr_rec["header"])
+            hdr.round = read_header(request.content, msg.THETA).round
+            data = bytes(arr["data"].data)
+            lengths = np.frombuffer(bytes(arr["lengths"].data), "<u4").astype(int)
+            ends = np.cumsum(lengths)
+            chunks = [data[e - n : e] for n, e in zip(lengths, ends, strict=True)]
+            write_vector(request.content, msg.THETA, hdr, chunks)
+        if kind == msg.CONFIRM and held_back.get("filter"):
+            rec = request.content[msg.FINAL_TAGS]
+            if request.metadata.dst_node_id != 1002:
+                keep = [i for i in rec["indices"] if i != 2]
+                tags = dict(zip(rec["indices"], rec["tags"], strict=True))
+                rec["indices"], rec["tags"] = keep, [tags[i] for i in keep]
+        return request
+
+    _, summary, key_dir = _run(tmp_path, participants=3, tamper_request=split)
+    assert summary["final"]["tagged"] == 3 and summary["final"]["confirmed"] == []
+    with pytest.raises(rel.KeyMaterialError, match="not confirmed by a majority"):
+        rel.release(key_dir, tmp_path / "none.npz")
+
+    held_back["filter"] = True
+    _, summary, key_dir = _run(
+        tmp_path / "2", run_id=RUN_ID + 1, participants=3, tamper_request=split
+    )
+    assert summary["final"]["confirmed"] == [1000, 1001]
+    with pytest.raises(rel.KeyMaterialError, match="not confirmed by a majority"):
+        rel.release(key_dir, tmp_path / "p2.npz", participant=2)
+    info = rel.release(key_dir, tmp_path / "p0.npz", participant=0)
+    assert info["round"] == summary["final"]["round"]
+
+
+def test_eval_runs_released_policy(key_dir, capsys):
     """hedrl-eval plays the requested number of episodes with raw returns."""
-    tmp, key_dir, ckpt = trained
-    out = tmp / "policy2.npz"
-    rel.release(key_dir, ckpt, out)
+    out = key_dir.parent / "policy2.npz"
+    rel.release(key_dir, out)
     assert rel.eval_main([str(out), "--episodes", "3", "--seed", "1"]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["episodes"] == 3 and len(res["returns"]) == 3
     assert all(1 <= r <= 500 for r in res["returns"])  # CartPole: +1 per step
 
 
-def test_eval_records_gif(trained, tmp_path, capsys):
+def test_eval_records_gif(key_dir, tmp_path, capsys):
     """--gif writes an animated GIF of the first episode."""
     from PIL import Image  # in the test extra
 
-    tmp, key_dir, ckpt = trained
-    out = tmp / "policy3.npz"
-    rel.release(key_dir, ckpt, out)
+    out = key_dir.parent / "policy3.npz"
+    rel.release(key_dir, out)
     gif = tmp_path / "ep.gif"
     assert rel.eval_main([str(out), "--episodes", "1", "--gif", str(gif)]) == 0
     res = json.loads(capsys.readouterr().out)

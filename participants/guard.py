@@ -1,0 +1,461 @@
+"""What a participant trusts, and what it remembers under each key.
+
+The coordinator, and whoever runs the SuperLink, is an active adversary
+(docs/threat-model.md): task fields and the run config a deployed participant
+receives come from its side. A participant takes every security setting from
+its own operator instead: the node config (``flower-supernode --node-config
+FILE.toml``, written by ``deploy/provision.sh``) when it names a
+``secret-context`` (deployment), the run config only in a simulation, where
+one user plays every role.
+
+Every decryption is an oracle query: whatever a participant does differently
+because of a decrypted value can tell the coordinator something about the key
+(IND-CPA^D, Li & Micciancio, EUROCRYPT 2021). So:
+
+- Before anything is decrypted a message is *admitted*: its round is at most
+  ``max-rounds``, strictly above the last round of the same kind and not below
+  the last round of any kind (each (round, kind) is handled once; a spare
+  refresh in the round of a train is another kind). These checks depend on no
+  decryption; their errors say what was wrong.
+- From the first decryption on, every failure, expected or not, becomes the
+  one constant :class:`Refused` (text ``hedrl-refused``) and costs one unit of
+  the refusal budget. The charge and the (round, kind) are written to disk
+  before the decryption, so a process that dies half-way has still paid.
+- With the budget spent every message gets the constant :class:`Terminal`,
+  under this key, across runs and restarts.
+- θ may differ from the last θ this participant accepted by at most
+  ``theta-step-bound`` per element times min(round gap, ``max-round-gap``);
+  before any θ was accepted under a key, from the participant's own θ0.
+
+The state lives in ``state-dir`` (default: the key's directory), one JSON file
+per key fingerprint and participant plus the last accepted θ and the final θ
+as ``.npy`` files, all written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import io
+import json
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from protocol import messages as msg
+from protocol.config import RunConfig, expand_dir
+from protocol.errors import ConfigError, HedrlError, KeyMaterialError, ThetaRejected
+from protocol.files import write_atomic
+
+log = logging.getLogger("flwr.hedrl.participant")
+
+REFUSED = msg.REFUSED_CODE
+"""The text of every refusal: what the coordinator sees of a failure after a
+decryption (Flower forwards an exception's type and text)."""
+TERMINAL = msg.TERMINAL_CODE
+"""The text of every reply once the refusal budget is spent."""
+THETA_ABS_LIMIT = 1e4
+"""No element of an accepted θ is larger (a foreign key decrypts to ~q/Δ)."""
+AUTO_BOUND_LR = 10.0
+"""theta-step-bound 0 means this many times lr (HE-Adam's step is ≤ ≈ 3.2·lr)."""
+KEY_FILE = "participant.ctx"
+KINDS = ("train", "refresh", "v0", "final", "confirm")
+
+# Node-config keys of a deployed participant and their defaults (deployment).
+NODE_DEFAULTS: dict[str, Any] = {
+    "theta-step-bound": 0.02,
+    "max-round-gap": 64,
+    "max-rounds": 100_000,
+    "refusal-budget": 3,
+    "report-metrics": False,
+}
+
+
+class Refused(Exception):  # noqa: N818 - the name reaches the coordinator
+    """A constant refusal: nothing in it depends on what was decrypted."""
+
+    def __init__(self) -> None:
+        super().__init__(REFUSED)
+
+
+class Terminal(Exception):  # noqa: N818 - the name reaches the coordinator
+    """The refusal budget under this key is spent; the participant is done."""
+
+    def __init__(self) -> None:
+        super().__init__(TERMINAL)
+
+
+class OutOfOrder(HedrlError):
+    """A message's round is out of range, repeated or behind (before decryption)."""
+
+
+@dataclass(frozen=True)
+class Trust:
+    """A participant's own security settings and where its key and state are."""
+
+    key_path: Path
+    """The secret context."""
+    state_dir: Path
+    """Where the guard state is kept (writable)."""
+    index: int
+    """This participant's index in the federation."""
+    theta_step_bound: float
+    """Largest accepted change of an element of θ per round."""
+    max_round_gap: int
+    """Rounds the θ bound grows over at most (G)."""
+    max_rounds: int
+    """Highest round number served under one key."""
+    refusal_budget: int
+    """Refusals under one key before the participant stops (B)."""
+    report_metrics: bool
+    """Report episode counts, returns and stage timings."""
+    federation_size: int
+    """Participants provisioned with this key (the final θ's quorum is a
+    majority of them)."""
+    deployed: bool
+    """Settings from the node config (deployment), not the run config."""
+    may_provision: bool = False
+    """Create the key if it is missing (simulation, for the run's own key)."""
+
+    @classmethod
+    def from_context(
+        cls, node_config: Mapping[str, Any], cfg: RunConfig, run_id: int
+    ) -> Trust:
+        """Settings from the node config in deployment, the run config in simulation."""
+        if node_config.get("secret-context"):
+            return cls._deployed(node_config, cfg)
+        key_run = cfg.key_run_id or _checkpoint_key_run(cfg) or run_id
+        own = key_run == run_id
+        key_dir = expand_dir(cfg.keys_dir) / f"run-{key_run}"
+        return cls(
+            key_path=key_dir / KEY_FILE,
+            state_dir=key_dir,
+            index=int(node_config.get("partition-id", 0)),
+            theta_step_bound=cfg.theta_step_bound or AUTO_BOUND_LR * cfg.lr,
+            max_round_gap=cfg.max_round_gap,
+            max_rounds=cfg.max_rounds,
+            refusal_budget=cfg.refusal_budget,
+            report_metrics=cfg.report_metrics,
+            federation_size=cfg.num_participants,
+            deployed=False,
+            may_provision=own,
+        )
+
+    @classmethod
+    def _deployed(cls, nc: Mapping[str, Any], cfg: RunConfig) -> Trust:
+        def get(key: str, kind: type) -> Any:
+            value = nc.get(key, NODE_DEFAULTS.get(key))
+            if value is None:
+                raise ConfigError(f"node config: {key!r} is required in deployment")
+            if kind is bool and isinstance(value, str):
+                value = {"true": True, "false": False}.get(value.lower(), value)
+            if kind is bool and not isinstance(value, bool):
+                raise ConfigError(f"node config {key!r}: expected true or false")
+            try:
+                return kind(value)
+            except (TypeError, ValueError):
+                raise ConfigError(
+                    f"node config {key!r}: expected {kind.__name__}, received {value!r}"
+                ) from None
+
+        key_path = Path(str(nc["secret-context"])).expanduser()
+        state = nc.get("state-dir") or key_path.parent
+        trust = cls(
+            key_path=key_path,
+            state_dir=Path(str(state)).expanduser(),
+            index=get("participant-index", int)
+            if "participant-index" in nc or "partition-id" not in nc
+            else int(nc["partition-id"]),
+            theta_step_bound=get("theta-step-bound", float),
+            max_round_gap=get("max-round-gap", int),
+            max_rounds=get("max-rounds", int),
+            refusal_budget=get("refusal-budget", int),
+            report_metrics=get("report-metrics", bool),
+            federation_size=get("federation-size", int)
+            if "federation-size" in nc
+            else cfg.num_participants,
+            deployed=True,
+        )
+        trust.validate()
+        return trust
+
+    @classmethod
+    def local(cls, key_path: Path, state_dir: Path, index: int) -> Trust:
+        """Settings for reading a guard's state on the key holder's machine
+        (hedrl-release): the deployment defaults, no messages handled."""
+        return cls(
+            key_path=key_path,
+            state_dir=state_dir,
+            index=index,
+            theta_step_bound=NODE_DEFAULTS["theta-step-bound"],
+            max_round_gap=NODE_DEFAULTS["max-round-gap"],
+            max_rounds=NODE_DEFAULTS["max-rounds"],
+            refusal_budget=NODE_DEFAULTS["refusal-budget"],
+            report_metrics=False,
+            federation_size=1,
+            deployed=True,
+        )
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first impossible setting."""
+        if not 0.0 < self.theta_step_bound < float("inf"):
+            raise ConfigError(
+                f"theta-step-bound must be > 0, received {self.theta_step_bound}"
+            )
+        for key, value in (
+            ("max-round-gap", self.max_round_gap),
+            ("max-rounds", self.max_rounds),
+            ("refusal-budget", self.refusal_budget),
+            ("federation-size", self.federation_size),
+        ):
+            if value < 1:
+                raise ConfigError(f"{key} must be >= 1, received {value}")
+        if self.index < 0:
+            raise ConfigError(f"participant-index must be >= 0, received {self.index}")
+
+
+def _checkpoint_key_run(cfg: RunConfig) -> int:
+    """The key run id written in resume-from's checkpoint (simulation only)."""
+    if not cfg.resume_from:
+        return 0
+    path = Path(cfg.resume_from).expanduser()
+    try:
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["meta"]).decode())
+        return int(meta.get("key_run_id", meta["run_id"]))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ConfigError(f"resume-from: unreadable checkpoint ({exc})") from exc
+
+
+@dataclass
+class GuardState:
+    """What a participant remembers under one key (JSON on disk)."""
+
+    fingerprint: str
+    participant: int
+    refusals: int = 0
+    last: dict[str, int] = field(default_factory=dict)
+    """The last round handled, per message kind."""
+    accepted_round: int = 0
+    """The round of the last accepted θ (0: none; θ0 is the reference)."""
+    theta_digest: str = ""
+    """SHA-256 of the last accepted θ's ciphertext chunks."""
+    final: dict[str, Any] | None = None
+    """The final θ: round, digest, agreed, and what the release needs."""
+    released: bool = False
+
+
+class Guard:
+    """One participant's admission checks, refusal budget and θ memory."""
+
+    def __init__(self, trust: Trust, fingerprint: str) -> None:
+        self.trust = trust
+        self.fingerprint = fingerprint
+        stem = f"guard-{fingerprint[:16]}-p{trust.index}"
+        self.stem = trust.state_dir / stem
+        self.path = trust.state_dir / f"{stem}.json"
+        self.final_path = trust.state_dir / f"{stem}-final.npy"
+        self.state = self._load()
+        self._stale: list[Path] = []  # θ files replaced by the last save
+
+    # ---- persistence ---------------------------------------------------------
+    def _load(self) -> GuardState:
+        try:
+            raw = json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return GuardState(self.fingerprint, self.trust.index)
+        except (OSError, ValueError) as exc:
+            # fail closed: a participant that cannot tell what it has spent stops
+            raise KeyMaterialError(
+                "guard state unreadable; the participant stops under this key"
+            ) from exc
+        state = GuardState(**raw)
+        if state.fingerprint != self.fingerprint:
+            raise KeyMaterialError("guard state belongs to another key")
+        return state
+
+    def _save(self) -> None:
+        self.trust.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        write_atomic(self.path, json.dumps(asdict(self.state)).encode())
+        for path in self._stale:
+            path.unlink(missing_ok=True)
+        self._stale = []
+
+    def _theta_path(self, round_: int) -> Path:
+        return self.stem.with_name(f"{self.stem.name}-theta-{round_}.npy")
+
+    @staticmethod
+    def _save_array(path: Path, values: np.ndarray) -> None:
+        buf = io.BytesIO()
+        np.save(buf, np.asarray(values, dtype="<f8"), allow_pickle=False)
+        write_atomic(path, buf.getvalue())
+
+    @staticmethod
+    def _load_array(path: Path) -> np.ndarray:
+        return np.load(path, allow_pickle=False)
+
+    # ---- admission (before any decryption) -------------------------------------
+    @property
+    def spent(self) -> bool:
+        """The refusal budget is spent: the participant answers nothing more."""
+        return self.state.refusals >= self.trust.refusal_budget
+
+    @property
+    def last_round(self) -> int:
+        """The highest round handled under this key (0: none)."""
+        return max(self.state.last.values(), default=0)
+
+    def admit(self, kind: str, round_: int) -> None:
+        """Check a message before anything of it is decrypted."""
+        if self.spent:
+            raise Terminal()
+        if kind not in KINDS:
+            raise OutOfOrder(f"unknown message kind {kind!r}")
+        if not 1 <= round_ <= self.trust.max_rounds:
+            raise OutOfOrder(
+                f"{kind}: round {round_} outside [1, max-rounds="
+                f"{self.trust.max_rounds}]"
+            )
+        if round_ <= self.state.last.get(kind, 0):
+            raise OutOfOrder(
+                f"{kind}: round {round_} already handled or behind (last "
+                f"{kind} was round {self.state.last[kind]})"
+            )
+        if round_ < self.last_round:
+            raise OutOfOrder(
+                f"{kind}: round {round_} is behind round {self.last_round}, "
+                "already handled"
+            )
+
+    @contextmanager
+    def decrypting(self, kinds: tuple[str, ...], round_: int) -> Iterator[None]:
+        """The part of a handler that decrypts and uses what it decrypted.
+
+        One refusal is charged (on disk) before the block runs and given back
+        when it completes; any exception inside becomes :class:`Refused`, or
+        :class:`Terminal` when it spends the budget, with nothing of it in the
+        reply. The participant's own log names the exception's type only.
+        """
+        for kind in kinds:
+            self.state.last[kind] = round_
+        self.state.refusals += 1
+        self._save()
+        try:
+            yield
+        except Exception as exc:
+            log.warning(
+                "hedrl: participant %d refused %s of round %d (%s); %d of %d "
+                "refusals spent under this key",
+                self.trust.index,
+                "/".join(kinds),
+                round_,
+                type(exc).__name__,
+                self.state.refusals,
+                self.trust.refusal_budget,
+            )
+            if self.spent:
+                raise Terminal() from None
+            raise Refused() from None
+        self.state.refusals -= 1
+        self._save()
+
+    def handled(self, kind: str, round_: int) -> None:
+        """Record a message that decrypts nothing (after :meth:`admit`)."""
+        self.state.last[kind] = round_
+        self._save()
+
+    # ---- θ -----------------------------------------------------------------------
+    def check_theta(self, theta: np.ndarray, round_: int, theta0: np.ndarray) -> None:
+        """Refuse θ unless it is finite, bounded and near the last accepted θ."""
+        if theta.shape != theta0.shape or not np.all(np.isfinite(theta)):
+            raise ThetaRejected("θ has the wrong size or non-finite values")
+        if float(np.max(np.abs(theta))) > THETA_ABS_LIMIT:
+            raise ThetaRejected("θ out of range")
+        prev, prev_round = theta0, 0
+        if self.state.accepted_round:
+            prev_round = self.state.accepted_round
+            prev = self._load_array(self._theta_path(prev_round))
+        gap = min(round_ - prev_round, self.trust.max_round_gap)
+        if prev.shape != theta.shape:
+            raise ThetaRejected("θ has another size than the last accepted θ")
+        if float(np.max(np.abs(theta - prev))) > self.trust.theta_step_bound * gap:
+            raise ThetaRejected("θ moved further than the step bound allows")
+
+    def accept_theta(self, theta: np.ndarray, round_: int, digest: str) -> None:
+        """Remember θ as the last accepted one: its file is written now, the
+        state that points to it when :meth:`decrypting` completes (the last
+        step of a handler, so nothing after it can fail)."""
+        self._save_array(self._theta_path(round_), theta)
+        if self.state.accepted_round:
+            self._stale.append(self._theta_path(self.state.accepted_round))
+        self.state.accepted_round = round_
+        self.state.theta_digest = digest
+
+    # ---- the final θ and its release ----------------------------------------------
+    def store_final(self, theta: np.ndarray, round_: int, info: dict[str, Any]) -> None:
+        """Keep the final θ (for hedrl-release) until the others confirm it."""
+        self._save_array(self.final_path, theta)
+        self.state.final = {"round": round_, "agreed": False, **info}
+
+    def confirm_final(self, round_: int, tags: Mapping[int, bytes], key: bytes) -> int:
+        """Check the other participants' tags on the final θ; the count of valid
+        ones if a majority of the federation confirms it, else raise."""
+        final = self.state.final
+        if final is None or final["round"] != round_:
+            raise OutOfOrder(f"confirm of round {round_}: no final θ of that round")
+        valid = 0
+        for index, tag in tags.items():
+            want = final_tag(key, final["digest"], round_, index)
+            if not hmac.compare_digest(want, tag):
+                raise OutOfOrder(
+                    f"final θ: participant {index}'s tag does not match this "
+                    "participant's final θ (different θ sent, or a forged tag)"
+                )
+            valid += 1
+        quorum = self.trust.federation_size // 2 + 1
+        if valid < quorum:
+            raise OutOfOrder(
+                f"final θ confirmed by {valid} participant(s), {quorum} needed"
+            )
+        final["agreed"] = True
+        self._save()
+        return valid
+
+    def final_theta(self) -> tuple[np.ndarray, dict[str, Any]]:
+        """The agreed final θ and its record, for a release."""
+        final = self.state.final
+        if final is None or not final.get("agreed"):
+            raise KeyMaterialError(
+                "no final θ agreed by a majority of the participants under this key "
+                "(the run has not ended, or the participants disagreed)"
+            )
+        return self._load_array(self.final_path), final
+
+    def mark_released(self) -> None:
+        self.state.released = True
+        self._save()
+
+    def save(self) -> None:
+        """Write the state now."""
+        self._save()
+
+
+def digest(chunks: list[bytes]) -> str:
+    """SHA-256 over a vector's ciphertext chunks (each length-prefixed)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(len(chunk).to_bytes(8, "little"))
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def final_tag(key: bytes, theta_digest: str, round_: int, index: int) -> bytes:
+    """Participant ``index``'s tag on the final θ: HMAC-SHA256 under a key only
+    the key holders can derive (:meth:`protocol.backend.Backend.mac_key`)."""
+    msg = f"hedrl-final-theta\0{round_}\0{index}\0{theta_digest}".encode()
+    return hmac.new(key, msg, hashlib.sha256).digest()
