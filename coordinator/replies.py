@@ -107,9 +107,11 @@ def parse_reply(
     if metrics is None:
         raise WireFormatError("reply carries no metrics record")
     try:
-        episodes = int(metrics["episodes"])
-        return_sum = float(metrics["return-sum"])
         env_steps = int(metrics["env-steps"])
+        episodes, return_sum = 0, 0.0  # a participant may not report episodes
+        if "episodes" in metrics or "return-sum" in metrics:
+            episodes = int(metrics["episodes"])
+            return_sum = float(metrics["return-sum"])
     except (KeyError, TypeError, ValueError) as exc:
         raise WireFormatError(f"metrics record malformed: {exc}") from exc
     if episodes < 0 or env_steps < 0 or not np.isfinite(return_sum):

@@ -48,6 +48,7 @@ from typing import Any
 import numpy as np
 
 from protocol import messages as msg
+from protocol.adam import step_sup
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import ConfigError, HedrlError, KeyMaterialError, ThetaRejected
 from protocol.files import write_atomic
@@ -61,14 +62,17 @@ TERMINAL = msg.TERMINAL_CODE
 """The text of every reply once the refusal budget is spent."""
 THETA_ABS_LIMIT = 1e4
 """No element of an accepted θ is larger (a foreign key decrypts to ~q/Δ)."""
-AUTO_BOUND_LR = 10.0
-"""theta-step-bound 0 means this many times lr (HE-Adam's step is ≤ ≈ 3.2·lr)."""
+AUTO_BOUND_MARGIN = 1.25
+"""theta-step-bound 0 means this many times the largest step the run config's
+Adam constants allow (:func:`protocol.adam.step_sup`: ≈ 11.2·lr at β1 0.9, β2
+0.999; measured on the presets: at most 7.7·lr)."""
 KEY_FILE = "participant.ctx"
 KINDS = ("train", "refresh", "v0", "final", "confirm")
 
 # Node-config keys of a deployed participant and their defaults (deployment).
 NODE_DEFAULTS: dict[str, Any] = {
-    "theta-step-bound": 0.02,
+    # ≥ 1.25 × step_sup × lr for lr up to 0.0043 at the default Adam constants
+    "theta-step-bound": 0.06,
     "max-round-gap": 64,
     "max-rounds": 100_000,
     "refusal-budget": 3,
@@ -136,7 +140,8 @@ class Trust:
             key_path=key_dir / KEY_FILE,
             state_dir=key_dir,
             index=int(node_config.get("partition-id", 0)),
-            theta_step_bound=cfg.theta_step_bound or AUTO_BOUND_LR * cfg.lr,
+            theta_step_bound=cfg.theta_step_bound
+            or AUTO_BOUND_MARGIN * step_sup(cfg.hyper) * cfg.lr,
             max_round_gap=cfg.max_round_gap,
             max_rounds=cfg.max_rounds,
             refusal_budget=cfg.refusal_budget,

@@ -112,8 +112,8 @@ class RunConfig:
     (0: the checkpoint's key when resume-from is set, else this run's own)."""
     theta_step_bound: float = 0.0
     """Simulation only (deployed participants read their node config): the
-    largest change per element and round a participant accepts in θ
-    (0: 10·lr; HE-Adam moves an element by at most ≈ 3.2·lr a step)."""
+    largest change per element and round a participant accepts in θ (0: 1.25×
+    the largest step Adam's constants allow, ≈ 14·lr at β1 0.9, β2 0.999)."""
     max_round_gap: int = 64
     """Simulation only: rounds the θ bound may grow over at most (G)."""
     max_rounds: int = 100_000

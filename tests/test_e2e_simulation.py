@@ -54,7 +54,10 @@ def test_cartpole_federation_reaches_195(tmp_path, backend):
     )
     assert summary["rounds"] <= ROUND_BUDGET
     assert all(r["participants"] == 4 and r["missing"] == [] for r in rows)
+    assert all(r["refused"] == [] for r in rows)  # an honest run costs no budget
     assert summary["skipped_steps"] == 0
+    # the run ends with the final θ every participant accepted and confirmed
+    assert summary["final"]["tagged"] == 4 and len(summary["final"]["confirmed"]) == 4
     required = {
         "round",
         "backend",
