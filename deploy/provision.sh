@@ -11,7 +11,7 @@ Creates, under DIR:
   coordinator/      for the coordinator host: ca.crt, server.crt, server.key
                     (SAN: 127.0.0.1, localhost and every --coordinator-host),
                     coordinator.ctx (public CKKS context, no secret key),
-                    fingerprint.txt, supernodes/participant-N.pub (to register)
+                    fingerprint.txt, supernodes/participant-N.pub (to register),
                     app.sha256 (the app-sha256 participants accept; submit.sh
                     --app-sha256 checks a tree against it before submitting)
   participant-N/    for participant host N (N = 0 .. participants-1): ca.crt,
@@ -19,9 +19,10 @@ Creates, under DIR:
                     participant.ctx (the run's CKKS secret key, mode 0600),
                     fingerprint.txt, state/ (mode 0700), and node.toml: the
                     node config supernode.sh hands to the hedrl ClientApp
-                    (participant-index = N, federation-size, secret-context,
-                    state-dir, the guard settings below, app-sha256). Relative
-                    paths in it are taken from the bundle directory.
+                    (participant-index = N, federation-size = --participants,
+                    secret-context, state-dir, the guard settings below,
+                    app-sha256). Relative paths in it are taken from the
+                    bundle directory.
 
 The app pin: app-sha256 is a digest of the app bundle (FAB) that `flwr run`
 builds from the --app tree (deploy/app_pin.py). A participant's SuperNode
@@ -44,6 +45,9 @@ Options:
                             other settings kept unless given again here
   --app DIR                 the app tree participants will accept (default:
                             the checkout this script is in)
+  --days N                  certificate validity (default: 365)
+  --force                   replace an existing bundle
+  -h, --help                this help
 
 Participant settings written into every node.toml (each participant's operator
 may edit its own copy; the ClientApp takes them from there, never from the
@@ -51,17 +55,18 @@ coordinator):
   --state-dir DIR           writable directory for the participant's guard state
                             (refusal count, last accepted round and θ, final θ);
                             relative to the bundle directory (default: state)
-  --theta-step-bound X      largest change per θ element per round that a
-                            participant accepts (> 0; default: 0.02)
-  --max-round-gap N         rounds over which that change may add up (default: 64)
-  --max-rounds N            highest round number accepted (default: 100000)
-  --refusal-budget N        refusals per key before a participant stops
-                            answering (default: 3)
-  --report-metrics BOOL     true: send episode returns and counts to the
+  --theta-step-bound X      largest change per θ element and round between
+                            the θ a participant last accepted and a new one
+                            (> 0; default: 0.02)
+  --max-round-gap N         the most rounds that bound is multiplied by when
+                            rounds were skipped (default: 64)
+  --max-rounds N            highest round number a participant handles
+                            (default: 100000)
+  --refusal-budget N        refusals a participant makes under one key; then
+                            it answers every message under that key with one
+                            constant refusal (default: 3)
+  --report-metrics BOOL     true: send episode metrics (returns, counts) to the
                             coordinator; false (default): send none
-  --days N                  certificate validity (default: 365)
-  --force                   replace an existing bundle
-  -h, --help                this help
 
 Needs: openssl, ssh-keygen, hedrl-keygen and flwr (pip install -e . in the repo).
 EOF
