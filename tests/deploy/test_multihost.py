@@ -321,7 +321,8 @@ def _modified_app(lab: Lab, marker_dir: Path) -> Path:
     line = "app = ClientApp()\n"
     source = client_app.read_text()
     assert source.count(line) == 1, "client_app.py changed: update _modified_app"
-    marker = f'open(f"{marker_dir}/ran-{{os.getpid()}}", "w").close()'
+    pid = "__import__('os').getpid()"
+    marker = f'open(f"{marker_dir}/ran-{{{pid}}}", "w").close()'
     client_app.write_text(source.replace(line, f"app = ClientApp(); {marker}\n"))
     return app
 
