@@ -11,11 +11,25 @@ Creates, under DIR:
   coordinator/      for the coordinator host: ca.crt, server.crt, server.key
                     (SAN: 127.0.0.1, localhost and every --coordinator-host),
                     coordinator.ctx (public CKKS context, no secret key),
-                    fingerprint.txt, supernodes/participant-N.pub (to register)
+                    fingerprint.txt, supernodes/participant-N.pub (to register),
+                    app.sha256 (the app-sha256 participants accept; submit.sh
+                    --app-sha256 checks a tree against it before submitting)
   participant-N/    for participant host N (N = 0 .. participants-1): ca.crt,
                     supernode.key (+ .pub; EC P-384, the SuperNode's identity),
                     participant.ctx (the run's CKKS secret key, mode 0600),
-                    fingerprint.txt, index (N)
+                    fingerprint.txt, state/ (mode 0700), and node.toml: the
+                    node config supernode.sh hands to the hedrl ClientApp
+                    (participant-index = N, federation-size = --participants,
+                    secret-context, state-dir, the guard settings below,
+                    app-sha256). Relative paths in it are taken from the
+                    bundle directory.
+
+The app pin: app-sha256 is a digest of the app bundle (FAB) that `flwr run`
+builds from the --app tree (deploy/app_pin.py). A participant's SuperNode
+(supernode.sh) refuses any bundle with another digest before flwr installs
+it, so submit runs from a checkout identical to the one provisioned here (see
+docs/deployment-trust.md). Re-run provision.sh (e.g. --keys-only) after
+changing the code, and hand out the new node.toml files.
 
 Options:
   --out DIR                 output directory (must not hold a previous bundle
@@ -25,18 +39,42 @@ Options:
   --participants N          number of participant bundles (default: 3)
   --param-set ID            CKKS parameter set (default: 8k-35x3)
   --backend ckks|plain      ckks (default) or the plaintext twin's stand-in key
-  --keys-only               keep CA, certificates and SuperNode keys; only make a
+  --keys-only               keep CA, certificates and SuperNode keys; make a
                             fresh CKKS key (do this before every training run)
+                            and rewrite node.toml: app-sha256 from --app, the
+                            other settings kept unless given again here
+  --app DIR                 the app tree participants will accept (default:
+                            the checkout this script is in)
   --days N                  certificate validity (default: 365)
   --force                   replace an existing bundle
   -h, --help                this help
 
-Needs: openssl, ssh-keygen, hedrl-keygen (pip install -e . in the repo).
+Participant settings written into every node.toml (each participant's operator
+may edit its own copy; the ClientApp takes them from there, never from the
+coordinator):
+  --state-dir DIR           writable directory for the participant's guard state
+                            (refusal count, last accepted round and θ, final θ);
+                            relative to the bundle directory (default: state)
+  --theta-step-bound X      largest change per θ element and round between
+                            the θ a participant last accepted and a new one
+                            (> 0; default: 0.02)
+  --max-round-gap N         the most rounds that bound is multiplied by when
+                            rounds were skipped (default: 64)
+  --max-rounds N            highest round number a participant handles
+                            (default: 100000)
+  --refusal-budget N        refusals a participant makes under one key; then
+                            it answers every message under that key with one
+                            constant refusal (default: 3)
+  --report-metrics BOOL     true: send episode metrics (returns, counts) to the
+                            coordinator; false (default): send none
+
+Needs: openssl, ssh-keygen, hedrl-keygen and flwr (pip install -e . in the repo).
 EOF
 }
 
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="" ; hosts=() ; n=3 ; param_set="8k-35x3" ; backend="ckks" ; days=365
-keys_only=0 ; force=0
+keys_only=0 ; force=0 ; app="$here/.." ; node_opts=()
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -47,15 +85,96 @@ while [[ $# -gt 0 ]]; do
     --keys-only) keys_only=1; shift ;;
     --days) days="$2"; shift 2 ;;
     --force) force=1; shift ;;
+    --app) app="$2"; shift 2 ;;
+    --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics)
+      node_opts+=("${1#--}=$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "provision.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ -n "$out" ]] || { echo "provision.sh: --out is required" >&2; exit 2; }
 [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "provision.sh: --participants must be >= 1" >&2; exit 2; }
-for tool in openssl ssh-keygen hedrl-keygen; do
+[[ -f "$app/pyproject.toml" ]] || { echo "provision.sh: --app $app holds no pyproject.toml" >&2; exit 2; }
+for tool in openssl ssh-keygen hedrl-keygen python; do
   command -v "$tool" >/dev/null || { echo "provision.sh: $tool not found" >&2; exit 2; }
 done
+# Writes participant-N/node.toml; with CHECK_ONLY=1 only validates the settings.
+write_node_configs=$(cat <<'PY'
+import json
+import math
+import os
+import sys
+import tomllib
+from pathlib import Path
+
+
+
+def fail(message):
+    print(f"provision.sh: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+DEFAULTS = {
+    "secret-context": "participant.ctx",
+    "state-dir": "state",
+    "theta-step-bound": 0.02,
+    "max-round-gap": 64,
+    "max-rounds": 100000,
+    "refusal-budget": 3,
+    "report-metrics": False,
+}
+
+
+def parse(key, text):
+    if key == "state-dir":
+        return text
+    if key == "report-metrics":
+        if text not in ("true", "false"):
+            fail(f"--{key} must be true or false, got {text!r}")
+        return text == "true"
+    number = float if key == "theta-step-bound" else int
+    try:
+        value = number(text)
+    except ValueError:
+        value = None
+    if number is float and value is not None and 0 < value < math.inf:
+        return value
+    if number is int and value is not None and value >= 1:
+        return value
+    what = "a number > 0" if number is float else "an integer >= 1"
+    fail(f"--{key} must be {what}, got {text!r}")
+
+
+given = {k: parse(k, v) for k, v in (a.split("=", 1) for a in sys.argv[1:])}
+if os.environ.get("CHECK_ONLY") == "1":
+    sys.exit(0)
+out, n = Path(os.environ["OUT"]), int(os.environ["N"])
+for i in range(n):
+    path = out / f"participant-{i}" / "node.toml"
+    kept = {}
+    if os.environ["KEYS_ONLY"] == "1" and path.exists():
+        kept = tomllib.loads(path.read_text())
+    # index, size and pin are provisioning's own, never kept from an old file
+    own = {"participant-index": i, "federation-size": n, "app-sha256": os.environ["PIN"]}
+    cfg = own | DEFAULTS | kept | given | own
+    lines = [
+        "# hedrl participant node config, written by deploy/provision.sh (its --help",
+        "# explains each key). supernode.sh resolves relative paths against the",
+        "# bundle directory and passes the result to flower-supernode --node-config.",
+    ]
+    for key, value in cfg.items():
+        text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
+        lines.append(f"{key} = {text}")
+    path.write_text("\n".join(lines) + "\n")
+    state = Path(cfg["state-dir"])
+    if not state.is_absolute():
+        (path.parent / state).mkdir(mode=0o700, parents=True, exist_ok=True)
+PY
+)
+CHECK_ONLY=1 python -c "$write_node_configs" "${node_opts[@]}"
+pin="$(python "$here/app_pin.py" digest --app "$app")" || {
+  echo "provision.sh: cannot bundle --app $app (see the error above)" >&2; exit 2; }
+
 umask 077
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
@@ -100,7 +219,6 @@ if [[ $keys_only -eq 0 ]]; then
     cp "$out/ca/ca.crt" "$d/ca.crt"
     ssh-keygen -q -t ecdsa -b 384 -N "" -C "hedrl-participant-$i" -f "$d/supernode.key"
     cp "$d/supernode.key.pub" "$out/coordinator/supernodes/participant-$i.pub"
-    echo "$i" >"$d/index"
   done
 else
   [[ -d "$out/coordinator" ]] || { echo "provision.sh: no bundle in $out to refresh" >&2; exit 2; }
@@ -117,6 +235,12 @@ for ((i = 0; i < n; i++)); do
   install -m 0600 "$tmp/keys/participant.ctx" "$out/participant-$i/participant.ctx"
   install -m 0644 "$tmp/keys/fingerprint.txt" "$out/participant-$i/fingerprint.txt"
 done
+
+# --- each participant's node config: the settings above plus the app pin ---------
+OUT="$out" N="$n" PIN="$pin" KEYS_ONLY="$keys_only" python -c "$write_node_configs" "${node_opts[@]}"
+printf '%s\n' "$pin" >"$out/coordinator/app.sha256"
+chmod 0644 "$out/coordinator/app.sha256"
 echo "CKKS key ($backend, $param_set): fingerprint $(cat "$out/coordinator/fingerprint.txt")"
+echo "App pin (app-sha256 of $(cd "$app" && pwd)): $pin"
 echo "Bundles in $out: coordinator/ and participant-0 .. participant-$((n - 1))/" \
   "(the CA key in $out/ca/ stays with you)"

@@ -14,6 +14,9 @@ Runs, from the hedrl checkout (the app directory),
 which builds the app bundle, submits it through the SuperLink's Control API,
 streams the ServerApp's log until the run ends, then summarises
 DIR/RUN/metrics.jsonl (rounds, participants per round, median round_s).
+It first prints the app-sha256 of the bundle it will submit: participants
+refuse a bundle whose app-sha256 differs from their node.toml's (see
+docs/deployment-trust.md); --app-sha256 checks that before submitting.
 DIR is a path ON THE COORDINATOR HOST (the ServerApp writes it); run this
 script there, or copy the directory back afterwards (scp coordinator:DIR/RUN .).
 
@@ -28,13 +31,17 @@ Options:
                       "num-participants=3 num-rounds=200 stop-return=195"
                       (num-participants must equal the number of SuperNodes)
   --app DIR           the hedrl checkout (default: this script's repository)
+  --app-sha256 PIN    refuse to submit unless the bundle's app-sha256 is PIN
+                      (64 hex digits, or a file holding them such as the
+                      coordinator bundle's app.sha256 from provision.sh)
   -h, --help          this help
 Exit status: 0 when the run wrote its summary.json, 1 otherwise.
 EOT
 }
 
 conn="" ; results="" ; preset="" ; run_name="deploy-$(date -u +%Y%m%dT%H%M%SZ)" ; extra="" ; rest=()
-app="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+app="$here/.." ; expect=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --connection) conn="$2"; shift 2 ;;
@@ -43,6 +50,7 @@ while [[ $# -gt 0 ]]; do
     --run-config) extra="$2"; shift 2 ;;
     --preset) preset="$2"; shift 2 ;;
     --app) app="$2"; shift 2 ;;
+    --app-sha256) expect="$2"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; rest=("$@"); break ;;
     *) echo "submit.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -81,6 +89,18 @@ PY
 )"
   preset_cfg=(--run-config "$pairs")
   echo "submit.sh: preset $preset: $pairs" >&2
+fi
+
+pin="$(python "$here/app_pin.py" digest --app "$app")"
+echo "submit.sh: app-sha256 of $(cd "$app" && pwd): $pin" >&2
+if [[ -n "$expect" ]]; then
+  [[ -f "$expect" ]] && expect="$(tr -d '[:space:]' <"$expect")"
+  if [[ "$pin" != "$expect" ]]; then
+    echo "submit.sh: app-sha256 $pin is not the provisioned $expect: participants" \
+      "would refuse this bundle; submit the provisioned checkout or re-run" \
+      "provision.sh and hand out the new node.toml files" >&2
+    exit 2
+  fi
 fi
 
 cd "$app"

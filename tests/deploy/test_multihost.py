@@ -6,7 +6,10 @@ nothing is added to the machine's own network stack. Every step uses the
 scripts in ``deploy/`` exactly as the README's "Deploy on separate machines"
 does. The hosts share this machine's file system; each gets its own directory
 (HOME, FLWR_HOME, bundle) and the test checks that the coordinator's holds no
-secret key. Needs root (CAP_NET_ADMIN); without it the test FAILS, never skips.
+secret key. Before the honest run the SuperLink serves a modified app bundle,
+which every participant must refuse before any of its code runs (the app pin,
+deploy/app_pin.py). Needs root (CAP_NET_ADMIN); without it the test FAILS,
+never skips.
 
 Every process carries an environment marker and is stopped by it (and every
 process left inside our namespaces is killed) before the namespaces are
@@ -15,8 +18,10 @@ deleted, whether the test passed or not.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -27,9 +32,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from flwr.cli.build import build_fab_from_disk
 
 from protocol.keys import coordinator_backend
 from protocol.params import get_param_set
+from tests.deploy.pin import app_pin
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"
@@ -246,16 +253,15 @@ def _hand_out(lab: Lab, bundles: Path) -> dict[str, Path]:
     return dirs
 
 
-def _deploy_and_run(
+def _start(
     lab: Lab,
     dirs: dict[str, Path],
     ns: dict[str, str | None],
     address: str,
     listen: str,
-    run_config: str,
     after_superlink: Callable[[], None] = lambda: None,
-) -> tuple[list[dict], dict]:
-    """SuperLink, connection, registration, SuperNodes, submit; (metrics, summary)."""
+) -> None:
+    """SuperLink, connection, registration and one SuperNode per participant."""
     coord, cns = dirs["coordinator"], ns["coordinator"]
     bundle = coord / "bundle"
     port = address.rsplit(":", 1)[1]
@@ -274,23 +280,85 @@ def _deploy_and_run(
             "supernode.sh", bundle=host / "bundle", superlink=address, port=local_port
         )
         lab.start(f"supernode-{i}", hns, argv, host)
+
+
+RUN_CONFIG = (
+    f"num-participants={PARTICIPANTS} num-rounds={ROUNDS} round-timeout=120.0 "
+    "node-wait=60.0"
+)
+
+
+def _submit(
+    lab: Lab, dirs: dict[str, Path], ns: dict[str, str | None], run_config: str
+) -> tuple[list[dict], dict]:
+    """submit.sh as the operator, checked against the pin: (metrics, summary)."""
+    coord = dirs["coordinator"]
     results = coord / "results"
-    config = (
-        f"num-participants={PARTICIPANTS} num-rounds={ROUNDS} "
-        f"round-timeout=120.0 node-wait=60.0 {run_config}"
-    )
     argv = script(
         "submit.sh",
         connection="hedrl",
         results_dir=results,
         run_name="deployed",
-        run_config=config,
+        app_sha256=coord / "bundle" / "app.sha256",
+        run_config=f"{RUN_CONFIG} {run_config}",
     )
-    proc = lab.run(cns, argv, coord, timeout=240)
+    proc = lab.run(ns["coordinator"], argv, coord, timeout=240)
     run_dir = results / "deployed"
     assert (run_dir / "summary.json").exists(), proc.stdout[-4000:]
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return rows, json.loads((run_dir / "summary.json").read_text())
+
+
+def _modified_app(lab: Lab, marker_dir: Path) -> Path:
+    """The app tree with one changed line: importing client_app leaves a marker."""
+    app = lab.tmp / "modified-app"
+    app.mkdir()
+    shutil.copy(REPO / "pyproject.toml", app)
+    shutil.copy(REPO / "README.md", app)
+    for pkg in ("protocol", "coordinator", "participants"):
+        shutil.copytree(REPO / pkg, app / pkg, ignore=shutil.ignore_patterns("__*__"))
+    client_app = app / "participants" / "client_app.py"
+    line = "app = ClientApp()\n"
+    source = client_app.read_text()
+    assert source.count(line) == 1, "client_app.py changed: update _modified_app"
+    pid = "__import__('os').getpid()"
+    marker = f'open(f"{marker_dir}/ran-{{{pid}}}", "w").close()'
+    client_app.write_text(source.replace(line, f"app = ClientApp(); {marker}\n"))
+    return app
+
+
+def _attack_with_modified_bundle(
+    lab: Lab, dirs: dict[str, Path], ns: dict[str, str | None]
+) -> None:
+    """The SuperLink serves a modified bundle: every participant refuses it unrun."""
+    coord, cns = dirs["coordinator"], ns["coordinator"]
+    markers = lab.tmp / "markers"
+    markers.mkdir(mode=0o777)
+    app = _modified_app(lab, markers)
+    results = coord / "results"
+    config = f"{RUN_CONFIG} results-dir='{results}' run-name='modified'"
+    # flwr run --stream returns when the run has ended, with exit code 0 even
+    # when it failed: the run's status says how it ended.
+    argv = ["flwr", "run", str(app), "hedrl", "--stream", "--run-config", config]
+    out = lab.run(cns, argv, coord, timeout=180).stdout
+    run_id = re.search(r"Successfully started run (\d+)", out)[1]
+
+    assert sorted(markers.iterdir()) == [], "the modified ClientApp ran"
+    pin = (coord / "bundle" / "app.sha256").read_text().strip()
+    modified_fab = build_fab_from_disk(app)
+    refusal = (
+        f"hedrl: refused app bundle of run {run_id}: app-sha256 expected {pin}, "
+        f"received {app_pin.bundle_digest(modified_fab)}"
+    )
+    short = hashlib.sha256(modified_fab).hexdigest()[:8]  # flwr's install dir
+    for i in range(PARTICIPANTS):
+        assert refusal in lab.log(f"supernode-{i}"), lab.log(f"supernode-{i}")[-3000:]
+        apps = dirs[f"participant-{i}"] / "flwr-home" / "apps"
+        assert not list(apps.glob(f"*.{short}")), f"participant {i} installed it"
+    argv = ["flwr", "ls", "hedrl", "--run-id", run_id, "--format", "json"]
+    [run] = json.loads(lab.run(cns, argv, coord).stdout)["runs"]
+    assert run["status"] == "finished:failed", run
+    assert not (results / "modified" / "summary.json").exists()
 
 
 def _secret_signatures(participant_ctx: bytes, public_ctx: bytes) -> list[bytes]:
@@ -331,8 +399,18 @@ def _assert_rounds(rows: list[dict], summary: dict, backend: str) -> None:
     assert summary["rounds"] == ROUNDS and summary["skipped_steps"] == 0, summary
 
 
+def _assert_pinned_bundle_ran(lab: Lab, dirs: dict[str, Path]) -> None:
+    """Every participant checked the bundle and installed exactly the pinned one."""
+    short = hashlib.sha256(build_fab_from_disk(REPO)).hexdigest()[:8]
+    for i in range(PARTICIPANTS):
+        assert "matches app-sha256" in lab.log(f"supernode-{i}")
+        apps = dirs[f"participant-{i}"] / "flwr-home" / "apps"
+        assert [p.suffix for p in apps.iterdir()] == [f".{short}"]
+
+
 def test_encrypted_cartpole_across_namespaces(lab: Lab) -> None:
-    """3 CKKS rounds over TLS + node auth; keyless coordinator; bad nodes refused."""
+    """3 CKKS rounds over TLS + node auth; keyless coordinator; bad nodes refused;
+    a modified app bundle is refused by every participant before it runs."""
     names = ["coordinator"] + [f"participant-{i}" for i in range(PARTICIPANTS)]
     ips = [COORD_IP] + [f"{SUBNET}.{11 + i}" for i in range(PARTICIPANTS)]
     ns: dict[str, str | None] = dict(lab.make_hosts(names, ips))
@@ -366,10 +444,11 @@ def test_encrypted_cartpole_across_namespaces(lab: Lab) -> None:
             )
             impostors[name] = lab.start(name, ns[f"participant-{k + 1}"], argv, host)
 
-    rows, summary = _deploy_and_run(
-        lab, dirs, ns, address, "0.0.0.0", "", after_superlink=start_impostors
-    )
+    _start(lab, dirs, ns, address, "0.0.0.0", after_superlink=start_impostors)
+    _attack_with_modified_bundle(lab, dirs, ns)
+    rows, summary = _submit(lab, dirs, ns, "")
     _assert_rounds(rows, summary, "ckks")
+    _assert_pinned_bundle_ran(lab, dirs)
     fingerprint = (dirs["coordinator"] / "bundle" / "fingerprint.txt").read_text()
     assert summary["fingerprint"] == fingerprint.strip()
 
@@ -391,8 +470,7 @@ def test_plaintext_twin_on_loopback(lab: Lab) -> None:
     _provision(lab, "plain", "127.0.0.1", lab.tmp / "operator", PARTICIPANTS)
     dirs = _hand_out(lab, lab.tmp / "operator")
     ns: dict[str, str | None] = {name: None for name in dirs}
-    address = f"127.0.0.1:{_free_port()}"
-    rows, summary = _deploy_and_run(
-        lab, dirs, ns, address, "127.0.0.1", "backend='plain'"
-    )
+    _start(lab, dirs, ns, f"127.0.0.1:{_free_port()}", "127.0.0.1")
+    rows, summary = _submit(lab, dirs, ns, "backend='plain'")
     _assert_rounds(rows, summary, "plain")
+    _assert_pinned_bundle_ran(lab, dirs)

@@ -1,0 +1,132 @@
+"""provision.sh writes each participant's node.toml; supernode.sh hands it over."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.deploy.pin import app_pin
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "deploy"
+
+
+def _sh(*argv: str | Path, env: dict[str, str] | None = None):
+    return subprocess.run(
+        ["bash", *map(str, argv)], capture_output=True, text=True, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def bundles(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("provision") / "bundles"
+    proc = _sh(
+        DEPLOY / "provision.sh",
+        *("--out", out, "--coordinator-host", "10.0.0.1", "--participants", "2"),
+        *("--backend", "plain", "--theta-step-bound", "0.05"),
+    )
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+def _node(bundles: Path, i: int) -> dict:
+    return tomllib.loads((bundles / f"participant-{i}" / "node.toml").read_text())
+
+
+def test_node_toml_holds_the_settings_the_index_and_the_pin(bundles):
+    """Every key the ClientApp reads, the flags' values, and this tree's app-sha256."""
+    pin = app_pin.tree_digest(REPO)
+    assert (bundles / "coordinator" / "app.sha256").read_text() == pin + "\n"
+    for i in range(2):
+        assert _node(bundles, i) == {
+            "participant-index": i,
+            "federation-size": 2,
+            "app-sha256": pin,
+            "secret-context": "participant.ctx",
+            "state-dir": "state",
+            "theta-step-bound": 0.05,
+            "max-round-gap": 64,
+            "max-rounds": 100000,
+            "refusal-budget": 3,
+            "report-metrics": False,
+        }
+        state = bundles / f"participant-{i}" / "state"
+        assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
+
+
+def test_keys_only_keeps_settings_unless_given_again(bundles, tmp_path):
+    """A fresh key; theta-step-bound kept, max-rounds replaced, the rest as before."""
+    copy = tmp_path / "bundles"
+    shutil.copytree(bundles, copy)
+    proc = _sh(
+        DEPLOY / "provision.sh", *("--out", copy, "--keys-only", "--max-rounds", "500")
+    )
+    assert proc.returncode == 0, proc.stderr
+    fingerprint = "participant-0/fingerprint.txt"
+    assert (copy / fingerprint).read_text() != (bundles / fingerprint).read_text()
+    assert _node(copy, 1) == _node(bundles, 1) | {"max-rounds": 500}
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [
+        ("--theta-step-bound", "0"),
+        ("--max-round-gap", "1.5"),
+        ("--refusal-budget", "0"),
+        ("--report-metrics", "yes"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_written(tmp_path, flag, value):
+    """A bad guard setting stops provision.sh before it creates any file."""
+    out = tmp_path / "bundles"
+    proc = _sh(
+        DEPLOY / "provision.sh",
+        *("--out", out, "--coordinator-host", "10.0.0.1", flag, value),
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.startswith(f"provision.sh: {flag} must be ")
+    assert not out.exists()
+
+
+def test_supernode_passes_absolute_paths_and_puts_the_pin_on_path(bundles, tmp_path):
+    """flower-supernode gets STATE/node-config.toml; flwr-clientapp is deploy/bin's."""
+    fake = tmp_path / "fakebin"
+    fake.mkdir()
+    (fake / "flower-supernode").write_text(
+        '#!/bin/sh\necho "ARGS $*"\necho "CLIENTAPP $(command -v flwr-clientapp)"\n'
+    )
+    (fake / "flower-supernode").chmod(0o755)
+    bundle = bundles / "participant-1"
+    state = tmp_path / "state"
+    env = dict(os.environ, PATH=f"{fake}:{os.environ['PATH']}")
+    proc = _sh(
+        DEPLOY / "supernode.sh",
+        *("--bundle", bundle, "--superlink", "10.0.0.1:8000", "--state-dir", state),
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert f"--node-config {state}/node-config.toml" in proc.stdout
+    assert f"CLIENTAPP {DEPLOY}/bin/flwr-clientapp" in proc.stdout
+    resolved = tomllib.loads((state / "node-config.toml").read_text())
+    assert resolved == _node(bundles, 1) | {
+        "secret-context": str(bundle / "participant.ctx"),
+        "state-dir": str(state),
+    }
+
+
+def test_supernode_refuses_a_bundle_without_a_pin(tmp_path):
+    """A node.toml from before the pin: supernode.sh stops before flower-supernode."""
+    bundle = tmp_path / "old-bundle"
+    bundle.mkdir()
+    (bundle / "participant.ctx").write_bytes(b"")
+    (bundle / "node.toml").write_text(
+        'secret-context = "participant.ctx"\nparticipant-index = 0\n'
+    )
+    proc = _sh(DEPLOY / "supernode.sh", "--bundle", bundle, "--superlink", "x:1")
+    assert proc.returncode == 2
+    assert "node.toml has no app-sha256: re-run provision.sh" in proc.stderr
