@@ -45,7 +45,10 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     imported = time.perf_counter()
     node = Node(context)
     node.timings["import"] = imported - t0
-    content = getattr(node, kind)(message.content)
+    try:
+        content = getattr(node, kind)(message.content)
+    finally:
+        node.close()
     node.timings["handler"] = time.perf_counter() - t0
     global _handled
     _handled += 1

@@ -34,6 +34,7 @@ as ``.npy`` files, all written atomically.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import hmac
 import io
@@ -43,7 +44,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 
@@ -265,8 +266,24 @@ class Guard:
         self.stem = trust.state_dir / stem
         self.path = trust.state_dir / f"{stem}.json"
         self.final_path = trust.state_dir / f"{stem}-final.npy"
-        self.state = self._load()
+        # one message at a time under a key: two handled at once would both be
+        # admitted and charged against the same count
+        trust.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock: IO[str] | None = open(trust.state_dir / f".{stem}.lock", "a+")
+        fcntl.flock(self._lock, fcntl.LOCK_EX)
+        try:
+            self.state = self._load()
+        except BaseException:
+            self.close()
+            raise
         self._stale: list[Path] = []  # θ files replaced by the last save
+
+    def close(self) -> None:
+        """Let the next message under this key in (the end of a handler)."""
+        if self._lock is not None:
+            fcntl.flock(self._lock, fcntl.LOCK_UN)
+            self._lock.close()
+            self._lock = None
 
     # ---- persistence ---------------------------------------------------------
     def _load(self) -> GuardState:
@@ -285,7 +302,6 @@ class Guard:
         return state
 
     def _save(self) -> None:
-        self.trust.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         write_atomic(self.path, json.dumps(asdict(self.state)).encode())
         for path in self._stale:
             path.unlink(missing_ok=True)

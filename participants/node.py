@@ -67,6 +67,7 @@ class Node:
         self.trust = Trust.from_context(context.node_config, self.cfg, self.run_id)
         self.index = self.trust.index
         self.learner = Learner(self.cfg, self.index)
+        self.guard: Guard | None = None
         self.timings["node"] = time.perf_counter() - t0
 
     @contextmanager
@@ -97,7 +98,13 @@ class Node:
                     "says (node config secret-context, or keys-dir in simulation)"
                 )
             be, fp = keys.participant_backend(path, self.params, self.cfg.backend)
-        return be, fp, Guard(self.trust, fp)
+        self.guard = Guard(self.trust, fp)
+        return be, fp, self.guard
+
+    def close(self) -> None:
+        """Release what the message held (its guard's lock)."""
+        if self.guard is not None:
+            self.guard.close()
 
     def _task(self, content: RecordDict) -> tuple[Any, int]:
         """The task record and its round, after the backend check."""

@@ -59,11 +59,12 @@ def _guards(keys_dir: Path, state_dir: Path, participant: int | None) -> list[Gu
     final = records[0]["final"]
     params = get_param_set(final["param_set"])
     _, fp = keys.participant_backend(key_path, params, final["backend"])
-    guards = [
-        Guard(Trust.local(key_path, state_dir, int(r["participant"])), fp)
-        for r in records
-        if r["fingerprint"] == fp
-    ]
+    guards = []
+    for r in records:
+        if r["fingerprint"] == fp:
+            guard = Guard(Trust.local(key_path, state_dir, int(r["participant"])), fp)
+            guard.close()  # read only; mark_released writes once, at the end
+            guards.append(guard)
     if not guards:
         raise KeyMaterialError(f"no final θ under the key in {keys_dir}")
     return sorted(guards, key=lambda g: g.trust.index)
