@@ -13,7 +13,7 @@ from protocol.errors import ConfigError
 
 HE_STANDARD_128_BITS: dict[int, int] = {4096: 109, 8192: 218, 16384: 438, 32768: 881}
 #: bits between the scale's precision and the grid participants round to
-ENCRYPT_GRID_HEADROOM_BITS = 15
+ENCRYPT_GRID_HEADROOM_BITS = 13
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,11 @@ class ParamSet:
     @property
     def encrypt_grid(self) -> float:
         """Participants round every value to a multiple of this before they
-        encrypt it: 2^(15 − scale bits), about 15× the error of one decryption
-        at 8k-35x3 (2^-20 ≈ 9.5e-7 against an rms of 6.4e-8), so what a
-        refresher re-encrypts carries little of that error (docs/threat-model.md)."""
+        encrypt it: 2^(13 − scale bits), 2^-22 ≈ 2.4e-7 at 8k-35x3, 3.7× the rms
+        error of one decryption (6.4e-8), so a refreshed value keeps the
+        decryption's error in about one slot in five instead of in every slot. A
+        coarser grid costs fidelity: the refreshed state of the encrypted run
+        then rounds differently from the twin's (docs/threat-model.md)."""
         return 2.0 ** (ENCRYPT_GRID_HEADROOM_BITS - self.scale_bits)
 
     @property
