@@ -71,7 +71,9 @@ def release(
         raise HeaderMismatch(
             field="layout_digest", expected=meta["layout_digest"], received=digest
         )
-    theta = unpack([be.decrypt(c) for c in vectors["theta"]], int(meta["param_count"]))
+    # θ is kept at the bottom level (it only ever receives additions)
+    chunks = [be.decrypt(c, level=0) for c in vectors["theta"]]
+    theta = unpack(chunks, int(meta["param_count"]))
     rng = np.random.default_rng(secrets.randbits(128))  # never reproducible
     released = np.round((theta + rng.normal(0.0, noise_std, theta.shape)) / round_to)
     released *= round_to

@@ -121,8 +121,9 @@ class Backend(abc.ABC):
         """Encrypt one chunk of ``slots`` float values at ``level`` (the top)."""
 
     @abc.abstractmethod
-    def decrypt(self, chunk: bytes) -> np.ndarray:
-        """Decrypt one chunk to ``slots`` float64 values."""
+    def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
+        """Decrypt one chunk to ``slots`` float64 values after the checks of
+        :meth:`load` (it must sit at ``level``; raise CiphertextError)."""
 
     # ---- level- and factor-tracking operations -----------------------------
     def mul(self, a: Ct, b: Ct) -> Ct:
@@ -229,10 +230,5 @@ class PlainBackend(Backend):
         lvl = self.top_level if level is None else level
         return self.dump(Ct(np.asarray(values, dtype=np.float64), lvl))
 
-    def decrypt(self, chunk: bytes) -> np.ndarray:
-        if len(chunk) != 1 + 8 * self.slots:
-            raise CiphertextError(
-                f"plain chunk: expected {1 + 8 * self.slots} bytes, "
-                f"received {len(chunk)}"
-            )
-        return np.frombuffer(chunk, dtype="<f8", offset=1).copy()
+    def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
+        return self.load(chunk, level=level).data

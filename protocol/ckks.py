@@ -5,12 +5,20 @@ Participants encrypt with *seeded symmetric* encryption through
 ``tenseal.sealapi`` (half the bytes of TenSEAL's public-key ciphertexts,
 ARCHITECTURE §5); the coordinator loads those bytes as SEAL ciphertexts under
 its public context and evaluates on them with ``sealapi`` directly.
+
+Every chunk a peer sends passes two checks before it is used (ARCHITECTURE §2,
+rule 4): its SEAL header is read here before SEAL parses anything
+(:func:`check_seal_header`), and the parsed ciphertext must be exactly what
+hedrl sends at the expected level (:meth:`CkksBackend.check`) — on the
+coordinator before it computes with it, on a participant before it decrypts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import struct
 import tempfile
 from typing import Any
 
@@ -24,6 +32,18 @@ from protocol.params import ParamSet
 
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
+#: SEAL's serialisation header: magic, header size, version major and minor,
+#: compression mode, reserved, total size (little-endian, 16 bytes)
+SEAL_HEADER = struct.Struct("<HBBBBHQ")
+SEAL_MAGIC = 0xA15E
+SEAL_VERSION = (
+    sealapi.Serialization.SEALHeader().version_major,
+    sealapi.Serialization.SEALHeader().version_minor,
+)
+#: compression modes a chunk may use: none, or zstd (what SEAL's save writes);
+#: zlib is never produced by hedrl and is refused
+SEAL_COMPR_MODES = {0: "none", 2: "zstd"}
+
 
 def _save_bytes(obj: Any) -> bytes:
     """Serialise a sealapi object (they only save to a path)."""
@@ -35,6 +55,41 @@ def _save_bytes(obj: Any) -> bytes:
             return fh.read()
     finally:
         os.unlink(path)
+
+
+def check_seal_header(head: bytes, total: int) -> None:
+    """Check the SEAL header ``head`` (the first 16 bytes) of a serialisation of
+    ``total`` bytes before SEAL parses it; raise :class:`CiphertextError`.
+
+    The header must carry SEAL's magic and header size, this SEAL's version, a
+    compression mode in :data:`SEAL_COMPR_MODES`, a zero reserved field and a
+    total size equal to ``total`` (no truncated or padded chunk reaches SEAL).
+    """
+    if len(head) < SEAL_HEADER.size:
+        raise CiphertextError(
+            f"chunk of {total} bytes is not a ciphertext: expected at least "
+            f"SEAL's {SEAL_HEADER.size}-byte header"
+        )
+    magic, hsize, major, minor, compr, reserved, size = SEAL_HEADER.unpack_from(head)
+    fields: tuple[tuple[str, object, object], ...] = (
+        ("magic", f"0x{magic:04X}", f"0x{SEAL_MAGIC:04X}"),
+        ("header size", hsize, SEAL_HEADER.size),
+        ("version", f"{major}.{minor}", "{}.{}".format(*SEAL_VERSION)),
+        ("reserved", reserved, 0),
+        ("size", size, total),
+    )
+    for name, got, want in fields:
+        if got != want:
+            raise CiphertextError(
+                f"chunk of {total} bytes is not a ciphertext: SEAL header {name} "
+                f"{got}, expected {want}"
+            )
+    if compr not in SEAL_COMPR_MODES:
+        modes = ", ".join(f"{k} ({v})" for k, v in SEAL_COMPR_MODES.items())
+        raise CiphertextError(
+            f"chunk of {total} bytes is not a ciphertext: SEAL header compr_mode "
+            f"{compr}, expected {modes}"
+        )
 
 
 def create_context(params: ParamSet) -> ts.Context:
@@ -116,7 +171,9 @@ class CkksBackend(Backend):
     (TenSEAL's vector serialisation took ~6 ms per chunk, measured). Products are
     relinearised and rescaled, and the scale is reset to the nominal Δ after
     each rescale like TenSEAL does; the resulting bias Δ/q_l is what
-    :meth:`rescale_bias` reports and the circuit folds into its scalars.
+    :meth:`rescale_bias` reports and the circuit folds into its scalars. So every
+    ciphertext hedrl produces — fresh encryptions, the circuit's outputs, masked
+    state — has scale exactly Δ, which :meth:`check` requires of every chunk.
     """
 
     name = "ckks"
@@ -219,53 +276,73 @@ class CkksBackend(Backend):
     def _to_level(self, a: Ct, level: int) -> Any:
         return self._at(a, level)
 
-    # ---- serialisation ----------------------------------------------------
+    # ---- serialisation and the checks of every received chunk ---------------
     def _parse(self, chunk: bytes) -> Any:
-        """A SEAL ciphertext from its serialisation, validated for this context."""
+        """A SEAL ciphertext from its serialisation (header checked first)."""
+        check_seal_header(chunk[: SEAL_HEADER.size], len(chunk))
         fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(chunk)
-            ct = sealapi.Ciphertext()
-            ct.load(self._seal_ctx, path)
-            return ct
+            return self._parse_file(path, len(chunk))
         finally:
             os.unlink(path)
 
-    def load(self, chunk: bytes, *, level: int) -> Ct:
+    def _parse_file(self, path: str, size: int) -> Any:
+        ct = sealapi.Ciphertext()
         try:
-            ct = self._parse(chunk)
-        except Exception as exc:
-            raise CiphertextError(
-                f"chunk of {len(chunk)} bytes is not a ciphertext of parameter set "
-                f"{self.params.id!r}: {exc}"
-            ) from exc
-        return self._checked(ct, level)
-
-    def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
-        # SEAL reads the file itself: no copy through Python and a temporary file
-        try:
-            ct = sealapi.Ciphertext()
-            ct.load(self._seal_ctx, os.fspath(path))
-        except Exception as exc:
-            size = os.path.getsize(path) if os.path.exists(path) else "no"
+            ct.load(self._seal_ctx, path)
+        except Exception as exc:  # SEAL raises bare ValueError/RuntimeError
             raise CiphertextError(
                 f"chunk of {size} bytes is not a ciphertext of parameter set "
                 f"{self.params.id!r}: {exc}"
             ) from exc
-        return self._checked(ct, level)
+        return ct
 
-    def _checked(self, ct: Any, level: int) -> Ct:
-        """``ct`` as a chunk at ``level``, after checking level, size and scale."""
+    def load(self, chunk: bytes, *, level: int) -> Ct:
+        return self.check(self._parse(chunk), level)
+
+    def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
+        # SEAL reads the file itself: no copy through Python and a temporary file
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                head = fh.read(SEAL_HEADER.size)
+        except OSError as exc:
+            raise CiphertextError(
+                f"chunk of no bytes is not a ciphertext: {exc}"
+            ) from exc
+        check_seal_header(head, size)
+        return self.check(self._parse_file(path, size), level)
+
+    def check(self, ct: Any, level: int) -> Ct:
+        """``ct`` as a chunk at ``level``, or :class:`CiphertextError` naming the
+        field that differs from what hedrl sends: polynomial degree, level
+        (coefficient moduli), parms_id of that level, size 2, NTT form, and a
+        scale of exactly Δ (finite; a product's true scale Δ²/q is refused)."""
+        n, want_n = ct.poly_modulus_degree(), self.params.poly_modulus_degree
+        if n != want_n:
+            raise CiphertextError(
+                f"ciphertext polynomial degree {n}, expected {want_n}"
+            )
         got = self._level_of(ct)
         if got != level:
             raise CiphertextError(f"ciphertext at level {got}, expected level {level}")
+        want_id = self._parms_by_level.get(level)
+        if want_id is None or list(ct.parms_id()) != list(want_id):
+            raise CiphertextError(
+                f"ciphertext parms_id {_hex_id(ct.parms_id())}, expected "
+                f"{'none' if want_id is None else _hex_id(want_id)} (level {level})"
+            )
         if ct.size() != 2:
             raise CiphertextError(f"ciphertext of size {ct.size()}, expected 2")
-        if abs(ct.scale / self.params.scale - 1) > 1e-6:
+        if not ct.is_ntt_form():
+            raise CiphertextError("ciphertext not in NTT form, expected NTT form")
+        scale = ct.scale
+        if scale != self.params.scale:  # also NaN
             raise CiphertextError(
-                f"ciphertext scale 2^{np.log2(ct.scale):.7f} "
-                f"(x{ct.scale / self.params.scale:.7f} of Δ), "
+                f"ciphertext scale {_describe_scale(scale, self.params.scale)}, "
                 f"expected 2^{self.params.scale_bits}"
             )
         return Ct(ct, level)
@@ -315,11 +392,16 @@ class CkksBackend(Backend):
         values = np.asarray(self._encoder.decode_double(pt), dtype=np.float64)
         return values / a.factor
 
-    def decrypt(self, chunk: bytes) -> np.ndarray:
-        try:
-            ct = self._parse(chunk)
-        except Exception as exc:
-            raise CiphertextError(
-                f"cannot parse chunk of {len(chunk)} bytes: {exc}"
-            ) from exc
-        return self.decrypt_ct(Ct(ct, self._level_of(ct)))
+    def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
+        self._need_secret()
+        return self.decrypt_ct(self.load(chunk, level=level))
+
+
+def _hex_id(parms_id: Any) -> str:
+    return "".join(f"{int(w):016x}" for w in parms_id)[:16] + "…"
+
+
+def _describe_scale(scale: float, delta: float) -> str:
+    if math.isfinite(scale) and scale > 0:
+        return f"2^{math.log2(scale):.7f} (x{scale / delta!r} of Δ)"
+    return repr(scale)

@@ -62,7 +62,8 @@ def send_plain(
 def receive_plain(be: Backend, rd: RecordDict, key: str, expect: Expect) -> np.ndarray:
     """Check the header of ``rd[key]``, then decrypt and unpack it."""
     hdr, chunks = read_vector(rd, key, expect)
-    return unpack([be.decrypt(c) for c in chunks], int(hdr.value_count))
+    values = [be.decrypt(c, level=expect.level) for c in chunks]
+    return unpack(values, int(hdr.value_count))
 
 
 def refresh_state(
