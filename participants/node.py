@@ -95,7 +95,7 @@ class Node:
         if self.cfg.backend == "ckks" and not public.exists():
             from protocol import ckks
 
-            return ckks.serialize_public(be.ctx)
+            return ckks.serialize_public(be.ctx, be.relin_key_bytes)
         return keys.evaluation_context(path, self.params, self.cfg.backend)
 
     def _expect(
