@@ -418,8 +418,10 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 )
             except HedrlError as exc:
                 log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
-        episodes = sum(r.episodes for r in accepted)  # replies that survived parsing
-        ret_sum = sum(r.return_sum for r in accepted)
+        # replies that survived parsing and report episodes
+        reporting = [r for r in accepted if r.episodes is not None]
+        episodes = sum(r.episodes or 0 for r in reporting)
+        ret_sum = sum(r.return_sum or 0.0 for r in reporting)
         rec.update(
             {
                 "return_mean": (ret_sum / episodes) if episodes else None,

@@ -266,4 +266,4 @@ class StepMixin:
                 "hedrl: round %d: spare refresher %d failed too: %s", t, spare, why
             )
             return None
-        return Reply(spare, [], None, refresh, masks, 0, 0.0, 0, 0)
+        return Reply(spare, [], None, refresh, masks, None, None, 0, 0)

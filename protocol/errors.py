@@ -66,3 +66,13 @@ class UpdateRejected(HedrlError, ValueError):
 
 class ThetaRejected(HedrlError, ValueError):
     """A participant's sanity check refused the decrypted global policy."""
+
+
+class ReplyRejected(HedrlError):
+    """A participant's reply failed a check, or using it raised: the reply is
+    dropped, the round goes on without it."""
+
+    def __init__(self, *, participant: int | str, reason: str) -> None:
+        self.participant = participant
+        self.reason = reason
+        super().__init__(f"reply of participant {participant}: {reason}")
