@@ -58,7 +58,12 @@ from protocol.adam import StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
-from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
+from protocol.errors import (
+    FingerprintMismatch,
+    HeaderMismatch,
+    HedrlError,
+    ReplyRejected,
+)
 from protocol.memory import retain_freed_memory
 from protocol.params import get_param_set
 from protocol.wire import Expect
@@ -367,7 +372,11 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             up += vector_bytes(reply.content)
             try:
                 accepted.append(self._parse_reply(t, node, reply, masks.get(node)))
-            except HedrlError as exc:
+            except Exception as exc:  # one guard per reply: it never ends the run
+                if not isinstance(exc, HedrlError):
+                    exc = ReplyRejected(
+                        participant=node, reason=f"{type(exc).__name__}: {exc}"
+                    )
                 log.warning(
                     "hedrl: round %d: reply of participant %d rejected: %s: %s",
                     t,
@@ -385,7 +394,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             for n in self.nodes
             if replies[n] is not None
             and replies[n].has_error()
-            and "ThetaRejected" in replies[n].error.reason
+            and "ThetaRejected" in str(replies[n].error.reason)
         ]
         rec["refused"] = refused
         if refused and 2 * len(refused) >= len(refused) + len(accepted):

@@ -17,8 +17,12 @@ import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
 from coordinator.federation import Federation
+from coordinator.workers import BadChunks, step_chunks
 from protocol import messages as msg
+from protocol.adam import AdamHyper, StateUnits
+from protocol.backend import Ct
 from protocol.params import get_param_set
+from protocol.tolerance import ckks_theta_rel_tol
 from tests.helpers import (
     decrypt_theta,
     local_federation,
@@ -114,6 +118,56 @@ def forge_metrics(**fields: Any):
     return edit
 
 
+TOP = PS.depth
+GRADIENT_ATTACKS: Plan = {
+    # round t's refresher is node 1000 + t % 3; the forged replies are others'
+    ("train", 2, 1001): forge_chunks(msg.GRADIENT, TOP, scale=float("nan")),
+    ("train", 3, 1002): forge_chunks(msg.GRADIENT, TOP, ntt=0),
+    ("train", 4, 1000): forge_chunks(msg.GRADIENT, TOP, scale=PS.scale * (1 + 2**-40)),
+}
+GRADIENT_ERRORS = {
+    2: ("1001", "ciphertext scale nan, expected 2^35"),
+    3: ("1002", "not in NTT form"),
+    4: ("1000", "scale 2^35.0000000 (x1.0000000000009095 of Δ)"),
+}
+
+
+@pytest.fixture(scope="module")
+def plain_without_them(tmp_path_factory) -> np.ndarray:
+    """θ of the plaintext twin whose forged replies never arrived (K − 1 steps)."""
+    tmp = tmp_path_factory.mktemp("reference")
+    lost = {key: None for key in GRADIENT_ATTACKS}
+    raw = _raw(tmp, "plain", 0, **{"num-rounds": 4, "round-timeout": 0.3})
+    fed, rows = _run(raw, lost)  # type: ignore[arg-type]
+    assert [r["participants"] for r in rows] == [3, 2, 2, 2]
+    return decrypt_theta(fed, local_key_file(tmp, RUN_ID), "plain")
+
+
+@WORKERS
+def test_malicious_gradient_ciphertexts_rejected(tmp_path, workers, plain_without_them):
+    """A gradient whose SEAL scale is NaN, one not in NTT form and one whose scale
+    is Δ(1 + 2^-40) are each rejected naming the participant and the field; every
+    round steps with the other two, and θ is what the plaintext twin reaches
+    when those replies never arrive."""
+    raw = _raw(tmp_path, "ckks", workers, **{"num-rounds": 4})
+    fed, rows = _run(raw, GRADIENT_ATTACKS)
+    assert len(rows) == 4 and all(r["stepped"] for r in rows)
+    for t, (node, error) in GRADIENT_ERRORS.items():
+        row = rows[t - 1]
+        assert row["participants"] == 2 and row["missing"] == [int(node)], row
+        assert list(row["rejected"]) == [node]
+        assert "CiphertextError" in row["rejected"][node]
+        assert error in row["rejected"][node], row["rejected"]
+    theta = decrypt_theta(fed, local_key_file(tmp_path, RUN_ID), "ckks")
+    from participants.learner import Learner
+    from protocol.config import RunConfig
+
+    theta0 = Learner(RunConfig.from_mapping(raw), 0).initial_theta()
+    moved = np.max(np.abs(plain_without_them - theta0))
+    rel = np.max(np.abs(theta - plain_without_them)) / moved
+    assert rel < ckks_theta_rel_tol(PS), rel
+
+
 METRICS_ATTACKS: Plan = {
     ("train", 2, 1001): forge_metrics(episodes=float("inf")),
     ("train", 3, 1002): forge_metrics(return_sum=1e308),
@@ -183,3 +237,100 @@ def test_malicious_metrics_rejected(tmp_path, workers, metrics_without_them):
         )
     summary = (fed.out_dir / "summary.json").read_text()
     assert "1e+308" not in summary and "Infinity" not in summary
+
+
+@WORKERS
+def test_malicious_state_replies(tmp_path, workers):
+    """Round 1: the key holder's m0, V0, r0 with a NaN scale → the step is
+    skipped, the state stays unset, round 2 starts it again. Round 3: the
+    refresher's m not in NTT form → the spare refreshes, the step runs.
+    Round 4: refresher and spare both send a refresh with scale Δ(1+2^-40) →
+    no step, θ exactly as it was. Round 5 steps again."""
+    thetas: list[list[bytes]] = []
+
+    def on_round(t: int, fed: Federation) -> None:
+        thetas.append([fed.be.to_bytes(c) for c in fed.theta])
+
+    nan, eps = float("nan"), PS.scale * (1 + 2**-40)
+    level = dict(zip(msg.STATE_NAMES, StateUnits.levels(TOP), strict=True))
+
+    def forge(kind: str, name: str, **fields: Any):
+        return forge_chunks(msg.state_key(kind, name), level[name], **fields)
+
+    plan: Plan = {
+        (msg.V0, 1, 1000): forge("v0", "m", scale=nan),
+        ("train", 3, 1000): forge("refresh", "m", ntt=0),
+        ("train", 4, 1001): forge("refresh", "r", scale=eps),
+        (msg.REFRESH, 4, 1002): forge("refresh", "V", scale=eps),
+    }
+    raw = _raw(tmp_path, "ckks", workers, **{"num-rounds": 5})
+    fed, rows = _run(raw, plan, on_round)
+    assert [r["stepped"] for r in rows] == [False, True, True, False, True]
+    assert [r["spare_refresher"] for r in rows] == [None, None, 1001, 1002, None]
+    assert all(r["participants"] == 3 and r["rejected"] == {} for r in rows)
+    assert thetas[3] == thetas[2]  # the skipped step left θ as it was
+    assert thetas[4] != thetas[3]
+
+
+def test_malicious_reply_raising_anything_is_a_rejection(tmp_path, monkeypatch):
+    """Whatever reading a reply raises (here a ZeroDivisionError, as a bug a
+    crafted reply might reach would) rejects that reply with a ReplyRejected
+    naming the participant; the round steps with the others."""
+    import coordinator.federation as federation
+
+    real = federation.parse_reply
+
+    def parse(content: RecordDict, **kw: Any):
+        if kw["t"] == 2 and kw["node"] == 1001:
+            raise ZeroDivisionError("division by zero")
+        return real(content, **kw)
+
+    monkeypatch.setattr(federation, "parse_reply", parse)
+    _, rows = _run(_raw(tmp_path, "plain", 0, **{"num-rounds": 3}), {})
+    assert [r["participants"] for r in rows] == [3, 2, 3]
+    assert rows[1]["rejected"] == {
+        "1001": "ReplyRejected: reply of participant 1001: ZeroDivisionError: "
+        "division by zero"
+    }
+    assert all(r["stepped"] for r in rows)
+
+
+@pytest.mark.parametrize("bad", [0, 1, 2])
+def test_malicious_chunk_failing_the_sum_is_charged_to_its_reply(
+    ckks_pair, ps, monkeypatch, bad
+):
+    """Behind the load checks: if a chunk that no addition accepts got through
+    them (simulated: the NTT check switched off), the sum fails with BadChunks
+    naming that reply — not the one it was added to — in the coordinator's
+    process and in a pool worker's entry point."""
+    import coordinator.workers as workers
+
+    part, coord, _, _ = ckks_pair
+    rng = np.random.default_rng(1)
+    top = ps.depth
+
+    def enc(level: int) -> bytes:
+        return part.encrypt(rng.uniform(-0.1, 0.1, ps.slots), level=level)
+
+    real = SealCiphertext.of(coord.load(enc(top), level=top).data)
+    grads = [[enc(top) for _ in range(3)]]
+    grads[0][bad] = real.replace(ntt=0).chunk()
+    theta = [coord.dump(coord.to_bottom(coord.load(enc(top), level=top)))]
+    state = [(enc(top - 1), enc(top - 1), enc(top))]
+    args = (theta, state, StateUnits.levels(top), None, grads, 5, AdamHyper())
+    check = type(coord).check
+
+    def lenient(self, ct: Any, level: int) -> Ct:
+        if not ct.is_ntt_form():
+            return Ct(ct, level)
+        return check(self, ct, level)
+
+    monkeypatch.setattr(type(coord), "check", lenient)
+    with pytest.raises(BadChunks) as info:
+        step_chunks(coord, *args)
+    assert [(f.source, f.index) for f in info.value.failures] == [("gradient", bad)]
+    assert "ValueError" in info.value.failures[0].error
+    monkeypatch.setattr(workers, "_worker_be", coord)
+    got = workers._step_shard(*args)
+    assert isinstance(got, BadChunks)
+    assert [(f.source, f.index) for f in got.failures] == [("gradient", bad)]
