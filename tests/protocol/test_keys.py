@@ -250,3 +250,27 @@ def test_every_bit_flip_at_sampled_positions_changes_fingerprint(ckks_pair, ps):
     _, _, fp, d = ckks_pair
     counts = _flips((d / "coordinator.ctx").read_bytes(), fp, ps, every_bit=True)
     assert counts["same fingerprint at (byte, bit)"] == [], counts
+
+
+@pytest.mark.parametrize("bit", [4, 6])
+def test_damaged_public_key_tag_refused_before_tenseal_parses(ckks_pair, ps, bit):
+    """coordinator.ctx whose public-key field number is damaged by one bit
+    (the key then sits in an unknown field) crashed TenSEAL (SIGSEGV); TenSEAL's
+    record is checked first and the context refused with KeyMaterialError."""
+    from protocol import ckks
+
+    data = (ckks_pair[3] / "coordinator.ctx").read_bytes()
+    rec = ckks._TenSEALRecord()
+    rec.ParseFromString(data)
+    n = len(rec.public_context.SerializeToString())
+    varint = bytearray()
+    while True:
+        varint.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            break
+    at = data.index(b"\x12" + bytes(varint) + b"\x0a") + 1 + len(varint)
+    damaged = bytearray(data)
+    damaged[at] ^= 1 << bit
+    with pytest.raises(KeyMaterialError, match="as TenSEAL writes it"):
+        keys.coordinator_backend(bytes(damaged), ps, "ckks")
