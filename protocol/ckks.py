@@ -43,6 +43,7 @@ _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 #: compression mode, reserved, total size (little-endian, 16 bytes)
 SEAL_HEADER = struct.Struct("<HBBBBHQ")
 SEAL_MAGIC = 0xA15E
+#: the SEAL version this TenSEAL's SEAL writes into its headers
 SEAL_VERSION = (
     sealapi.Serialization.SEALHeader().version_major,
     sealapi.Serialization.SEALHeader().version_minor,
