@@ -173,9 +173,9 @@ def _instrument(be: Backend, clock_of: Callable[[], Clock]) -> None:
         with clock_of()("_encrypt"):
             return enc(values, level)
 
-    def decrypt(chunk: bytes) -> np.ndarray:
+    def decrypt(chunk: bytes, *, level: int) -> np.ndarray:
         with clock_of()("_decrypt"):
-            return dec(chunk)
+            return dec(chunk, level=level)
 
     be.encrypt, be.decrypt = encrypt, decrypt  # type: ignore[method-assign]
 

@@ -163,16 +163,15 @@ class ThetaTrace:
             return
         part, _ = keys.participant_backend(self.key_path, fed.params, self.backend)
 
-        def dec(cts: list[Any]) -> np.ndarray:
-            return np.concatenate([part.decrypt(fed.be.to_bytes(c)) for c in cts])[
-                : fed.param_count
-            ]
+        def dec(cts: list[Any], level: int) -> np.ndarray:
+            values = [part.decrypt(fed.be.to_bytes(c), level=level) for c in cts]
+            return np.concatenate(values)[: fed.param_count]
 
-        self.theta.append(dec(fed.theta))
+        self.theta.append(dec(fed.theta, 0))
         if fed.last_aggregate is not None:
             # the sum carries the participants' pre-factor; decrypt and divide it out
             agg = [Ct(c.data, c.level) for c in fed.last_aggregate]
-            self.aggregate.append(dec(agg) / fed.be.gradient_factor)
+            self.aggregate.append(dec(agg, fed.be.top_level) / fed.be.gradient_factor)
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"theta": np.array(self.theta), "aggregate": np.array(self.aggregate)}

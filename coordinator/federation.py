@@ -58,7 +58,12 @@ from protocol.adam import StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
-from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
+from protocol.errors import (
+    FingerprintMismatch,
+    HeaderMismatch,
+    HedrlError,
+    ReplyRejected,
+)
 from protocol.memory import retain_freed_memory
 from protocol.params import get_param_set
 from protocol.wire import Expect
@@ -401,7 +406,11 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             up += vector_bytes(reply.content)
             try:
                 accepted.append(self._parse_reply(w, node, reply, masks.get(node)))
-            except HedrlError as exc:
+            except Exception as exc:  # one guard per reply: it never ends the run
+                if not isinstance(exc, HedrlError):
+                    exc = ReplyRejected(
+                        participant=node, reason=f"{type(exc).__name__}: {exc}"
+                    )
                 log.warning(
                     "hedrl: round %d: reply of participant %d rejected: %s: %s",
                     t,
@@ -419,7 +428,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             for n in self.nodes
             if replies[n] is not None
             and replies[n].has_error()
-            and msg.REFUSED_CODE in replies[n].error.reason
+            and msg.REFUSED_CODE in str(replies[n].error.reason)
         ]
         rec["refused"] = refused
         if refused and 2 * len(refused) >= len(refused) + len(accepted):
@@ -452,8 +461,10 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 )
             except HedrlError as exc:
                 log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
-        episodes = sum(r.episodes for r in accepted)  # replies that survived parsing
-        ret_sum = sum(r.return_sum for r in accepted)
+        # replies that survived parsing and report episodes
+        reporting = [r for r in accepted if r.episodes is not None]
+        episodes = sum(r.episodes or 0 for r in reporting)
+        ret_sum = sum(r.return_sum or 0.0 for r in reporting)
         rec.update(
             {
                 "return_mean": (ret_sum / episodes) if episodes else None,

@@ -10,18 +10,19 @@ continues without it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord, MetricRecord, RecordDict
 
 from protocol import messages as msg
 from protocol.adam import StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts
-from protocol.errors import HedrlError, WireFormatError
+from protocol.errors import HedrlError, ReplyRejected
 from protocol.records import read_vector
 from protocol.wire import Expect
 
@@ -30,6 +31,19 @@ log = logging.getLogger("flwr.hedrl.coordinator")
 ExpectFor = Callable[..., Expect]
 """``Federation._expect``: ``(kind, level, round_, name=None) -> Expect``."""
 
+#: largest episode or environment-step count a reply may report for one round
+MAX_COUNT = 10**9
+#: largest |return| per reported episode (|return-sum| ≤ this · max(episodes, 1));
+#: the rewards of the supported environments are orders of magnitude below
+MAX_ABS_RETURN_PER_EPISODE = 1e6
+#: largest seconds a participant may report for one stage
+MAX_STAGE_SECONDS = 1e6
+#: the metrics a train reply carries; episodes and return-sum come together or
+#: not at all (a participant may switch episode reporting off)
+REQUIRED_METRICS = ("env-steps",)
+EPISODE_METRICS = ("episodes", "return-sum")
+TIME_PREFIX = "time-"
+
 
 def vector_bytes(rd: RecordDict) -> int:
     """Bytes ``rd`` carries: its config records' bytes values and its arrays."""
@@ -37,8 +51,11 @@ def vector_bytes(rd: RecordDict) -> int:
     for value in rd.values():
         if isinstance(value, ConfigRecord):
             total += sum(len(v) for v in value.values() if isinstance(v, bytes))
-        elif hasattr(value, "values"):
-            total += sum(len(a.data) for a in value.values() if hasattr(a, "data"))
+        elif isinstance(value, Mapping):
+            for a in value.values():
+                data = getattr(a, "data", None)
+                if isinstance(data, bytes | bytearray):
+                    total += len(data)
     return total
 
 
@@ -51,8 +68,8 @@ class Reply:
     squares: list[Ct] | None
     refresh: list[list[bytes]] | None  # per state name, per chunk (still masked)
     masks: list[np.ndarray] | None
-    episodes: int
-    return_sum: float
+    episodes: int | None  # None: the participant reports no episodes
+    return_sum: float | None
     env_steps: int
     gradient_bytes: int
     stage_s: dict[str, float] = field(default_factory=dict)  # participant timings
@@ -103,23 +120,7 @@ def parse_reply(
         Whether the reply carries Σ w·g² (round 1, before there is a state).
     """
     top = be.top_level
-    metrics = content.get(msg.METRICS)
-    if metrics is None:
-        raise WireFormatError("reply carries no metrics record")
-    try:
-        env_steps = int(metrics["env-steps"])
-        episodes, return_sum = 0, 0.0  # a participant may not report episodes
-        if "episodes" in metrics or "return-sum" in metrics:
-            episodes = int(metrics["episodes"])
-            return_sum = float(metrics["return-sum"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise WireFormatError(f"metrics record malformed: {exc}") from exc
-    if episodes < 0 or env_steps < 0 or not np.isfinite(return_sum):
-        raise WireFormatError(
-            f"metrics out of range: episodes={episodes}, env-steps={env_steps}, "
-            f"return-sum={return_sum}"
-        )
-    stage_s = _stage_seconds(metrics)
+    episodes, return_sum, env_steps, stage_s = read_metrics(content, node)
     _, grad = read_vector(content, msg.GRADIENT, expect("gradient", top, t))
     sq = None
     if squares:
@@ -144,21 +145,84 @@ def parse_reply(
     )
 
 
-def _stage_seconds(metrics: Any) -> dict[str, float]:
-    """The participant's per-stage seconds (optional; for the round's breakdown)."""
-    out = {}
-    for stage in msg.PARTICIPANT_STAGES:
-        key = msg.stage_time_key(stage)
-        if key not in metrics:
+def read_metrics(
+    content: RecordDict, node: int
+) -> tuple[int | None, float | None, int, dict[str, float]]:
+    """A train reply's metrics, range-checked: (episodes, return-sum, env-steps,
+    seconds per participant stage), or :class:`ReplyRejected` naming the
+    participant and the field.
+
+    ``env-steps`` is required; ``episodes`` and ``return-sum`` come together
+    or not at all (None); ``time-<stage>`` keys are optional (unknown stages
+    are checked, then ignored). Counts are integral in [0, :data:`MAX_COUNT`],
+    |return-sum| ≤ :data:`MAX_ABS_RETURN_PER_EPISODE` · max(episodes, 1),
+    seconds in [0, :data:`MAX_STAGE_SECONDS`); any other key is refused.
+    """
+    metrics = content.get(msg.METRICS)
+    if not isinstance(metrics, MetricRecord | ConfigRecord):
+        got = "none" if metrics is None else type(metrics).__name__
+        raise ReplyRejected(
+            participant=node, reason=f"metrics: expected a MetricRecord, received {got}"
+        )
+
+    def bad(key: str, expected: str) -> ReplyRejected:
+        value = metrics[key] if key in metrics else "nothing"
+        return ReplyRejected(
+            participant=node,
+            reason=f"metrics field {key!r}: expected {expected}, received {value!r}",
+        )
+
+    known = {*REQUIRED_METRICS, *EPISODE_METRICS}
+    for key in metrics:
+        if key not in known and not key.startswith(TIME_PREFIX):
+            raise bad(key, f"no such field (known: {sorted(known)}, {TIME_PREFIX}*)")
+    counts = f"an integer in [0, {MAX_COUNT}]"
+    env_steps = _count(metrics, "env-steps")
+    if env_steps is None:
+        raise bad("env-steps", counts)
+    episodes: int | None = None
+    return_sum: float | None = None
+    present = [k for k in EPISODE_METRICS if k in metrics]
+    if present:
+        if len(present) != len(EPISODE_METRICS):
+            missing = next(k for k in EPISODE_METRICS if k not in metrics)
+            raise bad(missing, f"it beside {present[0]!r} (both or neither)")
+        episodes = _count(metrics, "episodes")
+        if episodes is None:
+            raise bad("episodes", counts)
+        limit = MAX_ABS_RETURN_PER_EPISODE * max(episodes, 1)
+        return_sum = _number(metrics["return-sum"])
+        if return_sum is None or abs(return_sum) > limit:
+            raise bad("return-sum", f"a number with |value| ≤ {limit:g}")
+    stage_s = {}
+    for key in metrics:
+        if not key.startswith(TIME_PREFIX):
             continue
-        try:
-            value = float(metrics[key])
-        except (TypeError, ValueError) as exc:
-            raise WireFormatError(f"metrics record malformed: {key}: {exc}") from exc
-        if not (np.isfinite(value) and 0.0 <= value < 1e6):
-            raise WireFormatError(f"metrics out of range: {key}={value}")
-        out[stage] = value
-    return out
+        value = _number(metrics[key])
+        if value is None or not 0.0 <= value < MAX_STAGE_SECONDS:
+            raise bad(key, f"seconds in [0, {MAX_STAGE_SECONDS:g})")
+        stage = key[len(TIME_PREFIX) :]
+        if stage in msg.PARTICIPANT_STAGES:
+            stage_s[stage] = value
+    return episodes, return_sum, env_steps, stage_s
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a finite float, or None (bools and non-numbers included)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    if isinstance(value, int) and abs(value) > MAX_COUNT * MAX_ABS_RETURN_PER_EPISODE:
+        return None  # beyond any bound here (and beyond float for huge ints)
+    out = float(value)
+    return out if math.isfinite(out) else None
+
+
+def _count(metrics: Any, key: str) -> int | None:
+    """``metrics[key]`` as an integral count in [0, MAX_COUNT], or None."""
+    value = _number(metrics.get(key))
+    if value is None or not value.is_integer() or not 0 <= value <= MAX_COUNT:
+        return None
+    return int(value)
 
 
 def participant_stages(replies: list[Reply]) -> dict[str, float]:

@@ -33,7 +33,7 @@ from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig
-from protocol.errors import HedrlError
+from protocol.errors import HedrlError, ReplyRejected
 from protocol.params import ParamSet
 
 log = logging.getLogger("flwr.hedrl.coordinator")
@@ -90,11 +90,7 @@ class StepMixin:
         need = self.cfg.min_participants_for(len(self.nodes))
         fresh: list[list[Ct]] | None = None
         if self.state is None:
-            sq = accepted[0].squares
-            assert sq is not None
-            for r in accepted[1:]:
-                assert r.squares is not None
-                sq = [be.add(a, b) for a, b in zip(sq, r.squares, strict=True)]
+            sq = self._squares_sum(accepted)
             fresh = self._initial_state(
                 self._round, accepted[0].node, sq, len(self.nodes) / len(accepted)
             )
@@ -153,8 +149,12 @@ class StepMixin:
                     if f.source == "gradient":
                         node = accepted[f.index].node
                         rejected.setdefault(str(node), f.error)
+                    elif ref is None:  # round 1: the key holder's m0, V0, r0
+                        raise HedrlError(
+                            f"initial state from participant {accepted[0].node} "
+                            f"unusable: {f.error}"
+                        ) from exc
                     else:  # only refresh chunks are not gradients
-                        assert ref is not None, f"{f.source} chunk without a refresh"
                         log.warning(
                             "hedrl: round %d: refresh of participant %d unusable: %s",
                             t,
@@ -190,6 +190,21 @@ class StepMixin:
         self._premasked = (res.masked, masks_next)
         return True
 
+    def _squares_sum(self, accepted: list[Reply]) -> list[Ct]:
+        """Σ w·g² over the accepted replies (round 1); a failing addition
+        raises :class:`ReplyRejected` naming the reply added."""
+        sq = accepted[0].squares
+        assert sq is not None
+        for r in accepted[1:]:
+            assert r.squares is not None
+            try:
+                sq = [self.be.add(a, b) for a, b in zip(sq, r.squares, strict=True)]
+            except Exception as exc:
+                raise ReplyRejected(
+                    participant=r.node, reason=f"squares: {type(exc).__name__}: {exc}"
+                ) from exc
+        return sq
+
     def _initial_state(
         self, t: int, refresher: int, sq: list[Ct], k: float
     ) -> list[list[Ct]]:
@@ -214,15 +229,19 @@ class StepMixin:
         if reply is None or reply.has_error():
             raise HedrlError(f"refresher {refresher} did not return V0")
         levels = StateUnits.levels(self.be.top_level)
-        return [
-            receive_cts(
-                self.be,
-                reply.content,
-                msg.state_key("v0", n),
-                self._expect("v0", level, t, n),
-            )
-            for n, level in zip(msg.STATE_NAMES, levels, strict=True)
-        ]
+        try:
+            return [
+                receive_cts(
+                    self.be,
+                    reply.content,
+                    msg.state_key("v0", n),
+                    self._expect("v0", level, t, n),
+                )
+                for n, level in zip(msg.STATE_NAMES, levels, strict=True)
+            ]
+        except Exception as exc:  # typed: the step is skipped, the run goes on
+            reason = f"v0: {type(exc).__name__}: {exc}"
+            raise ReplyRejected(participant=refresher, reason=reason) from exc
 
     def _spare_refresh(
         self, t: int, tried: list[int], replied: list[int]
@@ -264,11 +283,11 @@ class StepMixin:
                 refresh = read_refresh(
                     reply.content, t, self._expect, StateUnits.levels(self.be.top_level)
                 )
-            except HedrlError as exc:
+            except Exception as exc:  # whatever the reply holds: the spare failed
                 why = f"{type(exc).__name__}: {exc}"
         if refresh is None:
             log.warning(
                 "hedrl: round %d: spare refresher %d failed too: %s", t, spare, why
             )
             return None
-        return Reply(spare, [], None, refresh, masks, 0, 0.0, 0, 0)
+        return Reply(spare, [], None, refresh, masks, None, None, 0, 0)

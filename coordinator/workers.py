@@ -171,6 +171,43 @@ def _handle(be: Backend, c: Chunk, level: int) -> Ct:
     return be.load(c, level=level)
 
 
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _sum(
+    be: Backend, xs: Sequence[Ct], own: Ct, cid: int, failures: list[Failure]
+) -> Ct | None:
+    """Σ ``xs`` in order, or None with a :class:`Failure` for each reply whose
+    chunk made an addition raise.
+
+    Every chunk has passed :meth:`Backend.load`'s checks, after which no two
+    chunks differ in anything an addition checks (parms_id, NTT form, scale,
+    size). An addition that raises anyway is charged to the chunks so far that
+    do not add to ``own``, a chunk the coordinator made itself (θ), or, if all
+    do, to the chunk being added.
+    """
+    x = xs[0]
+    for i, y in enumerate(xs[1:], start=1):
+        try:
+            x = be.add(x, y)
+        except Exception as exc:
+            odd = [k for k in range(i + 1) if not _adds(be, own, xs[k])]
+            for k in odd or [i]:
+                failures.append(Failure("gradient", k, cid, _why(exc)))
+            return None
+    return x
+
+
+def _adds(be: Backend, a: Ct, b: Ct) -> bool:
+    """Whether ``a + b`` can be computed."""
+    try:
+        be.add(a, b)
+    except Exception:  # the caller charges the chunk that failed
+        return False
+    return True
+
+
 def step_chunks(
     be: Backend,
     theta: Sequence[Chunk],
@@ -242,32 +279,35 @@ def step_chunks(
         for i, g in enumerate(grads[j]):
             try:
                 xs.append(_handle(be, g, top))
-            except HedrlError as exc:
-                why = f"{type(exc).__name__}: {exc}"
-                failures.append(Failure("gradient", i, cid, why))
+            except Exception as exc:  # whatever a reply's chunk raises names it
+                failures.append(Failure("gradient", i, cid, _why(exc)))
         try:
             mvr = [
                 Ct(_handle(be, c, lvl).data, lvl, f)
                 for c, f, lvl in zip(state[j], units.inp, levels, strict=True)
             ]
-        except HedrlError as exc:
-            why = f"{type(exc).__name__}: {exc}"
-            failures.append(Failure("refresh", 0, cid, why))
+        except Exception as exc:
+            failures.append(Failure("refresh", 0, cid, _why(exc)))
         if failures:
             continue  # keep parsing: report every bad chunk at once
         theta_j = _handle(be, th, 0)
         t1 = now()
-        x = xs[0]
-        for y in xs[1:]:
-            x = be.add(x, y)
+        x = _sum(be, xs, theta_j, cid, failures)
+        if x is None:
+            continue
         x = Ct(x.data, x.level, be.gradient_factor)  # what participants multiplied by
         if aggregate is not None:
             aggregate.append(x)
         t2 = now()
         if unmask is not None:
-            mvr = [
-                be.add_plain(c, -mask) for c, mask in zip(mvr, unmask[j], strict=True)
-            ]
+            try:
+                mvr = [
+                    be.add_plain(c, -mask)
+                    for c, mask in zip(mvr, unmask[j], strict=True)
+                ]
+            except Exception as exc:
+                failures.append(Failure("refresh", 0, cid, _why(exc)))
+                continue
         t3 = now()
         new = fn(be, ChunkState(theta_j, *mvr), x, t, hp, k)
         handles = [be.to_bottom(new.theta)] + [

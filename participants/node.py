@@ -222,7 +222,7 @@ class Node:
         ):
             from protocol import ckks
 
-            return ckks.serialize_public(be.ctx)  # type: ignore[attr-defined]
+            return ckks.serialize_public(be.ctx, be.relin_key_bytes)  # type: ignore[attr-defined]
         return keys.evaluation_context(path, self.params, self.cfg.backend)
 
     def _theta(self, be: Backend, got: Received, t: int, guard: Guard) -> np.ndarray:

@@ -124,8 +124,9 @@ class Backend(abc.ABC):
         """Encrypt one chunk of ``slots`` float values at ``level`` (the top)."""
 
     @abc.abstractmethod
-    def decrypt(self, chunk: bytes) -> np.ndarray:
-        """Decrypt one chunk to ``slots`` float64 values."""
+    def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
+        """Decrypt one chunk to ``slots`` float64 values after the checks of
+        :meth:`load` (it must sit at ``level``; raise CiphertextError)."""
 
     @abc.abstractmethod
     def decrypt_ct(self, a: Ct) -> np.ndarray:
@@ -239,10 +240,5 @@ class PlainBackend(Backend):
     def decrypt_ct(self, a: Ct) -> np.ndarray:
         return np.asarray(a.data, dtype=np.float64) / a.factor
 
-    def decrypt(self, chunk: bytes) -> np.ndarray:
-        if len(chunk) != 1 + 8 * self.slots:
-            raise CiphertextError(
-                f"plain chunk: expected {1 + 8 * self.slots} bytes, "
-                f"received {len(chunk)}"
-            )
-        return np.frombuffer(chunk, dtype="<f8", offset=1).copy()
+    def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
+        return self.load(chunk, level=level).data

@@ -5,13 +5,28 @@ Participants encrypt with *seeded symmetric* encryption through
 ``tenseal.sealapi`` (half the bytes of TenSEAL's public-key ciphertexts,
 ARCHITECTURE §5); the coordinator loads those bytes as SEAL ciphertexts under
 its public context and evaluates on them with ``sealapi`` directly.
+
+Every chunk a peer sends passes two checks before it is used (ARCHITECTURE §2,
+rule 4): its SEAL header is read here before SEAL parses anything
+(:func:`check_seal_header`), and the parsed ciphertext must be exactly what
+hedrl sends at the expected level (:meth:`CkksBackend.check`) — on the
+coordinator before it computes with it, on a participant before it decrypts.
+
+Key files: ``coordinator.ctx`` is TenSEAL's serialisation of the evaluation
+context (public and relinearisation keys); ``participant.ctx`` holds the
+TenSEAL context with the secret key plus SEAL's serialisation of the
+relinearisation keys in ``coordinator.ctx`` (:func:`serialize_secret`), so that
+both sides hash the same keys into the fingerprint (:func:`fingerprint`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import struct
 import tempfile
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,6 +38,24 @@ from protocol.errors import CiphertextError, KeyMaterialError, SecretKeyRefused
 from protocol.params import ParamSet
 
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+#: SEAL's serialisation header: magic, header size, version major and minor,
+#: compression mode, reserved, total size (little-endian, 16 bytes)
+SEAL_HEADER = struct.Struct("<HBBBBHQ")
+SEAL_MAGIC = 0xA15E
+#: the SEAL version this TenSEAL's SEAL writes into its headers
+SEAL_VERSION = (
+    sealapi.Serialization.SEALHeader().version_major,
+    sealapi.Serialization.SEALHeader().version_minor,
+)
+#: compression modes a chunk may use: none, or zstd (what SEAL's save writes);
+#: zlib is never produced by hedrl and is refused
+SEAL_COMPR_MODES = {0: "none", 2: "zstd"}
+
+#: first bytes of a participant.ctx (protocol 4 on): the TenSEAL secret context
+#: and the evaluation context's relinearisation keys follow
+PARTICIPANT_MAGIC = b"HEDRL-CKKS-PARTICIPANT-4\n"
+_LENGTH = struct.Struct("<Q")
 
 
 def _save_bytes(obj: Any) -> bytes:
@@ -37,6 +70,53 @@ def _save_bytes(obj: Any) -> bytes:
         os.unlink(path)
 
 
+def _load_bytes(obj: Any, seal_ctx: Any, data: bytes) -> None:
+    """Load ``data`` into the sealapi object ``obj`` (they only load from a path);
+    SEAL validates it for ``seal_ctx``."""
+    fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        obj.load(seal_ctx, path)
+    finally:
+        os.unlink(path)
+
+
+def check_seal_header(head: bytes, total: int) -> None:
+    """Check the SEAL header ``head`` (the first 16 bytes) of a serialisation of
+    ``total`` bytes before SEAL parses it; raise :class:`CiphertextError`.
+
+    The header must carry SEAL's magic and header size, this SEAL's version, a
+    compression mode in :data:`SEAL_COMPR_MODES`, a zero reserved field and a
+    total size equal to ``total`` (no truncated or padded chunk reaches SEAL).
+    """
+    if len(head) < SEAL_HEADER.size:
+        raise CiphertextError(
+            f"chunk of {total} bytes is not a ciphertext: expected at least "
+            f"SEAL's {SEAL_HEADER.size}-byte header"
+        )
+    magic, hsize, major, minor, compr, reserved, size = SEAL_HEADER.unpack_from(head)
+    fields: tuple[tuple[str, object, object], ...] = (
+        ("magic", f"0x{magic:04X}", f"0x{SEAL_MAGIC:04X}"),
+        ("header size", hsize, SEAL_HEADER.size),
+        ("version", f"{major}.{minor}", "{}.{}".format(*SEAL_VERSION)),
+        ("reserved", reserved, 0),
+        ("size", size, total),
+    )
+    for name, got, want in fields:
+        if got != want:
+            raise CiphertextError(
+                f"chunk of {total} bytes is not a ciphertext: SEAL header {name} "
+                f"{got}, expected {want}"
+            )
+    if compr not in SEAL_COMPR_MODES:
+        modes = ", ".join(f"{k} ({v})" for k, v in SEAL_COMPR_MODES.items())
+        raise CiphertextError(
+            f"chunk of {total} bytes is not a ciphertext: SEAL header compr_mode "
+            f"{compr}, expected {modes}"
+        )
+
+
 def create_context(params: ParamSet) -> ts.Context:
     """A fresh secret CKKS context with relinearisation keys, no Galois keys."""
     ctx = ts.context(
@@ -49,15 +129,28 @@ def create_context(params: ParamSet) -> ts.Context:
     return ctx
 
 
-def fingerprint(ctx: ts.Context, param_set_id: str) -> str:
-    """SHA-256 over the parameter-set id and the public-key bytes (hex).
+def relin_key_bytes(ctx: ts.Context) -> bytes:
+    """SEAL's serialisation of ``ctx``'s relinearisation keys."""
+    if not ctx.has_relin_keys():
+        raise KeyMaterialError("context has no relinearisation keys")
+    return _save_bytes(ctx.relin_keys().data)
 
-    Relinearisation keys are left out: TenSEAL regenerates them when it loads
-    a secret context, so they differ between the two sides.
+
+def fingerprint(ctx: ts.Context, param_set_id: str, relin_keys: bytes) -> str:
+    """SHA-256 (hex) over the parameter-set id and SEAL's serialisations of the
+    public key and of the relinearisation keys ``relin_keys``: every key the
+    coordinator loads.
+
+    Both serialisations are deterministic (the same bytes after load → save,
+    tests/protocol/test_keys.py), so a participant hashes the relinearisation
+    keys as stored in its participant.ctx and the coordinator the ones it
+    loaded.
     """
     h = hashlib.sha256()
     h.update(param_set_id.encode() + b"\0")
-    h.update(_save_bytes(ctx.public_key().data))
+    for part in (_save_bytes(ctx.public_key().data), relin_keys):
+        h.update(_LENGTH.pack(len(part)))
+        h.update(part)
     return h.hexdigest()
 
 
@@ -66,34 +159,77 @@ def secret_key_bytes(ctx: ts.Context) -> bytes:
     return _save_bytes(ctx.secret_key().data)
 
 
-def serialize_secret(ctx: ts.Context) -> bytes:
-    """Bytes of the full context including the secret key (participants only)."""
-    return ctx.serialize(save_secret_key=True, save_relin_keys=False)
+def serialize_secret(ctx: ts.Context, relin_keys: bytes) -> bytes:
+    """Bytes of participant.ctx: :data:`PARTICIPANT_MAGIC`, the length of the
+    TenSEAL context with the secret key (without relinearisation keys: TenSEAL
+    regenerates them at random when it loads a secret context), that context,
+    then ``relin_keys``, the evaluation context's relinearisation keys."""
+    body = ctx.serialize(save_secret_key=True, save_relin_keys=False)
+    return PARTICIPANT_MAGIC + _LENGTH.pack(len(body)) + body + relin_keys
 
 
-def serialize_public(ctx: ts.Context) -> bytes:
-    """Bytes of the evaluation context: public + relinearisation keys only."""
+def serialize_public(ctx: ts.Context, relin_keys: bytes) -> bytes:
+    """Bytes of the evaluation context: ``ctx``'s public key and the
+    relinearisation keys ``relin_keys`` (the ones participant.ctx stores)."""
     pub = ctx.copy()
     if not pub.has_relin_keys():  # a participant's context loads without them
-        pub.generate_relin_keys()
+        pub.generate_relin_keys()  # a slot the stored keys are loaded into
+    try:
+        _load_bytes(pub.relin_keys().data, pub.seal_context().data, relin_keys)
+    except Exception as exc:  # SEAL raises bare ValueError/RuntimeError
+        raise KeyMaterialError(f"stored relinearisation keys unusable: {exc}") from exc
     pub.make_context_public()
-    return pub.serialize(
+    return _public_bytes(pub)
+
+
+def _public_bytes(ctx: ts.Context) -> bytes:
+    return ctx.serialize(
         save_public_key=True, save_relin_keys=True, save_galois_keys=False
     )
 
 
-def load_secret_context(data: bytes) -> ts.Context:
-    """Load a participant context; it must hold the secret key."""
+@dataclass(frozen=True)
+class SecretContext:
+    """A loaded participant.ctx: the TenSEAL context with the secret key (and
+    no relinearisation keys) and the stored relinearisation keys' bytes."""
+
+    ctx: ts.Context
+    relin_keys: bytes
+
+
+def load_secret_context(data: bytes) -> SecretContext:
+    """Load a participant context; it must hold the secret key.
+
+    Relinearisation keys stay bytes: participants only encrypt and decrypt
+    (generating them cost ~35 ms per message in deployment, where every
+    message is a fresh process); they are hashed into the fingerprint and
+    copied into the evaluation context (:func:`serialize_public`).
+    """
+    if not data.startswith(PARTICIPANT_MAGIC):
+        raise KeyMaterialError(
+            "participant context is not a protocol-4 key file (it must start with "
+            f"{PARTICIPANT_MAGIC!r} and store the relinearisation keys); "
+            "provision a new key with hedrl-keygen"
+        )
+    at = len(PARTICIPANT_MAGIC)
+    if len(data) < at + _LENGTH.size:
+        raise KeyMaterialError(f"participant context truncated at {len(data)} bytes")
+    (n,) = _LENGTH.unpack_from(data, at)
+    at += _LENGTH.size
+    body, relin_keys = data[at : at + n], data[at + n :]
+    if len(body) != n or not relin_keys:
+        raise KeyMaterialError(
+            f"participant context: a {n}-byte TenSEAL context and relinearisation "
+            f"keys expected, {len(data) - at} bytes follow the length"
+        )
+    _check_record(body, None, secret=True)
     try:
-        ctx = ts.context_from(data)
+        ctx = ts.context_from(body)
     except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError
         raise KeyMaterialError(f"not a TenSEAL context: {exc}") from exc
     if not ctx.is_private():
         raise KeyMaterialError("participant context holds no secret key")
-    # no relinearisation keys: participants only encrypt and decrypt (generating
-    # them cost ~35 ms per message in deployment, where every message is a fresh
-    # process); serialize_public makes them for the coordinator's context
-    return ctx
+    return SecretContext(ctx, relin_keys)
 
 
 def check_params(ctx: ts.Context, params: ParamSet) -> None:
@@ -109,20 +245,168 @@ def check_params(ctx: ts.Context, params: ParamSet) -> None:
         )
 
 
-def load_public_context(data: bytes) -> ts.Context:
-    """Load an evaluation context; refuse one that holds a secret key."""
+def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
+    """Load an evaluation context for ``params``; refuse one that holds a secret
+    key, lacks relinearisation keys, differs from the parameter set, or is not
+    exactly what :func:`serialize_public` writes for the keys it holds (so that
+    every byte of it is covered by the fingerprint)."""
+    if data.startswith(PARTICIPANT_MAGIC):
+        raise SecretKeyRefused(
+            "evaluation context is a participant.ctx, which holds a secret key; the "
+            "coordinator only accepts a public context (coordinator.ctx)"
+        )
+    _check_record(data, params, secret=False)
     try:
         ctx = ts.context_from(data)
     except Exception as exc:
         raise KeyMaterialError(f"not a TenSEAL context: {exc}") from exc
-    if ctx.is_private() or ctx.has_secret_key():
+    if ctx.is_private() or ctx.has_secret_key():  # the record check says no
+        raise SecretKeyRefused("evaluation context holds a secret key")
+    if not ctx.has_relin_keys() or ctx.has_galois_keys():
+        raise KeyMaterialError(
+            "evaluation context: relinearisation keys and no Galois keys expected"
+        )
+    _check_parameters(ctx, params)
+    try:
+        again = _public_bytes(ctx)
+    except Exception as exc:
+        raise KeyMaterialError(f"evaluation context unusable: {exc}") from exc
+    if again != data:
+        raise KeyMaterialError(
+            f"evaluation context of {len(data)} bytes is not in canonical form "
+            f"(it serialises back to {len(again)} different bytes): corrupted, "
+            "or not written by hedrl"
+        )
+    return ctx
+
+
+#: TenSEAL's context record (fields as in TenSEAL's tensealcontext.proto),
+#: read here before TenSEAL parses it: TenSEAL crashes (SIGSEGV, measured) on a
+#: record without a public key, which one flipped bit of a tag makes
+_TENSEAL_RECORD: dict[str, tuple[tuple[str, int, int, str], ...]] = {
+    "Public": (
+        ("public_key", 1, 12, ""),
+        ("auto_flags", 2, 13, ""),
+        ("scale", 3, 1, ""),
+        ("relin_keys", 4, 12, ""),
+        ("galois_keys", 5, 12, ""),
+    ),
+    "Private": (
+        ("secret_key", 1, 12, ""),
+        ("relin_keys_generated", 2, 8, ""),
+        ("galois_keys_generated", 3, 8, ""),
+    ),
+    "Context": (
+        ("encryption_parameters", 1, 12, ""),
+        ("public_context", 2, 11, "Public"),
+        ("private_context", 3, 11, "Private"),
+        ("encryption_type", 4, 13, ""),
+    ),
+}
+#: auto_flags of :func:`create_context`'s contexts: auto relinearise, rescale
+#: and modulus-switch (TenSEAL's defaults)
+TENSEAL_AUTO_FLAGS = 7
+
+
+def _tenseal_record() -> Any:
+    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="hedrl_tenseal_context.proto", package="hedrl.tenseal", syntax="proto3"
+    )
+    for message, fields in _TENSEAL_RECORD.items():
+        m = fdp.message_type.add(name=message)
+        for name, number, ftype, sub in fields:
+            ref = f".hedrl.tenseal.{sub}" if sub else None
+            m.field.add(name=name, number=number, type=ftype, label=1, type_name=ref)
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    desc = pool.FindMessageTypeByName("hedrl.tenseal.Context")
+    return message_factory.GetMessageClass(desc)
+
+
+_TenSEALRecord = _tenseal_record()
+
+
+def _check_record(data: bytes, params: ParamSet | None, *, secret: bool) -> None:
+    """Check TenSEAL's context record ``data`` before TenSEAL parses it: it is
+    exactly the record it parses to (no unknown or repeated field), with the
+    parts a secret (participant) or evaluation (coordinator) context has, and
+    the stored fields — flags, key type, scale (``params``) — as
+    :func:`create_context` writes them. Keys and parameters themselves are
+    checked by SEAL as TenSEAL loads them."""
+    rec = _TenSEALRecord()
+    try:
+        rec.ParseFromString(data)
+        canonical = rec.SerializeToString() == data
+    except Exception as exc:  # protobuf DecodeError
+        raise KeyMaterialError(f"not a TenSEAL context: {exc}") from exc
+    if not canonical:
+        raise KeyMaterialError(
+            "not a TenSEAL context as TenSEAL writes it (unknown, repeated or "
+            "out-of-order fields)"
+        )
+    pub, priv = rec.public_context, rec.private_context
+    if not secret and rec.HasField("private_context"):
         raise SecretKeyRefused(
             "evaluation context holds a secret key; the coordinator only accepts "
             "a public context (public key + relinearisation keys)"
         )
-    if not ctx.has_relin_keys():
-        raise KeyMaterialError("evaluation context has no relinearisation keys")
-    return ctx
+    got: dict[str, object] = {
+        "encryption parameters": bool(rec.encryption_parameters),
+        "public key": bool(pub.public_key),
+        "auto_flags": pub.auto_flags,
+        "encryption_type": rec.encryption_type,
+        "Galois keys": bool(pub.galois_keys),
+        "relinearisation keys": bool(pub.relin_keys),
+    }
+    want: dict[str, object] = {
+        "encryption parameters": True,
+        "public key": True,
+        "auto_flags": TENSEAL_AUTO_FLAGS,
+        "encryption_type": 0,  # public-key encryption
+        "Galois keys": False,
+        "relinearisation keys": not secret,  # stored beside it (participant.ctx)
+    }
+    if secret:
+        got["secret key"] = bool(priv.secret_key)
+        got["generated keys"] = (priv.relin_keys_generated, priv.galois_keys_generated)
+        want["secret key"], want["generated keys"] = True, (False, False)
+    if params is not None:
+        got["global scale"], want["global scale"] = pub.scale, params.scale
+    for name, expected in want.items():
+        if got[name] != expected:
+            raise KeyMaterialError(
+                f"{'participant' if secret else 'evaluation'} context {name} "
+                f"{got[name]}, expected {expected}"
+            )
+
+
+def _check_parameters(ctx: ts.Context, params: ParamSet) -> None:
+    """The loaded context's CKKS parameters are those of ``params``."""
+    try:  # TenSEAL raises bare ValueError for a field it did not load
+        parms = ctx.seal_context().data.key_context_data().parms()
+        got = {
+            "scheme": parms.scheme().name,
+            "poly_modulus_degree": parms.poly_modulus_degree(),
+            "coeff_modulus": [m.value() for m in parms.coeff_modulus()],
+        }
+    except Exception as exc:
+        raise KeyMaterialError(f"evaluation context incomplete: {exc}") from exc
+    primes = sealapi.CoeffModulus.Create(
+        params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)
+    )
+    want = {
+        "scheme": "CKKS",
+        "poly_modulus_degree": params.poly_modulus_degree,
+        "coeff_modulus": [m.value() for m in primes],
+    }
+    for name, expected in want.items():
+        if got[name] != expected:
+            raise KeyMaterialError(
+                f"evaluation context {name} {got[name]}, expected {expected} "
+                f"(parameter set {params.id!r})"
+            )
 
 
 class CkksBackend(Backend):
@@ -134,14 +418,22 @@ class CkksBackend(Backend):
     (TenSEAL's vector serialisation took ~6 ms per chunk, measured). Products are
     relinearised and rescaled, and the scale is reset to the nominal Δ after
     each rescale like TenSEAL does; the resulting bias Δ/q_l is what
-    :meth:`rescale_bias` reports and the circuit folds into its scalars.
+    :meth:`rescale_bias` reports and the circuit folds into its scalars. So every
+    ciphertext hedrl produces — fresh encryptions, the circuit's outputs, masked
+    state — has scale exactly Δ, which :meth:`check` requires of every chunk.
+
+    ``relin_keys`` (participants): the stored relinearisation keys of the
+    evaluation context, as bytes (:class:`SecretContext`).
     """
 
     name = "ckks"
 
-    def __init__(self, params: ParamSet, ctx: ts.Context) -> None:
+    def __init__(
+        self, params: ParamSet, ctx: ts.Context, relin_keys: bytes | None = None
+    ) -> None:
         super().__init__(params)
         self.ctx = ctx
+        self.relin_key_bytes = relin_keys
         seal_ctx = ctx.seal_context().data
         self._seal_ctx = seal_ctx
         self._evaluator = sealapi.Evaluator(seal_ctx)
@@ -237,53 +529,73 @@ class CkksBackend(Backend):
     def _to_level(self, a: Ct, level: int) -> Any:
         return self._at(a, level)
 
-    # ---- serialisation ----------------------------------------------------
+    # ---- serialisation and the checks of every received chunk ---------------
     def _parse(self, chunk: bytes) -> Any:
-        """A SEAL ciphertext from its serialisation, validated for this context."""
+        """A SEAL ciphertext from its serialisation (header checked first)."""
+        check_seal_header(chunk[: SEAL_HEADER.size], len(chunk))
         fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(chunk)
-            ct = sealapi.Ciphertext()
-            ct.load(self._seal_ctx, path)
-            return ct
+            return self._parse_file(path, len(chunk))
         finally:
             os.unlink(path)
 
-    def load(self, chunk: bytes, *, level: int) -> Ct:
+    def _parse_file(self, path: str, size: int) -> Any:
+        ct = sealapi.Ciphertext()
         try:
-            ct = self._parse(chunk)
-        except Exception as exc:
-            raise CiphertextError(
-                f"chunk of {len(chunk)} bytes is not a ciphertext of parameter set "
-                f"{self.params.id!r}: {exc}"
-            ) from exc
-        return self._checked(ct, level)
-
-    def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
-        # SEAL reads the file itself: no copy through Python and a temporary file
-        try:
-            ct = sealapi.Ciphertext()
-            ct.load(self._seal_ctx, os.fspath(path))
-        except Exception as exc:
-            size = os.path.getsize(path) if os.path.exists(path) else "no"
+            ct.load(self._seal_ctx, path)
+        except Exception as exc:  # SEAL raises bare ValueError/RuntimeError
             raise CiphertextError(
                 f"chunk of {size} bytes is not a ciphertext of parameter set "
                 f"{self.params.id!r}: {exc}"
             ) from exc
-        return self._checked(ct, level)
+        return ct
 
-    def _checked(self, ct: Any, level: int) -> Ct:
-        """``ct`` as a chunk at ``level``, after checking level, size and scale."""
+    def load(self, chunk: bytes, *, level: int) -> Ct:
+        return self.check(self._parse(chunk), level)
+
+    def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
+        # SEAL reads the file itself: no copy through Python and a temporary file
+        path = os.fspath(path)
+        try:
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                head = fh.read(SEAL_HEADER.size)
+        except OSError as exc:
+            raise CiphertextError(
+                f"chunk of no bytes is not a ciphertext: {exc}"
+            ) from exc
+        check_seal_header(head, size)
+        return self.check(self._parse_file(path, size), level)
+
+    def check(self, ct: Any, level: int) -> Ct:
+        """``ct`` as a chunk at ``level``, or :class:`CiphertextError` naming the
+        field that differs from what hedrl sends: polynomial degree, level
+        (coefficient moduli), parms_id of that level, size 2, NTT form, and a
+        scale of exactly Δ (finite; a product's true scale Δ²/q is refused)."""
+        n, want_n = ct.poly_modulus_degree(), self.params.poly_modulus_degree
+        if n != want_n:
+            raise CiphertextError(
+                f"ciphertext polynomial degree {n}, expected {want_n}"
+            )
         got = self._level_of(ct)
         if got != level:
             raise CiphertextError(f"ciphertext at level {got}, expected level {level}")
+        want_id = self._parms_by_level.get(level)
+        if want_id is None or list(ct.parms_id()) != list(want_id):
+            raise CiphertextError(
+                f"ciphertext parms_id {_hex_id(ct.parms_id())}, expected "
+                f"{'none' if want_id is None else _hex_id(want_id)} (level {level})"
+            )
         if ct.size() != 2:
             raise CiphertextError(f"ciphertext of size {ct.size()}, expected 2")
-        if abs(ct.scale / self.params.scale - 1) > 1e-6:
+        if not ct.is_ntt_form():
+            raise CiphertextError("ciphertext not in NTT form, expected NTT form")
+        scale = ct.scale
+        if scale != self.params.scale:  # also NaN
             raise CiphertextError(
-                f"ciphertext scale 2^{np.log2(ct.scale):.7f} "
-                f"(x{ct.scale / self.params.scale:.7f} of Δ), "
+                f"ciphertext scale {_describe_scale(scale, self.params.scale)}, "
                 f"expected 2^{self.params.scale_bits}"
             )
         return Ct(ct, level)
@@ -333,11 +645,16 @@ class CkksBackend(Backend):
         values = np.asarray(self._encoder.decode_double(pt), dtype=np.float64)
         return values / a.factor
 
-    def decrypt(self, chunk: bytes) -> np.ndarray:
-        try:
-            ct = self._parse(chunk)
-        except Exception as exc:
-            raise CiphertextError(
-                f"cannot parse chunk of {len(chunk)} bytes: {exc}"
-            ) from exc
-        return self.decrypt_ct(Ct(ct, self._level_of(ct)))
+    def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
+        self._need_secret()
+        return self.decrypt_ct(self.load(chunk, level=level))
+
+
+def _hex_id(parms_id: Any) -> str:
+    return "".join(f"{int(w):016x}" for w in parms_id)[:16] + "…"
+
+
+def _describe_scale(scale: float, delta: float) -> str:
+    if math.isfinite(scale) and scale > 0:
+        return f"2^{math.log2(scale):.7f} (x{scale / delta!r} of Δ)"
+    return repr(scale)

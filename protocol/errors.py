@@ -70,3 +70,13 @@ class ThetaRejected(HedrlError, ValueError):
 
 class RunEnded(HedrlError):
     """The run cannot go on (e.g. a participant's refusal budget is spent)."""
+
+
+class ReplyRejected(HedrlError):
+    """A participant's reply failed a check, or using it raised: the reply is
+    dropped, the round goes on without it."""
+
+    def __init__(self, *, participant: int | str, reason: str) -> None:
+        self.participant = participant
+        self.reason = reason
+        super().__init__(f"reply of participant {participant}: {reason}")

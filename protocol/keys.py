@@ -69,10 +69,11 @@ def generate(params: ParamSet, backend: str) -> tuple[bytes, bytes, str]:
     from protocol import ckks
 
     ctx = ckks.create_context(params)
+    relin_keys = ckks.relin_key_bytes(ctx)
     return (
-        ckks.serialize_secret(ctx),
-        ckks.serialize_public(ctx),
-        ckks.fingerprint(ctx, params.id),
+        ckks.serialize_secret(ctx, relin_keys),
+        ckks.serialize_public(ctx, relin_keys),
+        ckks.fingerprint(ctx, params.id, relin_keys),
     )
 
 
@@ -171,10 +172,13 @@ def participant_backend(
                 )
             from protocol import ckks
 
-            ctx = ckks.load_secret_context(data)
-            ckks.check_params(ctx, params)
-            out = (ckks.CkksBackend(params, ctx), ckks.fingerprint(ctx, params.id))
-            out[0].mac_key = _mac_key(ckks.secret_key_bytes(ctx))
+            sc = ckks.load_secret_context(data)
+            ckks.check_params(sc.ctx, params)
+            out = (
+                ckks.CkksBackend(params, sc.ctx, sc.relin_keys),
+                ckks.fingerprint(sc.ctx, params.id, sc.relin_keys),
+            )
+            out[0].mac_key = _mac_key(ckks.secret_key_bytes(sc.ctx))
         _cache[key] = out
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
@@ -196,8 +200,9 @@ def coordinator_backend(
         raise KeyMaterialError("expected a CKKS context, got a plaintext twin's")
     from protocol import ckks
 
-    ctx = ckks.load_public_context(data)
-    return ckks.CkksBackend(params, ctx), ckks.fingerprint(ctx, params.id)
+    ctx = ckks.load_public_context(data, params)
+    relin_keys = ckks.relin_key_bytes(ctx)
+    return ckks.CkksBackend(params, ctx), ckks.fingerprint(ctx, params.id, relin_keys)
 
 
 def evaluation_context(path: Path, params: ParamSet, backend: str) -> bytes:
@@ -215,4 +220,5 @@ def evaluation_context(path: Path, params: ParamSet, backend: str) -> bytes:
         return _PLAIN_MAGIC + json.dumps({**body, "secret": False}).encode()
     from protocol import ckks
 
-    return ckks.serialize_public(ckks.load_secret_context(data))
+    sc = ckks.load_secret_context(data)
+    return ckks.serialize_public(sc.ctx, sc.relin_keys)

@@ -124,9 +124,12 @@ def metrics_rows(fed: Federation) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines()]
 
 
-def decrypt_chunks(part: Backend, chunks: Iterable[bytes], count: int) -> np.ndarray:
-    """The first ``count`` values of a chunked vector, decrypted by ``part``."""
-    return np.concatenate([part.decrypt(c) for c in chunks])[:count]
+def decrypt_chunks(
+    part: Backend, chunks: Iterable[bytes], count: int, level: int = 0
+) -> np.ndarray:
+    """The first ``count`` values of a chunked vector at ``level`` (θ's, the
+    bottom, by default), decrypted by ``part``."""
+    return np.concatenate([part.decrypt(c, level=level) for c in chunks])[:count]
 
 
 def decrypt_theta(fed: Federation, key_file: Path, backend: str) -> np.ndarray:

@@ -14,6 +14,7 @@ from protocol.config import RunConfig
 from protocol.errors import (
     CiphertextError,
     ConfigError,
+    ReplyRejected,
     UpdateRejected,
     WireFormatError,
 )
@@ -198,17 +199,16 @@ def test_ciphertext_at_wrong_scale_rejected(ckks_pair, ps):
         receive_cts(coord, rd, "gradient", exp)
 
 
-@pytest.mark.parametrize(
-    "value, match",
-    [(float("nan"), "time-encrypt=nan"), (-1.0, "time-encrypt=-1"), ("x", "malformed")],
-)
-def test_bad_stage_timing_rejects_reply_before_ciphertexts(plain, ps, value, match):
+@pytest.mark.parametrize("value", [float("nan"), -1.0, "x"])
+def test_bad_stage_timing_rejects_reply_before_ciphertexts(plain, ps, value):
     """A timing that is not a finite, non-negative number rejects the reply
-    (WireFormatError naming the field) before any ciphertext is read."""
+    (ReplyRejected naming the participant and the field) before any ciphertext
+    is read."""
     metrics = {"episodes": 1, "return-sum": 1.0, "env-steps": 4}
     metrics["time-encrypt"] = value
     content = RecordDict({msg.METRICS: ConfigRecord(metrics)})  # no gradient at all
-    with pytest.raises(WireFormatError, match=match):
+    match = rf"participant 7: metrics field 'time-encrypt': .*received {value!r}"
+    with pytest.raises(ReplyRejected, match=match):
         parse_reply(
             content,
             t=2,

@@ -138,6 +138,41 @@ def test_state_travels_where_the_step_uses_it(runs):
             assert max(sizes[:2]) < 0.8 * sizes[2], (kind, sizes)
 
 
+def test_every_ciphertext_has_scale_exactly_delta(runs):
+    """Every chunk hedrl produced in a run — θ, gradients, squares, masked
+    state, refresh, v0 on the wire and θ, m, V, r in the checkpoint — passes
+    the exact checks a receiver applies (CkksBackend.check: scale exactly Δ
+    among them), at the level its header or the checkpoint names."""
+    from protocol.checkpoint import read_checkpoint
+    from protocol.records import read_vector
+    from protocol.wire import Expect
+
+    fed, grid, _, _ = runs["ckks"]
+    kinds, count = set(), 0
+    for message in [*grid.sent, *grid.received]:
+        if message.has_error():
+            continue
+        for key in message.content:
+            if not key.endswith(".hdr"):
+                continue
+            name = key[: -len(".hdr")]
+            hdr = read_header(message.content, name)
+            fields = {f: getattr(hdr, f) for f in Expect.__dataclass_fields__}
+            _, chunks = read_vector(message.content, name, Expect(**fields))
+            for chunk in chunks:
+                ct = fed.be.load(chunk, level=hdr.level)
+                assert ct.data.scale == fed.params.scale
+                count += 1
+            kinds.add(hdr.kind)
+    assert kinds == {"theta", "gradient", "squares", "state", "refresh", "v0"}
+    meta, vectors = read_checkpoint(fed.out_dir / "checkpoint.npz")
+    for name, chunks in vectors.items():
+        for chunk in chunks:
+            fed.be.load(chunk, level=int(meta["levels"][name]))
+            count += 1
+    assert set(vectors) == {"theta", *msg.STATE_NAMES} and count > 100
+
+
 def test_encrypted_run_tracks_plaintext_twin(runs):
     """Same seeds, 4 rounds on one rollout: decrypted θ matches the twin's closely."""
     theta_c = runs["ckks"][2]

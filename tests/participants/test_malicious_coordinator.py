@@ -14,6 +14,7 @@ import pytest
 
 from participants import node as node_mod
 from protocol import messages as msg
+from protocol.adam import StateUnits
 from protocol.codec import decrypt_received
 from protocol.tolerance import ckks_abs_tol
 from tests.participants.malicious import (
@@ -218,9 +219,13 @@ def test_malicious_refresh_state_checked_before_decryption(attacker, monkeypatch
     rd = a.grid.received[-1].content
     part, _ = _participant(a)
     grid = PS.encrypt_grid
-    for name in msg.STATE_NAMES:
+    levels = StateUnits.levels(be.top_level)
+    for name, level in zip(msg.STATE_NAMES, levels, strict=True):
         values = np.concatenate(
-            [part.decrypt(c) for c in vector_of(rd, msg.state_key("refresh", name))]
+            [
+                part.decrypt(c, level=level)
+                for c in vector_of(rd, msg.state_key("refresh", name))
+            ]
         )
         off = np.abs(values / grid - np.round(values / grid)) * grid
         assert off.max() <= ckks_abs_tol(PS, float(np.abs(values).max())), name

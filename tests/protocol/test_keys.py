@@ -115,10 +115,10 @@ def test_participant_context_loads_without_relin_keys_but_exports_them(ps):
     from protocol.backend import Ct
 
     sec, _, _ = keys.generate(ps, "ckks")
-    ctx = ckks.load_secret_context(sec)
-    assert ctx.is_private() and not ctx.has_relin_keys()
-    part = ckks.CkksBackend(ps, ctx)
-    pub = ckks.load_public_context(ckks.serialize_public(ctx))
+    sc = ckks.load_secret_context(sec)
+    assert sc.ctx.is_private() and not sc.ctx.has_relin_keys()
+    part = ckks.CkksBackend(ps, sc.ctx, sc.relin_keys)
+    pub = ckks.load_public_context(ckks.serialize_public(sc.ctx, sc.relin_keys), ps)
     assert pub.has_relin_keys() and not pub.is_private()
     coord = ckks.CkksBackend(ps, pub)
     x = coord.load(part.encrypt(np.full(ps.slots, 0.5)), level=ps.depth)
@@ -143,5 +143,134 @@ def test_key_replaced_at_the_same_path_is_loaded_again(tmp_path, ps):
     # which the old one cannot
     x = np.linspace(-1, 1, ps.slots)
     chunk = be2.encrypt(x)
-    assert np.abs(be2.decrypt(chunk)[: ps.slots] - x).max() < 1e-4
-    assert np.abs(be1.decrypt(chunk)[: ps.slots] - x).max() > 1.0
+    assert np.abs(be2.decrypt(chunk, level=ps.depth)[: ps.slots] - x).max() < 1e-4
+    assert np.abs(be1.decrypt(chunk, level=ps.depth)[: ps.slots] - x).max() > 1.0
+
+
+def test_fingerprint_covers_public_and_relinearisation_keys(ckks_pair, ps):
+    """Both sides hash SEAL's serialisation of the public key and of the
+    relinearisation keys; each serialisation is the same after load → save, so
+    the participant's stored keys and the coordinator's loaded ones agree, and
+    other relinearisation keys (same public key) give another fingerprint."""
+    from protocol import ckks
+
+    _, coord, fp, d = ckks_pair
+    sc = ckks.load_secret_context((d / "participant.ctx").read_bytes())
+    pub = (d / "coordinator.ctx").read_bytes()
+    assert ckks.relin_key_bytes(coord.ctx) == sc.relin_keys
+    assert ckks.relin_key_bytes(ckks.load_public_context(pub, ps)) == sc.relin_keys
+    assert ckks._save_bytes(coord.ctx.public_key().data) == ckks._save_bytes(
+        sc.ctx.public_key().data
+    )
+    assert ckks.serialize_public(sc.ctx, sc.relin_keys) == pub  # canonical
+    assert ckks.fingerprint(sc.ctx, ps.id, sc.relin_keys) == fp
+    other = sc.ctx.copy()
+    other.generate_relin_keys()  # same secret and public key, new relin keys
+    other_rk = ckks.relin_key_bytes(other)
+    assert other_rk != sc.relin_keys
+    _, fp_other = keys.coordinator_backend(
+        ckks.serialize_public(sc.ctx, other_rk), ps, "ckks"
+    )
+    assert fp_other != fp
+    assert ckks.fingerprint(sc.ctx, ps.id, other_rk) == fp_other
+
+
+def test_participant_context_of_protocol_3_refused(ps):
+    """A participant.ctx without stored relinearisation keys (protocol 3) is
+    refused with a KeyMaterialError that says what to do."""
+    from protocol import ckks
+
+    ctx = ckks.create_context(ps)
+    old = ctx.serialize(save_secret_key=True, save_relin_keys=False)
+    with pytest.raises(KeyMaterialError, match="provision a new key"):
+        ckks.load_secret_context(old)
+
+
+def test_evaluation_context_of_other_parameters_refused(ps):
+    """An evaluation context of another parameter set (same N, other primes)
+    is refused naming the field."""
+    other = get_param_set("8k-40x2")
+    _, pub, _ = keys.generate(other, "ckks")
+    with pytest.raises(KeyMaterialError, match="global scale 1099511627776.0, exp"):
+        keys.coordinator_backend(pub, ps, "ckks")
+
+
+def _flip_positions(data: bytes, ps) -> list[int]:
+    """≥ 200 byte positions over all of coordinator.ctx: its first 128 bytes
+    (TenSEAL's record headers, the encryption parameters, the public key's
+    start), the 16 bytes of the flags and global-scale fields between the
+    public and the relinearisation keys, and 160 spread evenly over the rest
+    (public key, then relinearisation keys: the last ~80 % of the file)."""
+    import struct
+
+    scale_at = data.index(b"\x19" + struct.pack("<d", ps.scale))
+    assert data[scale_at - 2 : scale_at] == b"\x10\x07"  # auto_* flags, all on
+    fields = range(scale_at - 4, scale_at + 12)
+    spread = np.linspace(128, len(data) - 1, 160).astype(int)
+    positions = sorted({*range(128), *fields, *spread.tolist()})
+    assert len(positions) >= 200 and sum(p > scale_at + 9 for p in positions) > 100
+    return positions
+
+
+def _flips(data: bytes, fp: str, ps, every_bit: bool) -> dict[str, object]:
+    """Load ``data`` (coordinator.ctx of fingerprint ``fp``) with single bits
+    flipped; count the outcomes (and list the flips that kept ``fp``)."""
+    counts: dict[str, object] = {"refused": 0, "other fingerprint": 0}
+    same: list[tuple[int, int]] = []
+    for pos in _flip_positions(data, ps):
+        for bit in range(8) if every_bit else [pos % 8]:
+            flipped = bytearray(data)
+            flipped[pos] ^= 1 << bit
+            try:
+                _, got = keys.coordinator_backend(bytes(flipped), ps, "ckks")
+            except KeyMaterialError:
+                counts["refused"] += 1  # type: ignore[operator]
+                continue
+            if got == fp:
+                same.append((pos, bit))
+            else:
+                counts["other fingerprint"] += 1  # type: ignore[operator]
+    counts["same fingerprint at (byte, bit)"] = same
+    return counts
+
+
+def test_bit_flips_in_evaluation_context_change_fingerprint(ckks_pair, ps):
+    """One bit flipped at each of ≥ 200 positions over the whole coordinator.ctx
+    (relinearisation keys included): each flip is refused (KeyMaterialError)
+    or loads with another fingerprint — never the same fingerprint."""
+    _, _, fp, d = ckks_pair
+    counts = _flips((d / "coordinator.ctx").read_bytes(), fp, ps, every_bit=False)
+    assert counts["same fingerprint at (byte, bit)"] == [], counts
+    assert counts["refused"] + counts["other fingerprint"] >= 200, counts
+
+
+@pytest.mark.slow
+def test_every_bit_flip_at_sampled_positions_changes_fingerprint(ckks_pair, ps):
+    """As above with all 8 bits of every sampled byte (≈ 2,300 loads, ~1 min)."""
+    _, _, fp, d = ckks_pair
+    counts = _flips((d / "coordinator.ctx").read_bytes(), fp, ps, every_bit=True)
+    assert counts["same fingerprint at (byte, bit)"] == [], counts
+
+
+@pytest.mark.parametrize("bit", [4, 6])
+def test_damaged_public_key_tag_refused_before_tenseal_parses(ckks_pair, ps, bit):
+    """coordinator.ctx whose public-key field number is damaged by one bit
+    (the key then sits in an unknown field) crashed TenSEAL (SIGSEGV); TenSEAL's
+    record is checked first and the context refused with KeyMaterialError."""
+    from protocol import ckks
+
+    data = (ckks_pair[3] / "coordinator.ctx").read_bytes()
+    rec = ckks._TenSEALRecord()
+    rec.ParseFromString(data)
+    n = len(rec.public_context.SerializeToString())
+    varint = bytearray()
+    while True:
+        varint.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            break
+    at = data.index(b"\x12" + bytes(varint) + b"\x0a") + 1 + len(varint)
+    damaged = bytearray(data)
+    damaged[at] ^= 1 << bit
+    with pytest.raises(KeyMaterialError, match="as TenSEAL writes it"):
+        keys.coordinator_backend(bytes(damaged), ps, "ckks")

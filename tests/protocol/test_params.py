@@ -55,7 +55,7 @@ def test_largest_allowed_mask_fits_the_bottom_level(name, tmp_path):
     state = rng.uniform(0.0, 40.0, ps.slots)  # r reaches ~1/√δ ≈ 32
     ct = coord.to_bottom(coord.load(part.encrypt(state), level=ps.depth))
     mask = np.full(ps.slots, 2.0**ps.max_mask_bits - 1.0)
-    got = part.decrypt(coord.dump(coord.add_plain(ct, mask))) - mask
+    got = part.decrypt(coord.dump(coord.add_plain(ct, mask)), level=0) - mask
     # measured 2^-25.4 (8k-35x3) and 2^-39.7 (16k-50x6): 2^-(scale−20) stated
     np.testing.assert_allclose(got, state, atol=2.0 ** -(ps.scale_bits - 20))
     # and the bound is not loose: two bits more no longer encode
