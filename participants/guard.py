@@ -68,6 +68,8 @@ AUTO_BOUND_MARGIN = 1.25
 Adam constants allow (:func:`protocol.adam.step_sup`: ≈ 11.2·lr at β1 0.9, β2
 0.999; measured on the presets: at most 7.7·lr)."""
 KEY_FILE = "participant.ctx"
+#: what Flower's simulation puts in a node config (nothing else: a deployment's)
+SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 KINDS = ("train", "refresh", "v0", "final", "confirm")
 
 # Node-config keys of a deployed participant and their defaults (deployment).
@@ -131,8 +133,11 @@ class Trust:
     def from_context(
         cls, node_config: Mapping[str, Any], cfg: RunConfig, run_id: int
     ) -> Trust:
-        """Settings from the node config in deployment, the run config in simulation."""
-        if node_config.get("secret-context"):
+        """Settings from the node config in deployment, the run config in
+        simulation. A node config holding anything but what Flower's simulation
+        puts there (partition-id, num-partitions) is a deployment's, and then
+        every setting comes from it: one without a secret-context fails closed."""
+        if set(node_config) - SIMULATION_NODE_KEYS:
             return cls._deployed(node_config, cfg)
         key_run = cfg.key_run_id or _checkpoint_key_run(cfg) or run_id
         own = key_run == run_id
@@ -169,6 +174,11 @@ class Trust:
                     f"node config {key!r}: expected {kind.__name__}, received {value!r}"
                 ) from None
 
+        if not nc.get("secret-context"):
+            raise ConfigError(
+                "node config: 'secret-context' is required in deployment (the path "
+                "of participant.ctx; deploy/provision.sh writes it in node.toml)"
+            )
         key_path = Path(str(nc["secret-context"])).expanduser()
         state = nc.get("state-dir") or key_path.parent
         trust = cls(
@@ -182,9 +192,7 @@ class Trust:
             max_rounds=get("max-rounds", int),
             refusal_budget=get("refusal-budget", int),
             report_metrics=get("report-metrics", bool),
-            federation_size=get("federation-size", int)
-            if "federation-size" in nc
-            else cfg.num_participants,
+            federation_size=get("federation-size", int),
             deployed=True,
         )
         trust.validate()
@@ -337,6 +345,12 @@ class Guard:
             raise Terminal()
         if kind not in KINDS:
             raise OutOfOrder(f"unknown message kind {kind!r}")
+        if self.state.final is not None and kind != "confirm":
+            raise OutOfOrder(
+                f"{kind}: this participant accepted the final θ of round "
+                f"{self.state.final['round']} under this key; it handles nothing "
+                "more under it (a new run needs a new key)"
+            )
         if not 1 <= round_ <= self.trust.max_rounds:
             raise OutOfOrder(
                 f"{kind}: round {round_} outside [1, max-rounds="
@@ -420,8 +434,14 @@ class Guard:
     # ---- the final θ and its release ----------------------------------------------
     def store_final(self, theta: np.ndarray, round_: int, info: dict[str, Any]) -> None:
         """Keep the final θ (for hedrl-release) until the others confirm it."""
-        self._save_array(self.final_path, theta)
-        self.state.final = {"round": round_, "agreed": False, **info}
+        values = np.asarray(theta, dtype="<f8")
+        self._save_array(self.final_path, values)
+        self.state.final = {
+            "round": round_,
+            "agreed": False,
+            "values_sha256": hashlib.sha256(values.tobytes()).hexdigest(),
+            **info,
+        }
 
     def confirm_final(self, round_: int, tags: Mapping[int, bytes], key: bytes) -> int:
         """Check the other participants' tags on the final θ; the count of valid
@@ -455,7 +475,11 @@ class Guard:
                 "no final θ agreed by a majority of the participants under this key "
                 "(the run has not ended, or the participants disagreed)"
             )
-        return self._load_array(self.final_path), final
+        theta = self._load_array(self.final_path)
+        digest = hashlib.sha256(np.asarray(theta, "<f8").tobytes()).hexdigest()
+        if digest != final.get("values_sha256"):
+            raise KeyMaterialError("the stored final θ is not the one confirmed")
+        return theta, final
 
     def mark_released(self) -> None:
         self.state.released = True

@@ -249,11 +249,14 @@ class Node:
         out = RecordDict()
         with guard.decrypting(kinds, t):
             theta = self._theta(be, theta_in, t, guard)
-            self._learn_into(be, fp, theta, t, init, out)
+            saved = self._learn_into(be, fp, theta, t, init, out)
             if state_in is not None:
                 self._refresh_into(be, fp, state_in, t, out)
             out[msg.METRICS] = self._metrics()
             guard.accept_theta(theta, t, digest(theta_in.chunks))
+        # the learner moves on only with an accepted message: Flower keeps the
+        # context of a failed one too, and a refusal's cause must not show later
+        self.context.state[STATE_KEY] = ConfigRecord({"blob": saved})
         return out
 
     def _learn_into(
@@ -264,7 +267,8 @@ class Node:
         t: int,
         init: bool,
         out: RecordDict,
-    ) -> None:
+    ) -> bytes:
+        """One gradient at θ, encrypted into ``out``; the learner's new state."""
         with self._timed("learn"):
             saved = self.context.state.get(STATE_KEY)
             grad, self._stats, new_saved = self.learner.step(
@@ -272,7 +276,6 @@ class Node:
                 None if saved is None else bytes(saved["blob"]),
                 cache_scope=(self.run_id, self.context.node_id),
             )
-            self.context.state[STATE_KEY] = ConfigRecord({"blob": new_saved})
             weight = 1.0 / self.cfg.num_participants
             g_n = clip_and_scale(grad, self.learner.layout, self.learner.bounds)
         with self._timed("encrypt"):
@@ -293,6 +296,7 @@ class Node:
                     self._expect(fp, "squares", be.top_level, None),
                     t,
                 )
+        return new_saved
 
     def _metrics(self) -> MetricRecord:
         """Environment steps always; episodes, returns and stage seconds only if

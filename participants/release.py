@@ -4,8 +4,7 @@
 participant decrypted, checked and stored at the end of the run
 (:meth:`participants.node.Node.final`), and only once a majority of the
 federation has confirmed, with tags only key holders can make, that they
-received the same ciphertext. It never reads the coordinator's checkpoint: a
-coordinator that wrote a crafted one learns nothing from a release.
+received the same ciphertext. It never reads the coordinator's checkpoint.
 
 A decryption carries the encryption error e, and e depends on the secret key
 (IND-CPA^D, Li & Micciancio, EUROCRYPT 2021). The released policy is therefore
@@ -13,12 +12,11 @@ flooded and rounded,
 
     θ_release = round(θ_dec + N(0, σ²), q),  σ = 2^-12 ≈ 2.4e-4,  q = 2^-14,
 
-and released at most once per key. What that protects is stated in
-docs/threat-model.md ("Release"): against the coordinator, who holds θ's
-ciphertext, a release is one RLWE sample whose error is the flooding noise
-(computational protection, with its parameters there); statistically it is
-not hidden (σ/|e| ≈ 2^12 gives a statistical distance of ~2^-6 over a policy
-of 9k values). σ is far below the scale of the weights (≈ 0.1–1).
+and released at most once per key. That protects the key against a
+coordinator that followed the protocol, not against one that chose the final
+ciphertext: the released policy must not reach the coordinator's side
+(docs/threat-model.md, "Release"). σ is far below the scale of the weights
+(≈ 0.1–1).
 """
 
 from __future__ import annotations
@@ -41,33 +39,33 @@ DEFAULT_NOISE_STD = 2.0**-12
 DEFAULT_ROUND_TO = 2.0**-14
 
 
-def _guards(keys_dir: Path, state_dir: Path, participant: int | None) -> list[Guard]:
-    """The guards under this key in ``state_dir`` with a final θ, lowest index first."""
+def _guards(keys_dir: Path, state_dir: Path) -> list[Guard]:
+    """Every participant's guard under the key in ``keys_dir`` kept in
+    ``state_dir``, lowest index first, each locked (a SuperNode serving the key
+    waits until the release is done) and read under its lock."""
     key_path = keys_dir / keys.PARTICIPANT_FILE
-    records = []
-    for path in sorted(state_dir.glob("guard-*-p*.json")):
-        raw = json.loads(path.read_text())
-        if raw.get("final") and (participant in (None, raw["participant"])):
-            records.append(raw)
-    if not records:
+    paths = sorted(state_dir.glob("guard-*.json"))
+    records = [json.loads(path.read_text()) for path in paths]
+    finals = [r["final"] for r in records if r.get("final")]
+    if not finals:
         raise KeyMaterialError(
-            f"no final θ in {state_dir}"
-            + ("" if participant is None else f" for participant {participant}")
-            + ": the run has not finished (it ends with a final θ every "
-            "participant checks)"
+            f"no final θ in {state_dir}: the run has not finished (it ends with a "
+            "final θ every participant checks)"
         )
-    final = records[0]["final"]
-    params = get_param_set(final["param_set"])
-    _, fp = keys.participant_backend(key_path, params, final["backend"])
-    guards = []
-    for r in records:
-        if r["fingerprint"] == fp:
-            guard = Guard(Trust.local(key_path, state_dir, int(r["participant"])), fp)
-            guard.close()  # read only; mark_released writes once, at the end
-            guards.append(guard)
-    if not guards:
+    params = get_param_set(finals[0]["param_set"])
+    _, fp = keys.participant_backend(key_path, params, finals[0]["backend"])
+    indices = sorted({int(r["participant"]) for r in records if r["fingerprint"] == fp})
+    if not indices:
         raise KeyMaterialError(f"no final θ under the key in {keys_dir}")
-    return sorted(guards, key=lambda g: g.trust.index)
+    guards: list[Guard] = []
+    try:
+        for index in indices:
+            guards.append(Guard(Trust.local(key_path, state_dir, index), fp))
+    except BaseException:
+        for guard in guards:
+            guard.close()
+        raise
+    return guards
 
 
 def release(
@@ -80,16 +78,37 @@ def release(
     round_to: float = DEFAULT_ROUND_TO,
 ) -> dict[str, Any]:
     """Flood and round the agreed final θ kept under the key in ``keys_dir``,
-    write it to ``out``, and mark the key released."""
+    write it to ``out``, and mark the key released for every participant whose
+    state is kept in ``state_dir``."""
     if not noise_std > 0 or not round_to > 0:
         raise HedrlError("noise-std and round-to must be > 0 (a release needs both)")
-    guards = _guards(keys_dir, state_dir or keys_dir, participant)
+    guards = _guards(keys_dir, state_dir or keys_dir)
+    try:
+        return _release(guards, out, participant, noise_std, round_to)
+    finally:
+        for guard in guards:
+            guard.close()
+
+
+def _release(
+    guards: list[Guard],
+    out: Path,
+    participant: int | None,
+    noise_std: float,
+    round_to: float,
+) -> dict[str, Any]:
     if any(g.state.released for g in guards):
         raise KeyMaterialError(
             "this key's final θ was released already; a second release with fresh "
             "noise would let the two be averaged (docs/threat-model.md)"
         )
-    agreed = [g for g in guards if g.state.final and g.state.final.get("agreed")]
+    agreed = [
+        g
+        for g in guards
+        if g.state.final
+        and g.state.final.get("agreed")
+        and participant in (None, g.trust.index)
+    ]
     if not agreed:
         raise KeyMaterialError(
             "the final θ was not confirmed by a majority of the participants "
@@ -193,8 +212,10 @@ def release_main(argv: list[str] | None = None) -> int:
         prog="hedrl-release",
         description="Export the final θ this participant accepted at the end of "
         "the run, once a majority of the participants confirmed the same "
-        "ciphertext, with noise flooding and rounding (docs/threat-model.md, "
-        "'Release'). Once per key.",
+        "ciphertext, with noise flooding and rounding, once per key. Do not let "
+        "the released policy reach the coordinator's side: the coordinator chose "
+        "the ciphertext it decrypts, and with the policy it can recover the run's "
+        "key (docs/threat-model.md, 'Release').",
     )
     ap.add_argument(
         "--keys",
@@ -245,7 +266,8 @@ def release_main(argv: list[str] | None = None) -> int:
     print(
         f"released {info['env_id']} policy (final θ of round {info['round']}) to "
         f"{args.out} with noise σ={info['noise_std']:.3g}, rounding "
-        f"{info['round_to']:.3g}; this key releases nothing more"
+        f"{info['round_to']:.3g}; this key releases nothing more. Keep it from "
+        "the coordinator's side (docs/threat-model.md, 'Release')."
     )
     return 0
 

@@ -182,6 +182,11 @@ class RunConfig:
                 f"backend: expected one of {BACKENDS}, received {self.backend!r}"
             )
         ps = get_param_set(self.param_set)
+        if ":" in self.env_id:  # gymnasium imports "module:Env" before making it
+            raise ConfigError(
+                f"env-id: expected a registered gymnasium id without ':', received "
+                f"{self.env_id!r}"
+            )
         if self.optimizer not in ("he-adam", "exact-adam"):
             raise ConfigError(
                 f"optimizer: expected 'he-adam' or 'exact-adam', "

@@ -241,7 +241,13 @@ def test_fingerprint_mismatch_refused_at_setup(tmp_path):
         _run(
             tmp_path,
             "ckks",
-            node_configs={2: {"secret-context": str(other / "participant.ctx")}},
+            node_configs={
+                2: {
+                    "secret-context": str(other / "participant.ctx"),
+                    "state-dir": str(tmp_path / "state-2"),
+                    "federation-size": 3,
+                }
+            },
         )
 
 

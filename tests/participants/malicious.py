@@ -42,10 +42,13 @@ def deployed_federation(
     budget: int = 3,
     backend: str = "ckks",
     run_id: int = RUN_ID,
+    finish: bool = False,
     **node: Any,
 ) -> Federation:
     """Run ``rounds`` honest rounds with deployed-style participants sharing one
-    provisioned key (each with its own state directory); return the federation."""
+    provisioned key (each with its own state directory); return the federation.
+    With ``finish`` the run ends as a run does, with the final θ (after which
+    participants decrypt nothing more under the key)."""
     bundle = tmp / "bundle"
     if not (bundle / keys.PARTICIPANT_FILE).exists():
         keys.write_keys(bundle, PS, backend, force=False)
@@ -75,7 +78,13 @@ def deployed_federation(
         },
     )
     fed = local_federation(raw, run_id, node_configs=configs)
-    fed.run()
+    if finish:
+        fed.run()
+        return fed
+    fed.setup()
+    for t in range(1, rounds + 1):
+        fed.history.append(fed.run_round(t))
+    fed.close()
     return fed
 
 
@@ -87,7 +96,7 @@ class Attacker:
         self.nodes = list(fed.nodes)
         self.honest = list(fed.grid.sent)  # what the honest run sent
         # the next round no participant has handled yet
-        self.round = fed._wire(fed.cfg.num_rounds) + 2
+        self.round = fed._wire(fed.cfg.num_rounds) + 1
 
     # ---- what it holds ----------------------------------------------------------
     def sent(self, mtype: str, node: int | None = None, key: str = "") -> Message:

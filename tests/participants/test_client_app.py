@@ -34,8 +34,6 @@ def _setup_message(backend: str) -> Message:
             "round": 0,
             "backend": backend,
             "send-context": 1,
-            "participant-index": 0,
-            "key-run-id": 7,
         }
     )
     message = Message(
@@ -56,6 +54,7 @@ def _participant_host(tmp_path: Path, backend: str) -> Context:
         node_config={
             "secret-context": str(bundle / keys.PARTICIPANT_FILE),
             "participant-index": 0,
+            "federation-size": 3,
         },
         state=RecordDict(),
         run_config={"backend": backend, "num-participants": 3},

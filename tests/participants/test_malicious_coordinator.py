@@ -32,8 +32,7 @@ TERMINAL = f"Terminal: {msg.TERMINAL_CODE}"
 
 @pytest.fixture
 def attacker(tmp_path):
-    """3 deployed participants after 3 honest CKKS rounds and the final θ;
-    refusal budget 6."""
+    """3 deployed participants after 3 honest CKKS rounds; refusal budget 6."""
     return Attacker(deployed_federation(tmp_path, budget=6), tmp_path)
 
 
@@ -298,3 +297,63 @@ def _participant(a: Attacker):
     from protocol import keys
 
     return keys.participant_backend(a.tmp / "bundle" / "participant.ctx", PS, "ckks")
+
+
+def test_malicious_nothing_is_decrypted_after_the_final(tmp_path, monkeypatch):
+    """Once a participant accepted a final θ under a key, it decrypts nothing
+    more under it: a second final (say, θ plus a structured offset, to be
+    released next to the first) and any later θ are refused before decryption.
+    Each participant tags one final, so two finals cannot both win a majority."""
+    a = Attacker(deployed_federation(tmp_path, finish=True), tmp_path)
+    a.round += 1  # the final took a round
+    victim = a.nodes[0]
+    decrypted = _decryptions(monkeypatch)
+    offset = [a.be.add_scalar(t, 1e-3) for t in a.theta(victim)]
+    for kind in (msg.FINAL, msg.TRAIN):
+        reply = a.send(victim, kind, a.train(victim, offset))
+        assert reply.error.reason.startswith(f"OutOfOrder: {kind.split('.')[-1]}:")
+        assert "accepted the final θ" in reply.error.reason
+        a.round += 1
+    assert decrypted == [] and a.guard(0).refusals == 0
+
+
+def test_malicious_refused_message_leaves_the_learner_where_it_was(attacker):
+    """A train refused after the learner ran (here: its refresh) leaves the
+    participant's rollout state as it was, so the environment steps it reports
+    later follow from the accepted messages only, whatever the refusal's cause."""
+    from participants.node import STATE_KEY
+
+    a, be = attacker, attacker.be
+    victim = a.nodes[2]
+    context = a.grid.contexts[victim]
+    before = bytes(context.state[STATE_KEY]["blob"])
+    content = a.train(victim, refresher=True)
+    big = [be.to_bottom(be.scal(g, 2.0**40)) for g in a.gradient()]
+    _with_state(a, content, {n: big for n in msg.STATE_NAMES})
+    assert a.send(victim, msg.TRAIN, content).error.reason == REFUSAL
+    assert bytes(context.state[STATE_KEY]["blob"]) == before
+
+
+def test_malicious_run_config_cannot_import_a_module_or_unpin_the_node(tmp_path):
+    """env-id 'module:Env' would make gymnasium import the module in the process
+    that holds the key: refused before anything is loaded. A node config with
+    deployment settings but no secret-context, or without federation-size (the
+    final θ's quorum), fails closed instead of falling back to the run config."""
+    import sys
+
+    from participants.guard import Trust
+    from protocol.config import RunConfig
+    from protocol.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="without ':'"):
+        RunConfig.from_mapping({"env-id": "antigravity:Fly-v0"})
+    assert "antigravity" not in sys.modules
+    cfg = RunConfig()
+    for node_config, missing in (
+        ({"participant-index": 0, "federation-size": 3}, "secret-context"),
+        ({"secret-context": "/k/p.ctx", "participant-index": 0}, "federation"),
+    ):
+        with pytest.raises(ConfigError, match=missing):
+            Trust.from_context(node_config, cfg, 7)
+    simulated = Trust.from_context({"partition-id": 1, "num-partitions": 4}, cfg, 7)
+    assert not simulated.deployed and simulated.index == 1

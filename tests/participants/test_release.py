@@ -180,3 +180,43 @@ def test_eval_records_gif(key_dir, tmp_path, capsys):
         # one frame per step; Pillow merges identical consecutive frames
         assert 2 <= im.n_frames <= int(res["returns"][0])
         assert im.size[0] > 100 and im.size[1] > 100
+
+
+def test_release_once_per_key_whichever_participant(key_dir, tmp_path):
+    """Several participants' states in one directory (a simulation): releasing
+    as participant 0 marks the key released for all of them."""
+    rel.release(key_dir, tmp_path / "p0.npz", participant=0)
+    with pytest.raises(rel.KeyMaterialError, match="released already"):
+        rel.release(key_dir, tmp_path / "p1.npz", participant=1)
+
+
+def test_release_waits_for_a_message_in_flight(key_dir, tmp_path):
+    """A release takes every guard's lock and reads the state under it: a
+    message a SuperNode is handling meanwhile (here: one that is refused) is
+    neither lost (its refusal stays charged) nor able to clear the release."""
+    import threading
+    import time
+
+    from participants.guard import Guard, Refused, Trust
+
+    fp = keys.participant_backend(key_dir / "participant.ctx", PS, "ckks")[1]
+    trust = Trust.local(key_dir / "participant.ctx", key_dir, 0)
+    busy = Guard(trust, fp)
+    done: dict[str, float] = {}
+
+    def release() -> None:
+        t0 = time.perf_counter()
+        rel.release(key_dir, tmp_path / "p.npz")
+        done["waited"] = time.perf_counter() - t0
+
+    thread = threading.Thread(target=release)
+    with pytest.raises(Refused), busy.decrypting(("confirm",), 10**4):
+        thread.start()
+        time.sleep(0.3)
+        raise ValueError
+    busy.close()
+    thread.join(30)
+    assert done["waited"] >= 0.25
+    after = Guard(trust, fp)
+    assert after.state.refusals == 1 and after.state.released
+    after.close()
