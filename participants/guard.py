@@ -40,7 +40,7 @@ import hmac
 import io
 import json
 import logging
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -405,16 +405,20 @@ class Guard:
         self._save()
 
     # ---- θ -----------------------------------------------------------------------
-    def check_theta(self, theta: np.ndarray, round_: int, theta0: np.ndarray) -> None:
-        """Refuse θ unless it is finite, bounded and near the last accepted θ."""
-        if theta.shape != theta0.shape or not np.all(np.isfinite(theta)):
-            raise ThetaRejected("θ has the wrong size or non-finite values")
+    def check_theta(
+        self, theta: np.ndarray, round_: int, theta0: Callable[[], np.ndarray]
+    ) -> None:
+        """Refuse θ unless it is finite, bounded and near the last accepted θ
+        (``theta0()``, this participant's own θ0, before any was accepted)."""
+        if not np.all(np.isfinite(theta)):
+            raise ThetaRejected("θ has non-finite values")
         if float(np.max(np.abs(theta))) > THETA_ABS_LIMIT:
             raise ThetaRejected("θ out of range")
-        prev, prev_round = theta0, 0
         if self.state.accepted_round:
             prev_round = self.state.accepted_round
             prev = self._load_array(self._theta_path(prev_round))
+        else:
+            prev, prev_round = theta0(), 0
         gap = min(round_ - prev_round, self.trust.max_round_gap)
         if prev.shape != theta.shape:
             raise ThetaRejected("θ has another size than the last accepted θ")

@@ -229,7 +229,7 @@ class Node:
         """Decrypt θ and check it against this participant's own bound."""
         with self._timed("decrypt"):
             theta = decrypt_received(be, got)
-            guard.check_theta(theta, t, self.learner.initial_theta())
+            guard.check_theta(theta, t, self.learner.initial_theta)
         return theta
 
     def train(self, content: RecordDict) -> RecordDict:

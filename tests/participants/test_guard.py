@@ -86,13 +86,16 @@ def test_theta_bound_grows_with_the_gap_up_to_g(tmp_path):
     """|θ − θ_last| ≤ bound·min(t − t_last, G); before any θ, from θ0."""
     guard = Guard(_trust(tmp_path), FP)
     theta0 = np.zeros(5)
-    guard.check_theta(theta0 + 0.1, 1, theta0)
+    own = lambda: theta0  # noqa: E731 - this participant's θ0
+    guard.check_theta(theta0 + 0.1, 1, own)
     with pytest.raises(ValueError):
-        guard.check_theta(theta0 + 0.11, 1, theta0)
+        guard.check_theta(theta0 + 0.11, 1, own)
+    with pytest.raises(ValueError):
+        guard.check_theta(np.zeros(6), 1, own)  # another size
     guard.accept_theta(theta0 + 0.1, 1, "d")
-    guard.check_theta(theta0 + 0.1 + 0.4, 9, theta0)  # gap 8, capped at G = 4
+    guard.check_theta(theta0 + 0.1 + 0.4, 9, own)  # gap 8, capped at G = 4
     with pytest.raises(ValueError):
-        guard.check_theta(theta0 + 0.1 + 0.41, 9, theta0)
+        guard.check_theta(theta0 + 0.1 + 0.41, 9, own)
     guard.close()
 
 
