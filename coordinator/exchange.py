@@ -55,15 +55,28 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(0.2)
 
 
+#: a failed reply's reason is kept (logs, metrics.jsonl) up to this many characters
+MAX_REASON_CHARS = 400
+
+
+def error_reason(reply: Message | None) -> str:
+    """Why a reply failed: "timeout" for none, else its error's reason as text
+    (Flower hands an empty reason over as None), cut to MAX_REASON_CHARS."""
+    if reply is None:
+        return "timeout"
+    if not reply.has_error():
+        return ""
+    reason = str(reply.error.reason or "")
+    if len(reason) > MAX_REASON_CHARS:
+        reason = f"{reason[:MAX_REASON_CHARS]}… ({len(reason)} characters)"
+    return reason
+
+
 def check_terminal(replies: dict[int, Message | None]) -> None:
     """Raise RunEnded if a participant answered with the terminal code: its
     refusal budget under this key is spent, it will answer nothing more."""
     for node, reply in replies.items():
-        if (
-            reply is not None
-            and reply.has_error()
-            and msg.TERMINAL_CODE in reply.error.reason
-        ):
+        if reply is not None and msg.TERMINAL_CODE in error_reason(reply):
             raise RunEnded(
                 f"participant {node} has spent its refusal budget under this key "
                 "and answers no more: the run ends (check why θ was refused; a new "

@@ -28,7 +28,12 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.exchange import check_terminal, exchange, wait_for_nodes
+from coordinator.exchange import (
+    check_terminal,
+    error_reason,
+    exchange,
+    wait_for_nodes,
+)
 from coordinator.persistence import (
     CheckpointMixin,
     Good,
@@ -40,6 +45,7 @@ from coordinator.replies import (
     Reply,
     parse_reply,
     participant_stages,
+    short_repr,
     vector_bytes,
 )
 from coordinator.run_loop import RunLoopMixin
@@ -69,6 +75,62 @@ from protocol.params import get_param_set
 from protocol.wire import Expect
 
 log = logging.getLogger("flwr.hedrl.coordinator")
+
+
+#: an evaluation context is a few MB (2.6 at 8k-35x3, ~30 at 16k-50x6)
+MAX_CONTEXT_BYTES = 256 * 1024 * 1024
+MAX_ROUND = 2**31 - 1  # a VectorHeader's round is a uint32
+
+
+def setup_info(node: int, reply: Message | None, *, context: bool) -> dict[str, Any]:
+    """One participant's setup reply, every field type- and range-checked, or a
+    HedrlError naming the participant and the field."""
+    if reply is None or reply.has_error():
+        raise HedrlError(f"participant {node} failed setup: {error_reason(reply)}")
+    record = reply.content.get(msg.SETUP_REPLY) if reply.has_content() else None
+    if not isinstance(record, ConfigRecord):
+        raise HedrlError(f"participant {node} failed setup: no setup record")
+
+    def field(key: str, kind: type, ok: Callable[[Any], bool], expected: str) -> Any:
+        value = record.get(key)
+        if type(value) is not kind or not ok(value):
+            got = short_repr(value)
+            raise HedrlError(
+                f"participant {node} failed setup: {key!r}: expected {expected}, "
+                f"received {got}"
+            )
+        return value
+
+    def hex64(v: str) -> bool:
+        return len(v) == 64 and all(c in "0123456789abcdef" for c in v)
+
+    def rounds(low: int) -> Callable[[int], bool]:
+        return lambda v: low <= v <= MAX_ROUND
+
+    info = {
+        "fingerprint": field("fingerprint", str, hex64, "64 hex digits"),
+        "layout-digest": field("layout-digest", str, hex64, "64 hex digits"),
+        "param-count": field(
+            "param-count", int, lambda v: 1 <= v <= 10**9, "an int in [1, 1e9]"
+        ),
+        "participant-index": field(
+            "participant-index", int, rounds(0), f"an int in [0, {MAX_ROUND}]"
+        ),
+        "last-round": field(
+            "last-round", int, rounds(0), f"an int in [0, {MAX_ROUND}]"
+        ),
+        "max-rounds": field(
+            "max-rounds", int, rounds(1), f"an int in [1, {MAX_ROUND}]"
+        ),
+    }
+    if context:
+        info["context"] = field(
+            "context",
+            bytes,
+            lambda v: 0 < len(v) <= MAX_CONTEXT_BYTES,
+            f"bytes of an evaluation context (at most {MAX_CONTEXT_BYTES})",
+        )
+    return info
 
 
 class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
@@ -186,16 +248,24 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             )
             out.append(self._message(node, msg.SETUP, RecordDict({msg.TASK: task}), 0))
         replies = exchange(self.grid, out, timeout=self.cfg.round_timeout)
-        infos = []
-        for node in self.nodes:
-            reply = replies[node]
-            check_terminal({node: reply})
-            if reply is None or reply.has_error():
-                err = "timeout" if reply is None else reply.error.reason
-                raise HedrlError(f"participant {node} failed setup: {err}")
-            infos.append(reply.content[msg.SETUP_REPLY])
+        check_terminal(replies)
+        infos = [
+            setup_info(node, replies[node], context=i == 0)
+            for i, node in enumerate(self.nodes)
+        ]
         first = infos[0]
-        ctx_bytes = bytes(first["context"])
+        for node, info in zip(self.nodes, infos, strict=True):
+            if info["param-count"] != first["param-count"]:
+                raise HeaderMismatch(
+                    field=f"param-count of participant {node}",
+                    expected=first["param-count"],
+                    received=info["param-count"],
+                )
+        indices = [info["participant-index"] for info in infos]
+        if len(set(indices)) != len(indices):
+            raise HedrlError(f"participants report the same index twice: {indices}")
+        self.indices = dict(zip(self.nodes, indices, strict=True))
+        ctx_bytes = first["context"]
         self.be, self.fingerprint = keys.coordinator_backend(
             ctx_bytes, self.params, self.cfg.backend
         )
@@ -276,15 +346,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         in round ``accepted_at``, 0 for θ0) is within their step bound of the
         last θ each accepted: that θ is at most (last − accepted_at) steps away.
         """
-        last = 0
-        for node, info in zip(self.nodes, infos, strict=True):
-            value = info.get("last-round", 0)
-            if not isinstance(value, int) or value < 0:
-                raise HedrlError(
-                    f"participant {node} failed setup: last-round {value!r} is not "
-                    "a round number"
-                )
-            last = max(last, value)
+        last = max(info["last-round"] for info in infos)
         first = self.start_round + 1
         if last:
             first = max(first, 2 * last - min(accepted_at, last) + 1)
@@ -294,6 +356,15 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 last,
                 first,
             )
+        # the last message (the final θ) is sent one round after the last step
+        end = first + self.cfg.num_rounds - self.start_round
+        for node, info in zip(self.nodes, infos, strict=True):
+            if end > info["max-rounds"]:
+                raise HedrlError(
+                    f"participant {node} serves rounds up to {info['max-rounds']} "
+                    f"under this key and this run would need up to {end}: resume "
+                    "an interrupted run with resume-from, or start with a fresh key"
+                )
         return first
 
     # ---- one round ---------------------------------------------------------------
@@ -397,9 +468,11 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         for node in self.nodes:
             reply = replies[node]
             if reply is None or reply.has_error():
-                why = "timeout" if reply is None else reply.error.reason
                 log.warning(
-                    "hedrl: round %d: participant %d missing (%s)", t, node, why
+                    "hedrl: round %d: participant %d missing (%s)",
+                    t,
+                    node,
+                    error_reason(reply),
                 )
                 missing.append(node)
                 continue
@@ -428,7 +501,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             for n in self.nodes
             if replies[n] is not None
             and replies[n].has_error()
-            and msg.REFUSED_CODE in str(replies[n].error.reason)
+            and msg.REFUSED_CODE in error_reason(replies[n])
         ]
         rec["refused"] = refused
         if refused and 2 * len(refused) >= len(refused) + len(accepted):
@@ -463,6 +536,8 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 log.warning("hedrl: round %d: step skipped, state kept: %s", t, exc)
         # replies that survived parsing and report episodes
         reporting = [r for r in accepted if r.episodes is not None]
+        if len(reporting) < need:  # one reply's returns are not the round's
+            reporting = []
         episodes = sum(r.episodes or 0 for r in reporting)
         ret_sum = sum(r.return_sum or 0.0 for r in reporting)
         rec.update(
@@ -535,8 +610,16 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         """After the last step: the final θ to every participant, then every
         participant's tag on it to each of them. A participant releases a θ
         (hedrl-release) only if it accepted it and a majority of the federation
-        tagged the same ciphertext. Returns summary.json's ``final``."""
+        tagged the same ciphertext. Returns summary.json's ``final``; a failure
+        here is recorded there, it does not end the run unfinished."""
         w = self._wire(t + 1)
+        try:
+            return self._finish(w)
+        except Exception as exc:  # the run's results are written regardless
+            log.error("hedrl: final θ (round %d): %s: %s", w, type(exc).__name__, exc)
+            return {"round": w, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _finish(self, w: int) -> dict[str, Any]:
         theta_rd = RecordDict()
         send_cts(
             self.be,
@@ -558,13 +641,23 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         for node in self.nodes:
             reply = replies[node]
             if reply is None or reply.has_error():
-                why = "timeout" if reply is None else reply.error.reason
+                why = error_reason(reply)
                 log.warning("hedrl: final θ: participant %d: %s", node, why)
                 continue
             rec = reply.content.get(msg.FINAL_REPLY)
-            tag = None if rec is None else rec.get("tag")
-            index = None if rec is None else rec.get("participant-index")
-            if isinstance(tag, bytes) and len(tag) == 32 and isinstance(index, int):
+            tag = None if not isinstance(rec, ConfigRecord) else rec.get("tag")
+            index = (
+                None
+                if not isinstance(rec, ConfigRecord)
+                else rec.get("participant-index")
+            )
+            usable = (
+                type(tag) is bytes
+                and len(tag) == 32
+                and type(index) is int
+                and index == self.indices[node]  # what it reported at setup
+            )
+            if usable:
                 tags[index] = tag
             else:
                 log.warning("hedrl: final θ: participant %d sent no usable tag", node)
@@ -588,7 +681,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
                 if reply is not None and not reply.has_error():
                     confirmed.append(node)
                 else:
-                    why = "timeout" if reply is None else reply.error.reason
+                    why = error_reason(reply)
                     log.warning("hedrl: final θ: participant %d: %s", node, why)
         log.info(
             "hedrl: final θ (round %d) accepted by %d of %d participants and "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import reprlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -166,10 +167,11 @@ def read_metrics(
         )
 
     def bad(key: str, expected: str) -> ReplyRejected:
-        value = metrics[key] if key in metrics else "nothing"
+        value = short_repr(metrics[key]) if key in metrics else "nothing"
         return ReplyRejected(
             participant=node,
-            reason=f"metrics field {key!r}: expected {expected}, received {value!r}",
+            reason=f"metrics field {short_repr(key)}: expected {expected}, "
+            f"received {value}",
         )
 
     known = {*REQUIRED_METRICS, *EPISODE_METRICS}
@@ -205,6 +207,13 @@ def read_metrics(
         if stage in msg.PARTICIPANT_STAGES:
             stage_s[stage] = value
     return episodes, return_sum, env_steps, stage_s
+
+
+def short_repr(value: object, limit: int = 80) -> str:
+    """``repr(value)``, cut short: a rejected value is echoed into the run's logs."""
+    r = reprlib.Repr()
+    r.maxstring = r.maxother = limit
+    return r.repr(value)
 
 
 def _number(value: object) -> float | None:

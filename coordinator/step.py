@@ -19,7 +19,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from coordinator.exchange import check_terminal, exchange
+from coordinator.exchange import check_terminal, error_reason, exchange
 from coordinator.replies import ExpectFor, Reply, read_refresh, vector_bytes
 from coordinator.workers import (
     BadChunks,
@@ -276,7 +276,7 @@ class StepMixin:
         why = None
         refresh = None
         if reply is None or reply.has_error():
-            why = "timeout" if reply is None else reply.error.reason
+            why = error_reason(reply)
         else:
             self._spare["up"] = vector_bytes(reply.content)
             try:

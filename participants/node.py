@@ -196,6 +196,7 @@ class Node:
             "param-count": int(self.learner.layout.size),
             "participant-index": self.index,
             "last-round": guard.last_round,
+            "max-rounds": self.trust.max_rounds,
         }
         out = RecordDict()
         if self._flag(task, "send-context"):

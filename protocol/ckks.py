@@ -56,6 +56,7 @@ SEAL_COMPR_MODES = {0: "none", 2: "zstd"}
 #: and the evaluation context's relinearisation keys follow
 PARTICIPANT_MAGIC = b"HEDRL-CKKS-PARTICIPANT-4\n"
 _LENGTH = struct.Struct("<Q")
+_CHECKSUM_BYTES = 32  # participant.ctx ends with a SHA-256 of what precedes it
 
 
 def _save_bytes(obj: Any) -> bytes:
@@ -163,9 +164,13 @@ def serialize_secret(ctx: ts.Context, relin_keys: bytes) -> bytes:
     """Bytes of participant.ctx: :data:`PARTICIPANT_MAGIC`, the length of the
     TenSEAL context with the secret key (without relinearisation keys: TenSEAL
     regenerates them at random when it loads a secret context), that context,
-    then ``relin_keys``, the evaluation context's relinearisation keys."""
+    then ``relin_keys``, the evaluation context's relinearisation keys, and a
+    SHA-256 of all that: the fingerprint covers the public keys, the checksum
+    the secret key (a damaged one would decrypt garbage, or tag the final θ
+    with a MAC key no other participant shares)."""
     body = ctx.serialize(save_secret_key=True, save_relin_keys=False)
-    return PARTICIPANT_MAGIC + _LENGTH.pack(len(body)) + body + relin_keys
+    data = PARTICIPANT_MAGIC + _LENGTH.pack(len(body)) + body + relin_keys
+    return data + hashlib.sha256(data).digest()
 
 
 def serialize_public(ctx: ts.Context, relin_keys: bytes) -> bytes:
@@ -212,8 +217,14 @@ def load_secret_context(data: bytes) -> SecretContext:
             "provision a new key with hedrl-keygen"
         )
     at = len(PARTICIPANT_MAGIC)
-    if len(data) < at + _LENGTH.size:
+    if len(data) < at + _LENGTH.size + _CHECKSUM_BYTES:
         raise KeyMaterialError(f"participant context truncated at {len(data)} bytes")
+    data, checksum = data[:-_CHECKSUM_BYTES], data[-_CHECKSUM_BYTES:]
+    if hashlib.sha256(data).digest() != checksum:
+        raise KeyMaterialError(
+            "participant context damaged (its checksum does not match): restore "
+            "it from the provisioned bundle"
+        )
     (n,) = _LENGTH.unpack_from(data, at)
     at += _LENGTH.size
     body, relin_keys = data[at : at + n], data[at + n :]

@@ -105,6 +105,7 @@ def test_participants_never_send_decrypted_values(runs):
                     "participant-index",
                     "context",
                     "last-round",
+                    "max-rounds",
                 }
             elif key == "final":  # a tag on the final θ's ciphertext bytes
                 assert set(record) in ({"tag", "participant-index"}, {"confirmed"})

@@ -184,7 +184,7 @@ METRICS_ATTACKS: Plan = {
 METRICS_ERRORS = {
     2: ("1001", "'episodes': expected an integer in [0, 1000000000], received inf"),
     3: ("1002", "'return-sum': expected a number with |value| ≤"),
-    4: ("1000", "'env-steps': expected an integer in [0, 1000000000], received 'no"),
+    4: ("1000", "'env-steps': expected an integer in [0, 1000000000], received no"),
     5: ("1001", "'return-sum': expected it beside 'episodes' (both or neither)"),
     6: ("1002", "'env-steps': expected an integer"),
     7: ("1000", "'episodes': expected an integer"),

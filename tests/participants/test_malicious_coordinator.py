@@ -264,6 +264,7 @@ def test_replies_of_deployed_participants_carry_no_episode_metrics(attacker):
                 "param-count",
                 "participant-index",
                 "last-round",
+                "max-rounds",
                 "context",
             }
 
