@@ -220,6 +220,20 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             }
         )
 
+    def _theta_record(self, w: int) -> tuple[RecordDict, int]:
+        """θ as sent in round ``w`` (bottom level) and its bytes."""
+        rd = RecordDict()
+        sent = send_cts(
+            self.be,
+            rd,
+            msg.THETA,
+            self.theta,
+            self._expect("theta", 0, None),
+            w,
+            self.param_count,
+        )
+        return rd, sent
+
     def _wire(self, t: int) -> int:
         """The round number messages of step ``t`` carry (participants require
         them to increase under a key, across runs: :meth:`_first_wire_round`)."""
@@ -433,16 +447,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
         self._pool_chunks = None
         t0 = time.perf_counter()
         refreshers = self._refreshers(t)
-        theta_rd = RecordDict()
-        theta_bytes = send_cts(
-            self.be,
-            theta_rd,
-            msg.THETA,
-            self.theta,
-            self._expect("theta", 0, None),
-            w,
-            self.param_count,
-        )
+        theta_rd, theta_bytes = self._theta_record(w)
         masks: dict[int, list[np.ndarray]] = {}
         out, down = [], 0
         for node in self.nodes:
@@ -620,16 +625,7 @@ class Federation(StepMixin, CheckpointMixin, RunLoopMixin):
             return {"round": w, "error": f"{type(exc).__name__}: {exc}"}
 
     def _finish(self, w: int) -> dict[str, Any]:
-        theta_rd = RecordDict()
-        send_cts(
-            self.be,
-            theta_rd,
-            msg.THETA,
-            self.theta,
-            self._expect("theta", 0, None),
-            w,
-            self.param_count,
-        )
+        theta_rd, _ = self._theta_record(w)
         out = []
         for node in self.nodes:
             content = RecordDict({msg.TASK: self._task(w)})

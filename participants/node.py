@@ -106,8 +106,8 @@ class Node:
         if self.guard is not None:
             self.guard.close()
 
-    def _task(self, content: RecordDict) -> tuple[Any, int]:
-        """The task record and its round, after the backend check."""
+    def _task_record(self, content: RecordDict) -> ConfigRecord:
+        """The task record, after the backend check."""
         task = content.get(msg.TASK)
         if not isinstance(task, ConfigRecord):
             raise WireFormatError("message carries no task record")
@@ -115,6 +115,11 @@ class Node:
             raise BackendMismatch(
                 field="backend", expected=self.cfg.backend, received=task.get("backend")
             )
+        return task
+
+    def _task(self, content: RecordDict) -> tuple[Any, int]:
+        """The task record and its round, after the backend check."""
+        task = self._task_record(content)
         round_ = task.get("round")
         if not isinstance(round_, int) or isinstance(round_, bool):
             raise WireFormatError(f"task round: expected an int, received {round_!r}")
@@ -180,13 +185,7 @@ class Node:
         """Load (in simulation, provision) the key; report fingerprint, layout and
         the last round handled under it (maybe the evaluation context and θ0)."""
         self._content = content
-        task = content.get(msg.TASK)
-        if not isinstance(task, ConfigRecord):
-            raise WireFormatError("message carries no task record")
-        if task.get("backend") != self.cfg.backend:
-            raise BackendMismatch(
-                field="backend", expected=self.cfg.backend, received=task.get("backend")
-            )
+        task = self._task_record(content)
         be, fp, guard = self._key(provision=True)
         if guard.spent:
             raise Terminal()
