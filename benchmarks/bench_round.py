@@ -12,7 +12,7 @@ round runs through the real code of both sides —
                  (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
                  as the federation calls them) → θ records at the bottom level
                  (send_cts) → records of the state the step masked for the next
-                 refresher (Federation._masked_state), both pushed as objects
+                 refresher (coordinator.masking.StateMasker), both pushed as objects
     participant  θ decrypt (receive_plain); the refresher decrypts and re-encrypts
                  the masked m, V, r (as participants.node does)
 
@@ -27,7 +27,6 @@ import numpy as np
 from flwr.app import RecordDict
 
 from benchmarks.bench_party import (
-    RUN_ID,
     Clock,
     Keys,
     Party,
@@ -36,7 +35,7 @@ from benchmarks.bench_party import (
     relay,
     to_wire,
 )
-from coordinator.federation import Federation
+from coordinator.masking import StateMasker
 from coordinator.workers import (
     POOL_STAGES,
     STEP_STAGES,
@@ -49,7 +48,6 @@ from participants.policy import Layout
 from protocol import messages as msg
 from protocol.adam import AdamHyper, StateUnits
 from protocol.codec import receive_plain, refresh_state, send_cts, send_plain
-from protocol.config import RunConfig
 from protocol.records import read_vector
 from protocol.wire import Expect
 
@@ -83,13 +81,8 @@ class Round:
         self.rng, self.pool = rng, pool
         self.layout = Layout(("theta",), ((party.params,),))
         self.clip = 0.1
-        # the coordinator's real masking code, on a minimal Federation
-        fed = Federation.__new__(Federation)
-        fed.cfg = RunConfig(mask_bits=mask_bits, backend=party.backend)
-        fed.params, fed.be, fed.fingerprint = party.ps, party.coord, party.fingerprint
-        fed.run_id, fed.layout_digest, fed.n_chunks = RUN_ID, "bench", party.chunks
-        fed._mask_rng, fed._premasked, fed.hp = rng, None, hp
-        self.fed = fed
+        # the coordinator's real masking code
+        self.masker = StateMasker(party.coord, hp, party.chunks, mask_bits, rng)
 
     # participant side ------------------------------------------------------------
     def _gradient(self, clock: Clock) -> np.ndarray:
@@ -144,17 +137,18 @@ class Round:
 
     def _mask(self, clock: Clock) -> tuple[Wire, list[np.ndarray]]:
         """The masked state's records; the masking itself is in the last step."""
-        p, fed = self.p, self.fed
-        fed.state, fed._round = p.state, p.t
-        if fed._premasked is None:  # no step yet: what it would have masked
-            fed._premasked = fed._mask_state()
+        p, masker = self.p, self.masker
+        if masker.pending is None:  # no step yet: what it would have masked
+            masker.pending = masker.mask(p.state)
         with clock("state_s"):
-            rd, masks, _ = fed._masked_state()
+            rd, masks, _ = masker.records(
+                p.state, lambda name: p.expect("state", 0, name), p.t
+            )
             return to_wire(rd), masks
 
     def _headers(self, wire: Wire, keys_exps: list[tuple[str, Expect]], clock: Clock):
-        """Pulled records, header checks and raw chunks, as Federation._parse_reply
-        does."""
+        """Pulled records, header checks and raw chunks, as
+        coordinator.replies.parse_reply does."""
         with clock("headers_s"):
             rd = from_wire(wire)
             return [read_vector(rd, key, exp)[1] for key, exp in keys_exps]
@@ -193,7 +187,7 @@ class Round:
             p.t,
             self.hp,
         )
-        masks_next = self.fed._draw_masks()
+        masks_next = self.masker.draw()
         with clock("step_s"):
             mask_next = masks_by_chunk(masks_next, n)
             if self.pool is None:
@@ -205,7 +199,7 @@ class Round:
                 clock.t[f"pool_{s}"] = dt
         p.theta, p.state = res.theta, res.state
         assert res.masked is not None
-        self.fed._premasked = (res.masked, masks_next)
+        self.masker.pending = (res.masked, masks_next)
         p.t += 1
         t = clock.t
         t.update(res.timings)

@@ -11,9 +11,8 @@ and, once the participants' key is known, to their key and layout
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from protocol import PROTOCOL_VERSION, STATE_UNITS_VERSION
 from protocol import messages as msg
@@ -21,7 +20,9 @@ from protocol.backend import Backend, Ct
 from protocol.checkpoint import read_checkpoint, write_checkpoint
 from protocol.config import RunConfig
 from protocol.errors import ConfigError, FingerprintMismatch, HeaderMismatch
-from protocol.params import ParamSet
+
+if TYPE_CHECKING:
+    from coordinator.federation import Federation
 
 log = logging.getLogger("flwr.hedrl.coordinator")
 
@@ -144,65 +145,45 @@ def resume_state(
     return theta, state, step
 
 
-class CheckpointMixin:
-    """``Federation.checkpoint``: the run's identity and its θ, m, V, r on disk.
+def checkpoint(fed: Federation, t: int, *, final: bool = False) -> Path | None:
+    """Write ``fed``'s θ, m, V, r and step counter atomically to
+    ``checkpoint.npz`` in its results directory.
 
-    A mixin: it reads the attributes annotated below, which the Federation
-    sets (``_good`` each round a majority accepts θ).
+    A periodic checkpoint holds the last θ a majority of participants accepted
+    (with the state and step count it came with), never a θ that nobody has
+    checked yet: a coordinator that crashes right after a forged or corrupted
+    step resumes from a state its key holders vouched for. The final
+    checkpoint holds the run's last state (the final θ sent to participants).
     """
-
-    be: Backend
-    cfg: RunConfig
-    params: ParamSet
-    out_dir: Path
-    run_id: int
-    key_run_id: int
-    fingerprint: str
-    layout_digest: str
-    param_count: int
-    theta: list[Ct | bytes]
-    state: State | None
-    _good: Good | None
-    _wire: Callable[[int], int]
-
-    def checkpoint(self, t: int, *, final: bool = False) -> Path | None:
-        """Write θ, m, V, r and the step counter atomically.
-
-        A periodic checkpoint holds the last θ a majority of participants
-        accepted (with the state and step count it came with), never a θ that
-        nobody has checked yet: a coordinator that crashes right after a forged
-        or corrupted step resumes from a state its key holders vouched for. The
-        final checkpoint holds the run's last state, the one to release.
-        """
-        path = self.out_dir / "checkpoint.npz"
-        if final:
-            theta, state, step = self.theta, self.state, t
-        elif self._good is None:
-            log.info("hedrl: round %d: no accepted θ yet, no checkpoint", t)
-            return None
-        else:
-            theta, state, step = self._good
-        vectors = {"theta": [self.be.to_bytes(c) for c in theta]}
-        levels = {"theta": 0}
-        if state is not None:
-            for j, name in enumerate(msg.STATE_NAMES):
-                vectors[name] = [self.be.dump(c[j]) for c in state]
-                levels[name] = state[0][j].level
-        meta = {
-            "protocol_version": PROTOCOL_VERSION,
-            "step": step,
-            "run_id": self.run_id,
-            "key_run_id": self.key_run_id,
-            "backend": self.cfg.backend,
-            "param_set": self.params.id,
-            "fingerprint": self.fingerprint,
-            "layout_digest": self.layout_digest,
-            "param_count": self.param_count,
-            "levels": levels,
-            "env_id": self.cfg.env_id,
-            "state_hyper": _state_hyper(self.cfg),
-            # the round (as sent) in which participants accept(ed) this θ
-            "wire_round": self._wire(step + 1),
-        }
-        write_checkpoint(path, meta, vectors)
-        return path
+    path = fed.out_dir / "checkpoint.npz"
+    if final:
+        theta, state, step = fed.theta, fed.state, t
+    elif fed.good is None:
+        log.info("hedrl: round %d: no accepted θ yet, no checkpoint", t)
+        return None
+    else:
+        theta, state, step = fed.good
+    vectors = {"theta": [fed.be.to_bytes(c) for c in theta]}
+    levels = {"theta": 0}
+    if state is not None:
+        for j, name in enumerate(msg.STATE_NAMES):
+            vectors[name] = [fed.be.dump(c[j]) for c in state]
+            levels[name] = state[0][j].level
+    meta = {
+        "protocol_version": PROTOCOL_VERSION,
+        "step": step,
+        "run_id": fed.run_id,
+        "key_run_id": fed.key_run_id,
+        "backend": fed.cfg.backend,
+        "param_set": fed.params.id,
+        "fingerprint": fed.fingerprint,
+        "layout_digest": fed.layout_digest,
+        "param_count": fed.param_count,
+        "levels": levels,
+        "env_id": fed.cfg.env_id,
+        "state_hyper": _state_hyper(fed.cfg),
+        # the round (as sent) in which participants accept(ed) this θ
+        "wire_round": fed.wire(step + 1),
+    }
+    write_checkpoint(path, meta, vectors)
+    return path

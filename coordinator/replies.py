@@ -30,7 +30,7 @@ from protocol.wire import Expect
 log = logging.getLogger("flwr.hedrl.coordinator")
 
 ExpectFor = Callable[..., Expect]
-"""``Federation._expect``: ``(kind, level, round_, name=None) -> Expect``."""
+"""``Federation.expect``: ``(kind, level, round_, name=None) -> Expect``."""
 
 #: largest episode or environment-step count a reply may report for one round
 MAX_COUNT = 10**9
@@ -116,7 +116,7 @@ def parse_reply(
     be : Backend
         The coordinator's (evaluation-only) backend.
     expect : callable
-        ``Federation._expect``, which fills in the run's header fields.
+        ``Federation.expect``, which fills in the run's header fields.
     squares : bool
         Whether the reply carries Σ w·g² (round 1, before there is a state).
     """

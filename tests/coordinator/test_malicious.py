@@ -277,16 +277,16 @@ def test_malicious_reply_raising_anything_is_a_rejection(tmp_path, monkeypatch):
     """Whatever reading a reply raises (here a ZeroDivisionError, as a bug a
     crafted reply might reach would) rejects that reply with a ReplyRejected
     naming the participant; the round steps with the others."""
-    import coordinator.federation as federation
+    import coordinator.rounds as rounds
 
-    real = federation.parse_reply
+    real = rounds.parse_reply
 
     def parse(content: RecordDict, **kw: Any):
         if kw["t"] == 2 and kw["node"] == 1001:
             raise ZeroDivisionError("division by zero")
         return real(content, **kw)
 
-    monkeypatch.setattr(federation, "parse_reply", parse)
+    monkeypatch.setattr(rounds, "parse_reply", parse)
     _, rows = _run(_raw(tmp_path, "plain", 0, **{"num-rounds": 3}), {})
     assert [r["participants"] for r in rows] == [3, 2, 3]
     assert rows[1]["rejected"] == {

@@ -51,7 +51,7 @@ def _theta_sent(part, fed: Federation, step: int, meta: dict, chunks: int):
     """θ as the participants decrypt it from the coordinator's message of the
     round that takes step ``step`` (messages carry that round plus the run's
     offset: participants require rounds to increase under a key)."""
-    round_ = fed._wire(step)
+    round_ = fed.wire(step)
     train = next(
         m
         for m in fed.grid.sent
@@ -75,15 +75,15 @@ def _theta_sent(part, fed: Federation, step: int, meta: dict, chunks: int):
 def _record_masks(fed: Federation) -> dict[int, list[np.ndarray]]:
     """The refresh masks the coordinator draws, per round."""
     drawn: dict[int, list[np.ndarray]] = {}
-    real = fed._masked_state
+    real = fed.masked_state
 
-    def masked_state(into=None):
-        rd, masks, sent = real(into)
-        step = fed._round - fed.wire_offset
+    def masked_state(wire, into=None):
+        rd, masks, sent = real(wire, into)
+        step = wire - fed.wire_offset
         drawn.setdefault(step, []).extend(m.copy() for m in masks)
         return rd, masks, sent
 
-    fed._masked_state = masked_state
+    fed.masked_state = masked_state
     return drawn
 
 
@@ -172,7 +172,7 @@ def test_resume_refuses_mismatched_checkpoint(tmp_path):
     fed = local_federation(
         _raw(tmp_path, **{"resume-from": str(v2), "num-rounds": 4}), RUN_ID + 7
     )
-    resumed_meta, resumed = fed._resume  # accepted at start, state included
+    resumed_meta, resumed = fed.resume  # accepted at start, state included
     assert resumed_meta["protocol_version"] == 2 and "r" in resumed
 
 
@@ -189,7 +189,7 @@ def test_forged_theta_refused_by_participants_then_rolled_back(tmp_path):
 
     def forge(t: int, fed: Federation) -> None:
         if t == 2:
-            kept["good"] = [fed.be.to_bytes(c) for c in fed._good.theta]  # θ_2 accepted
+            kept["good"] = [fed.be.to_bytes(c) for c in fed.good.theta]  # θ_2 accepted
             junk = np.random.default_rng(1).normal(0, 0.3, PS.slots)
             fed.theta = [
                 fed.be.to_bottom(fed.be.load(foreign.encrypt(junk), level=3))

@@ -96,7 +96,7 @@ class Attacker:
         self.nodes = list(fed.nodes)
         self.honest = list(fed.grid.sent)  # what the honest run sent
         # the next round no participant has handled yet
-        self.round = fed._wire(fed.cfg.num_rounds) + 1
+        self.round = fed.wire(fed.cfg.num_rounds) + 1
 
     # ---- what it holds ----------------------------------------------------------
     def sent(self, mtype: str, node: int | None = None, key: str = "") -> Message:
