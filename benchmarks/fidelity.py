@@ -558,7 +558,7 @@ def main(argv: list[str] | None = None) -> int:
         "--report",
         action="store_true",
         help="aggregate result files into fidelity.json, fidelity.png "
-        "and the README table",
+        "and the table in docs/fidelity.md",
     )
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -1,4 +1,5 @@
-"""Aggregate fidelity result files: fidelity.json, fidelity.png, README table."""
+"""Aggregate fidelity result files: fidelity.json, fidelity.png, the table in
+docs/fidelity.md."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+README = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 BEGIN, END = "<!-- fidelity-table:begin -->", "<!-- fidelity-table:end -->"
 BOOTSTRAP = 10_000
 # (entry key, reference variant, per-seed field): CKKS against the reference;
@@ -240,7 +241,7 @@ def _fmt(variants: dict[str, Any], key: str, field: str) -> str:
 
 
 def table(summary: dict[str, Any]) -> str:
-    """Markdown table for the README."""
+    """Markdown table for docs/fidelity.md."""
     lines = [
         "| env | seeds | final return: CKKS / twin / exact Adam "
         "| solved: CKKS/twin/exact | gap | gap_twin "
@@ -272,7 +273,8 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def main(out: Path) -> None:
-    """Write fidelity.json and fidelity.png under ``out``; update the README table."""
+    """Write fidelity.json and fidelity.png under ``out``; update the table in
+    docs/fidelity.md."""
     summary = summarise(out)
     (out / "fidelity.json").write_text(json.dumps(summary, indent=2))
     if summary:

@@ -4,7 +4,7 @@ A single-process sanity check of the RL core (no Flower, no encryption): every
 round each participant computes one PPO minibatch gradient at the current theta,
 clips it element-wise per layer to +-G and divides by G, the K normalised
 gradients are averaged with weights 1/K, and one Adam step updates theta. The
-Adam variant is the one the HE coordinator runs (ARCHITECTURE.md section 6):
+Adam variant is the one the HE coordinator runs (docs/design.md#he-adam):
 ``delta = (1 - beta2) / beta2`` added inside the square root, ``v`` started from
 the first round's mean squared normalised gradient, ``m = 0``, and only the
 first-moment bias correction ``lr / (1 - beta1**t)``.
@@ -34,7 +34,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from participants.policy import ActorCritic, init_params, make_layout
-from participants.rollout import PPOConfig, RolloutWorker, minibatches, take
+from participants.rollout import RolloutWorker, minibatches, take
+from protocol.config import RunConfig
 
 SOLVED = 475.0
 WINDOW = 20
@@ -68,18 +69,7 @@ def run(
     verbose: bool = False,
 ) -> dict[str, float]:
     """Train until the mean of the last 20 per-round returns reaches 475."""
-    cfg = PPOConfig(
-        gamma=0.99,
-        gae_lambda=0.95,
-        clip_coef=0.2,
-        vf_coef=0.5,
-        ent_coef=0.0,
-        num_envs=4,
-        num_steps=128,
-        update_epochs=2,
-        num_minibatches=2,
-        reward_scale=0.1,
-    )
+    cfg = RunConfig(lr=lr)  # E2·M2, 4 envs × 128 steps, γ 0.99, λ 0.95, reward ×0.1
     beta1, beta2 = 0.9, 0.999
     delta = (1.0 - beta2) / beta2
 
@@ -114,7 +104,9 @@ def run(
                 p.schedule = [
                     idx
                     for _ in range(cfg.update_epochs)
-                    for idx in minibatches(cfg.batch_size, cfg.num_minibatches, p.rng)
+                    for idx in minibatches(
+                        cfg.num_envs * cfg.num_steps, cfg.num_minibatches, p.rng
+                    )
                 ]
                 returns += rollout.episode_returns
                 env_steps += rollout.env_steps

@@ -49,8 +49,8 @@ from protocol.records import read_vector, write_vector
 from protocol.wire import Expect, make_header
 
 #: ≈ bytes of one chunk (4096 values) at 8k-35x3: θ and the masked state at the
-#: bottom level (32.03 per value), a seeded gradient at the top (49.5; README,
-#: bench section)
+#: bottom level (32.03 per value), a seeded gradient at the top (49.5;
+#: docs/benchmarks.md)
 BOTTOM_CHUNK, TOP_CHUNK = 131_195, 202_752
 PARAM_SET = get_param_set("8k-35x3")
 SLOTS = PARAM_SET.slots

@@ -49,6 +49,7 @@ from protocol.codec import receive_cts, send_cts
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import FingerprintMismatch, HedrlError, RunEnded
 from protocol.memory import retain_freed_memory
+from protocol.packing import n_chunks
 from protocol.params import get_param_set
 from protocol.wire import Expect
 
@@ -219,7 +220,7 @@ class Federation:
         self.indices = agree(self.nodes, infos, self.fingerprint)
         self.layout_digest = infos[0]["layout-digest"]
         self.param_count = infos[0]["param-count"]
-        self.n_chunks = -(-self.param_count // self.params.slots)
+        self.n_chunks = n_chunks(self.param_count, self.params.slots)
         self.masker = StateMasker(self.be, self.hp, self.n_chunks, self.cfg.mask_bits)
         theta0 = receive_cts(
             self.be,

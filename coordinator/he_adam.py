@@ -1,6 +1,6 @@
 """HE-Adam: Adam on ciphertexts at depth 3, with no inverse-square-root polynomial.
 
-The circuit of ARCHITECTURE §6 (hedrl's design; it builds on Nguyen, Dinh,
+The circuit of docs/design.md#he-adam (hedrl's design; it builds on Nguyen, Dinh,
 Nguyen, Lauter & Kim, Nature Machine Intelligence 7, 2025). State per slot:
 θ, m, V (= v + δ) and r ≈ V^(−1/2). One Newton step (A = 3), warm-started
 from β2^(−1/2)·r, tracks V'^(−1/2):
@@ -12,8 +12,8 @@ from β2^(−1/2)·r, tracks V'^(−1/2):
 (``AdamHyper.rsqrt_a`` = A; s = β2^(−1/2)/(A − 1): another A is the same
 circuit with a smaller worst-case error after gradient spikes.)
 
-P = W·r² equals ARCHITECTURE §6's q·r + p·p (p = x·r, q = (V + c²δ)·r) with
-two products fewer, and V' = β2·W is §6's β2·(V + x²) + (1−β2)·δ because
+P = W·r² equals the q·r + p·p of docs/design.md#he-adam (p = x·r, q = (V + c²δ)·r)
+with two products fewer, and V' = β2·W is its β2·(V + x²) + (1−β2)·δ because
 β2·c² = 1 − β2. The public scalars β1, (1−β1)/c, β2 and s are not multiplied
 into ciphertexts: m, V and r carry them as known factors
 (:class:`protocol.adam.StateUnits`) that the refresher applies while it
@@ -40,7 +40,6 @@ __all__ = [
     "ChunkState",
     "StateUnits",
     "initial_state",
-    "step",
     "step_chunk",
 ]
 
@@ -63,8 +62,8 @@ def _scal_for(be: Backend, a: Ct, c: float, partner: Ct, last: Ct) -> Ct:
     """``c·a`` with the factor that makes ``(c·a)·partner`` then ``·last`` exact.
 
     Computes the out_factor of ``scal`` so that multiplying the result by
-    ``partner`` and that product by ``last`` carries factor 1 (ARCHITECTURE §5:
-    TenSEAL's rescale bias is folded into the public scalars).
+    ``partner`` and that product by ``last`` carries factor 1 (TenSEAL's
+    rescale bias is folded into the public scalars: docs/design.md#tenseal-facts).
     """
     lvl1 = min(a.level - 1, partner.level)
     lvl2 = min(lvl1 - 1, last.level)
@@ -110,7 +109,7 @@ def step_chunk(
     ``k = K/K'`` corrects for dropouts: participants weighted their gradient by
     1/K before they knew that only K' would reply, so the circuit runs on k·x.
     k enters m' and V' through scalar products; for r' and θ' the factor k²
-    of p·p lands on a depth-1 factor (ARCHITECTURE §6) — still depth 3, 11
+    of p·p lands on a depth-1 factor (docs/design.md#he-adam) — still depth 3, 11
     products. (Folding k² into W instead would shrink the scalars on r by K'²,
     and CKKS's rescale noise, ~2^-22 absolute at 35-bit scale, would cost that
     factor in precision: measured 3–7e-4 relative error vs 4e-5.)
@@ -180,20 +179,6 @@ def exact_step_chunk(
 
 
 OPTIMIZERS = {"he-adam": step_chunk, "exact-adam": exact_step_chunk}
-
-
-def step(
-    be: Backend,
-    state: list[ChunkState],
-    xs: list[Ct],
-    t: int,
-    hp: AdamHyper,
-    optimizer: str = "he-adam",
-    k: float = 1.0,
-) -> list[ChunkState]:
-    """One optimiser step over all chunks (k = K/K' corrects for dropouts)."""
-    fn = OPTIMIZERS[optimizer]
-    return [fn(be, st, x, t, hp, k) for st, x in zip(state, xs, strict=True)]
 
 
 # ---- float64 references -------------------------------------------------------

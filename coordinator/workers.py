@@ -9,7 +9,7 @@ cuts most of the chunk indices into one contiguous shard per process, sized by
 each process's measured speed, and hands out the last fifth on demand to
 whichever process is through its own shard (:class:`Claims`): the calling
 process works on the first shard, spawned worker processes on the others (TenSEAL's
-``n_threads`` does not speed up element-wise work, ARCHITECTURE §5, and
+``n_threads`` does not speed up element-wise work, docs/design.md#tenseal-facts, and
 sealapi's calls hold the GIL, so threads do not either: measured, 2 threads took
 38 ms per chunk where one took 34).
 

@@ -1,4 +1,4 @@
-"""PPO-FedSGD on one participant (ARCHITECTURE §9), plaintext only.
+"""PPO-FedSGD on one participant (docs/design.md#rl-side), plaintext only.
 
 Each iteration the participant collects a rollout with the current global θ;
 then for each of the E×M rounds that follow it sends one fresh

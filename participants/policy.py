@@ -1,4 +1,4 @@
-"""Numpy actor-critic with analytic gradients for PPO and A2C.
+"""Numpy actor-critic with analytic gradients for PPO.
 
 Separate actor and critic MLPs (tanh hidden layers, orthogonal init as in CleanRL's
 ``ppo.py``) with a categorical or diagonal-Gaussian head. Every parameter lives in
@@ -189,7 +189,7 @@ class ActorCritic:
         ent_coef: float,
         policy_terms: PolicyTerms,
     ) -> tuple[float, np.ndarray, dict[str, float]]:
-        """Forward, loss and backward shared by PPO and A2C.
+        """Forward, loss and backward for a policy loss (PPO's clipped surrogate).
 
         ``policy_terms`` maps the minibatch log-probs to the policy loss, its
         gradient w.r.t. each log-prob and extra stats; the value loss
@@ -271,23 +271,3 @@ class ActorCritic:
             return float(np.maximum(pg1, pg2).mean()), g_logp, stats
 
         return self._loss_and_grad(theta, mb, vf_coef, ent_coef, clipped_surrogate)
-
-    def a2c_loss_and_grad(
-        self,
-        theta: np.ndarray,
-        mb: dict[str, np.ndarray],
-        vf_coef: float,
-        ent_coef: float,
-    ) -> tuple[float, np.ndarray, dict[str, float]]:
-        """Policy-gradient (A2C) loss ``-mean(adv * logprob)`` plus value loss.
-
-        Advantages are normalised per minibatch as in :meth:`loss_and_grad`;
-        ``mb["logprobs"]`` is not needed. Returns ``(loss, grad, stats)`` with
-        stats ``pg_loss``, ``v_loss`` and ``entropy``.
-        """
-        adv = _normalise(np.asarray(mb["advantages"], dtype=np.float64))
-
-        def policy_gradient(logprob: np.ndarray) -> PolicyLoss:
-            return float(-(adv * logprob).mean()), -adv / adv.shape[0], {}
-
-        return self._loss_and_grad(theta, mb, vf_coef, ent_coef, policy_gradient)

@@ -12,7 +12,6 @@ Advantage Estimation" (arXiv:1506.02438).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -21,9 +20,9 @@ from gymnasium.utils import EzPickle
 
 from participants.envs import ScaleForLearning, make_envs
 from participants.replay import EpisodeReplay
+from protocol.config import RunConfig
 
 __all__ = [
-    "PPOConfig",
     "Policy",
     "Rollout",
     "RolloutWorker",
@@ -32,61 +31,6 @@ __all__ = [
     "minibatches",
     "take",
 ]
-
-
-@dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyperparameters of one participant (CleanRL names)."""
-
-    gamma: float = 0.99
-    """Discount factor."""
-    gae_lambda: float = 0.95
-    """GAE lambda."""
-    clip_coef: float = 0.2
-    """Surrogate clipping coefficient."""
-    vf_coef: float = 0.5
-    """Value-loss coefficient."""
-    ent_coef: float = 0.0
-    """Entropy-bonus coefficient."""
-    num_envs: int = 4
-    """Parallel sub-environments per participant."""
-    num_steps: int = 128
-    """Steps per sub-environment per rollout."""
-    update_epochs: int = 2
-    """Passes (epochs) over each rollout."""
-    num_minibatches: int = 2
-    """Minibatches per epoch; one gradient (one round) each."""
-    reward_scale: float = 0.1
-    """Factor applied to rewards for learning only (stats stay raw)."""
-
-    def __post_init__(self) -> None:
-        checks = {
-            "gamma": 0.0 <= self.gamma <= 1.0,
-            "gae_lambda": 0.0 <= self.gae_lambda <= 1.0,
-            "clip_coef": self.clip_coef > 0.0,
-            "vf_coef": self.vf_coef >= 0.0,
-            "ent_coef": self.ent_coef >= 0.0,
-            "num_envs": self.num_envs >= 1,
-            "num_steps": self.num_steps >= 1,
-            "update_epochs": self.update_epochs >= 1,
-            "num_minibatches": 1 <= self.num_minibatches <= self.batch_size // 2,
-            "reward_scale": self.reward_scale > 0.0,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(
-                    f"PPOConfig.{name} out of range: {getattr(self, name)}"
-                )
-
-    @property
-    def batch_size(self) -> int:
-        """Transitions per rollout, ``num_envs * num_steps``."""
-        return self.num_envs * self.num_steps
-
-    @property
-    def rounds_per_rollout(self) -> int:
-        """Gradients computed from one rollout, ``update_epochs * num_minibatches``."""
-        return self.update_epochs * self.num_minibatches
 
 
 class Policy(Protocol):
@@ -188,9 +132,10 @@ class RolloutWorker:
 
     @classmethod
     def create(
-        cls, env_id: str, seed: int, config: PPOConfig, obs_scaling: bool = True
+        cls, env_id: str, seed: int, config: RunConfig, obs_scaling: bool = True
     ) -> RolloutWorker:
-        """Build envs with :func:`make_envs` from a :class:`PPOConfig`."""
+        """Build ``config.num_envs`` envs with :func:`make_envs` and a worker
+        with the config's γ and λ."""
         envs = make_envs(
             env_id, config.num_envs, seed, config.reward_scale, obs_scaling
         )

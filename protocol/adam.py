@@ -20,7 +20,7 @@ R_SCALE = 0.75
 
 @dataclass(frozen=True)
 class AdamHyper:
-    """Public HE-Adam constants (ARCHITECTURE §6)."""
+    """Public HE-Adam constants (docs/design.md#he-adam)."""
 
     lr: float = 2e-3
     """Learning rate."""
@@ -153,11 +153,11 @@ class StateUnits:
     chosen so that every public scalar of Adam except the step size lands
     here instead of in a ciphertext×scalar product (each costs a rescale):
     m' = β1·m + k'·x becomes the sum M + X, V' = β2·W is W itself, and the
-    Newton constant s goes into r' (ARCHITECTURE §6's circuit, 6 ct×ct and 1
-    ct×scalar products). The refresher, who decrypts the masked state anyway,
-    multiplies by :meth:`refresh_scale` = inp/out before re-encrypting: free.
-    Derived from the parameter set's primes and the Adam constants only, so
-    participants and coordinator compute the same numbers.
+    Newton constant s goes into r' (the circuit of docs/design.md#he-adam, 6
+    ct×ct and 1 ct×scalar products). The refresher, who decrypts the masked
+    state anyway, multiplies by :meth:`refresh_scale` = inp/out before
+    re-encrypting: free. Derived from the parameter set's primes and the Adam
+    constants only, so participants and coordinator compute the same numbers.
     """
 
     inp: tuple[float, float, float]

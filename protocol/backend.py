@@ -10,14 +10,14 @@ after each rescale TenSEAL resets the scale to the nominal Δ although the true
 scale is Δ²/q_l, which multiplies the decoded value by Δ/q_l (≈ 1 + 1e-5 at
 35-bit primes, measured). The circuit tracks that factor exactly and folds it
 into the public scalars (``scal(..., out_factor=...)``) so that outputs carry
-factor 1 (ARCHITECTURE §5).
+factor 1 (docs/design.md#tenseal-facts).
 """
 
 from __future__ import annotations
 
 import abc
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,6 @@ class Ct:
     data: Any
     level: int
     factor: float = 1.0
-    meta: dict[str, Any] = field(default_factory=dict)
 
 
 class Backend(abc.ABC):

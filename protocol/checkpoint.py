@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from protocol.files import write_atomic
 
 
 def write_checkpoint(
@@ -23,12 +24,7 @@ def write_checkpoint(
             arrays[f"{name}/{i}"] = np.frombuffer(chunk, dtype=np.uint8)
     buf = io.BytesIO()
     np.savez(buf, **arrays)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getvalue())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getvalue(), mode=0o644)
 
 
 def read_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, list[bytes]]]:

@@ -3,14 +3,15 @@
 Wire chunks are SEAL's own ciphertext serialisations, one per slot-chunk.
 Participants encrypt with *seeded symmetric* encryption through
 ``tenseal.sealapi`` (half the bytes of TenSEAL's public-key ciphertexts,
-ARCHITECTURE §5); the coordinator loads those bytes as SEAL ciphertexts under
-its public context and evaluates on them with ``sealapi`` directly.
+docs/design.md#tenseal-facts); the coordinator loads those bytes as SEAL
+ciphertexts under its public context and evaluates on them with ``sealapi``.
 
-Every chunk a peer sends passes two checks before it is used (ARCHITECTURE §2,
-rule 4): its SEAL header is read here before SEAL parses anything
-(:func:`check_seal_header`), and the parsed ciphertext must be exactly what
-hedrl sends at the expected level (:meth:`CkksBackend.check`) — on the
-coordinator before it computes with it, on a participant before it decrypts.
+Every chunk a peer sends passes two checks before it is used
+(docs/threat-model.md, "What participants do"): its SEAL header is read here
+before SEAL parses anything (:func:`check_seal_header`), and the parsed
+ciphertext must be exactly what hedrl sends at the expected level
+(:meth:`CkksBackend.check`) — on the coordinator before it computes with it,
+on a participant before it decrypts.
 
 Key files: ``coordinator.ctx`` is TenSEAL's serialisation of the evaluation
 context (public and relinearisation keys); ``participant.ctx`` holds the

@@ -143,7 +143,7 @@ def send_cts(
     A chunk given as bytes (already serialised, e.g. by a coordinator worker)
     is written as it is.
     """
-    chunks = [c if isinstance(c, bytes) else be.dump(c) for c in cts]
+    chunks = [be.to_bytes(c) for c in cts]
     header = make_header(
         _with(expect, chunk_count=len(chunks)), value_count=value_count, round_=round_
     )

@@ -215,14 +215,12 @@ class RunConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}: must be > 0, received {value!r}")
-        for key, value in {
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "gamma": self.gamma,
-            "gae-lambda": self.gae_lambda,
-        }.items():
-            if not 0.0 <= value < 1.0 + (key in ("gamma", "gae-lambda")):
+        for key, value in {"beta1": self.beta1, "beta2": self.beta2}.items():
+            if not 0.0 <= value < 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1), received {value!r}")
+        for key, value in {"gamma": self.gamma, "gae-lambda": self.gae_lambda}.items():
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key}: must be in [0, 1], received {value!r}")
         if not 3.0 <= self.rsqrt_a <= 6.0:
             raise ConfigError(
                 f"rsqrt-a: must be in [3, 6] (3 = Newton's step; r stays positive "
@@ -255,7 +253,8 @@ class RunConfig:
                 raise ConfigError(f"{key}: must be >= {low}, received {value}")
         if not 0.0 <= self.theta_step_bound < float("inf"):
             raise ConfigError(
-                f"theta-step-bound: must be >= 0 (0: 10·lr), received "
+                f"theta-step-bound: must be >= 0 (0: 1.25× the largest Adam step), "
+                "received "
                 f"{self.theta_step_bound!r}"
             )
         top = min(22, ps.max_mask_bits)

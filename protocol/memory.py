@@ -9,7 +9,7 @@ zero-filled one 4 KiB page at a time. On the 2-vCPU machines of this project
 that was most of the cost of pulling four 1M-parameter gradients: 125k minor
 faults and 0.19–0.52 s of system time against 0.10–0.15 s of user time; with
 the settings below the same pull faulted no page after the first round and
-took 0.09–0.12 s (README, bench section).
+took 0.09–0.12 s (docs/benchmarks.md).
 
 :func:`retain_freed_memory` raises the mmap threshold to 1 GiB (larger single
 allocations still get their own mapping) and the trim threshold to 2 GiB, so

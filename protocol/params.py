@@ -18,7 +18,7 @@ ENCRYPT_GRID_HEADROOM_BITS = 13
 
 @dataclass(frozen=True)
 class ParamSet:
-    """One CKKS parameter set (ARCHITECTURE §4)."""
+    """One CKKS parameter set (docs/design.md#ckks-parameter-sets)."""
 
     id: str
     poly_modulus_degree: int

@@ -5,7 +5,7 @@ their byte lengths in a second (``lengths``, little-endian uint32), not one
 Array per chunk: Flower (1.42) pushes and pulls every Array — and every ≤ 5 MB
 piece of a large one — as an object of its own, one request each, and at 1M
 parameters the per-object cost of ~2k objects per round dwarfed the per-byte
-cost (README, bench section). Protocol version 3 on.
+cost (docs/benchmarks.md). Protocol version 3 on.
 """
 
 from __future__ import annotations

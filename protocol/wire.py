@@ -1,4 +1,4 @@
-"""The versioned wire format (ARCHITECTURE §8), carried in Flower records.
+"""The versioned wire format (docs/design.md#wire-format), carried in Flower records.
 
 A vector travels as two records of a ``RecordDict``: ``<name>`` an
 ``ArrayRecord`` holding the slot-chunks concatenated in one raw byte ``Array``
@@ -24,8 +24,9 @@ from protocol.errors import BackendMismatch, HeaderMismatch, WireFormatError
 
 KINDS = ("gradient", "theta", "state", "refresh", "squares", "v0")
 
-_STRING, _UINT32, _UINT64, _BYTES, _DOUBLE = 9, 13, 4, 12, 1
-_OPTIONAL, _REPEATED = 1, 3
+# protobuf field types and label (descriptor.proto)
+_STRING, _UINT32, _UINT64 = 9, 13, 4
+_OPTIONAL = 1
 
 HEADER_FIELDS: tuple[tuple[str, int, int], ...] = (
     ("protocol_version", 1, _UINT32),
@@ -44,27 +45,21 @@ HEADER_FIELDS: tuple[tuple[str, int, int], ...] = (
 )
 
 
-def _build() -> tuple[Any, Any]:
+def _build() -> Any:
     fdp = descriptor_pb2.FileDescriptorProto(
         name="hedrl_wire.proto", package="hedrl.wire", syntax="proto3"
     )
     hdr = fdp.message_type.add(name="VectorHeader")
     for name, number, ftype in HEADER_FIELDS:
         hdr.field.add(name=name, number=number, type=ftype, label=_OPTIONAL)
-    cv = fdp.message_type.add(name="CKKSVectorProto")
-    cv.field.add(name="sizes", number=1, type=_UINT32, label=_REPEATED)
-    cv.field.add(name="ciphertexts", number=2, type=_BYTES, label=_REPEATED)
-    cv.field.add(name="scale", number=3, type=_DOUBLE, label=_OPTIONAL)
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fdp)
-    get = message_factory.GetMessageClass
-    return (
-        get(pool.FindMessageTypeByName("hedrl.wire.VectorHeader")),
-        get(pool.FindMessageTypeByName("hedrl.wire.CKKSVectorProto")),
+    return message_factory.GetMessageClass(
+        pool.FindMessageTypeByName("hedrl.wire.VectorHeader")
     )
 
 
-VectorHeader, CKKSVectorProto = _build()
+VectorHeader = _build()
 
 # Upper bound on one serialised chunk: a fresh public-key ciphertext at
 # N=16384 with 8 primes is ~1.6 MB; anything much larger is not a chunk.

@@ -275,6 +275,7 @@ def test_fingerprint_mismatch_in_theta_refused_by_participants(tmp_path):
     assert fed.history[2]["stepped"]
 
 
+@pytest.mark.needs_git
 def test_gitignore_covers_key_material():
     """Key directories and .ctx files are ignored by git."""
     import subprocess

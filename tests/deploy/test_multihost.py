@@ -46,7 +46,7 @@ PORT = 8000
 PARTICIPANTS = 3
 ROUNDS = 3
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.needs_root]
 
 
 def _pids_with(marker: bytes) -> list[int]:

@@ -15,13 +15,14 @@ from gymnasium.spaces import Box, Discrete
 
 from participants.policy import ActorCritic, init_params, make_layout
 from participants.rollout import (
-    PPOConfig,
     RolloutWorker,
     compute_gae,
     make_envs,
     minibatches,
     take,
 )
+from protocol.config import RunConfig
+from protocol.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_ID = "HedrlToy-v0"
@@ -69,7 +70,7 @@ class CounterValuePolicy:
 def _cartpole(seed: int) -> tuple[RolloutWorker, ActorCritic, np.ndarray]:
     layout = make_layout(4, 2, continuous=False)
     theta = init_params(layout, np.random.default_rng(seed))
-    worker = RolloutWorker.create("CartPole-v1", seed, PPOConfig(num_envs=4))
+    worker = RolloutWorker.create("CartPole-v1", seed, RunConfig(num_envs=4))
     return worker, ActorCritic(layout, continuous=False), theta
 
 
@@ -132,7 +133,7 @@ def test_compute_gae_undiscounted_is_reward_to_go() -> None:
 
 def test_mountaincar_observations_scaled_to_unit_box() -> None:
     """MountainCar observations are the affine map of [low, high] onto [-1, 1]."""
-    worker = RolloutWorker.create("MountainCar-v0", 5, PPOConfig(num_envs=2))
+    worker = RolloutWorker.create("MountainCar-v0", 5, RunConfig(num_envs=2))
     layout = make_layout(2, 3, continuous=False)
     policy = ActorCritic(layout, continuous=False)
     theta = init_params(layout, np.random.default_rng(0))
@@ -178,7 +179,7 @@ def test_worker_round_trip_continues_identically(duplicate: str) -> None:
 def test_box2d_worker_pickle_replays_the_episode_in_a_fresh_process(tmp_path) -> None:
     """LunarLander (EzPickle: its pickle holds no state) pickles as a replay of the
     current episode; a fresh process continues exactly where the original is."""
-    worker = RolloutWorker.create("LunarLander-v3", 0, PPOConfig(num_envs=2))
+    worker = RolloutWorker.create("LunarLander-v3", 0, RunConfig(num_envs=2))
     policy, theta = _policy_for(worker)
     worker.collect(policy, theta, 300, np.random.default_rng(1))
     replays = [env.replay_length for env in worker.envs.unwrapped.envs]
@@ -201,14 +202,14 @@ def test_box2d_worker_pickle_replays_the_episode_in_a_fresh_process(tmp_path) ->
     here = worker.collect(policy, theta, 200, np.random.default_rng(2))
     assert np.array_equal(np.load(tmp_path / "obs.npy"), here.batch["obs"])
     # a fresh start would look different: the copy really continued
-    fresh = RolloutWorker.create("LunarLander-v3", 0, PPOConfig(num_envs=2))
+    fresh = RolloutWorker.create("LunarLander-v3", 0, RunConfig(num_envs=2))
     again = fresh.collect(policy, theta, 200, np.random.default_rng(2))
     assert not np.array_equal(again.batch["obs"], here.batch["obs"])
 
 
 def test_unwrapped_box2d_env_still_refuses_to_pickle() -> None:
     """An EzPickle env that bypassed make_envs fails closed instead of restarting."""
-    worker = RolloutWorker.create("LunarLander-v3", 0, PPOConfig(num_envs=1))
+    worker = RolloutWorker.create("LunarLander-v3", 0, RunConfig(num_envs=1))
     inner = worker.envs.unwrapped.envs[0]
     worker.envs.unwrapped.envs[0] = inner.env  # strip EpisodeReplay
     with pytest.raises(TypeError, match="LunarLander-v3: EzPickle env state"):
@@ -227,10 +228,14 @@ def test_minibatches_partition_the_batch() -> None:
 
 
 def test_config_rejects_out_of_range_values() -> None:
-    """PPOConfig validates ranges and names the offending field."""
-    with pytest.raises(ValueError, match="PPOConfig.gamma out of range: 1.5"):
-        PPOConfig(gamma=1.5)
-    assert PPOConfig().rounds_per_rollout == 4
+    """The run config validates PPO's ranges and names the offending key."""
+    for key in ("gamma", "gae-lambda"):
+        with pytest.raises(
+            ConfigError, match=f"{key}: must be in \\[0, 1\\], received 1.5"
+        ):
+            RunConfig.from_mapping({key: 1.5})
+    assert RunConfig.from_mapping({"gamma": 1.0}).gamma == 1.0
+    assert RunConfig().rounds_per_rollout == 4
 
 
 def _small_learner(env_id: str, num_minibatches: int):
