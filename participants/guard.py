@@ -1,12 +1,4 @@
-"""What a participant trusts, and what it remembers under each key.
-
-The coordinator, and whoever runs the SuperLink, is an active adversary
-(docs/threat-model.md): task fields and the run config a deployed participant
-receives come from its side. A participant takes every security setting from
-its own operator instead: the node config (``flower-supernode --node-config
-FILE.toml``, written by ``deploy/provision.sh``) when it names a
-``secret-context`` (deployment), the run config only in a simulation, where
-one user plays every role.
+"""What a participant remembers under each key, and what it lets out.
 
 Every decryption is an oracle query: whatever a participant does differently
 because of a decrypted value can tell the coordinator something about the key
@@ -48,10 +40,9 @@ from typing import IO, Any
 
 import numpy as np
 
+from participants.trust import Trust
 from protocol import messages as msg
-from protocol.adam import step_sup
-from protocol.config import RunConfig, expand_dir
-from protocol.errors import ConfigError, HedrlError, KeyMaterialError, ThetaRejected
+from protocol.errors import HedrlError, KeyMaterialError, ThetaRejected
 from protocol.files import write_atomic
 
 log = logging.getLogger("flwr.hedrl.participant")
@@ -63,24 +54,7 @@ TERMINAL = msg.TERMINAL_CODE
 """The text of every reply once the refusal budget is spent."""
 THETA_ABS_LIMIT = 1e4
 """No element of an accepted θ is larger (a foreign key decrypts to ~q/Δ)."""
-AUTO_BOUND_MARGIN = 1.25
-"""theta-step-bound 0 means this many times the largest step the run config's
-Adam constants allow (:func:`protocol.adam.step_sup`: ≈ 11.2·lr at β1 0.9, β2
-0.999; measured on the presets: at most 7.7·lr)."""
-KEY_FILE = "participant.ctx"
-#: what Flower's simulation puts in a node config (nothing else: a deployment's)
-SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 KINDS = ("train", "refresh", "v0", "final", "confirm")
-
-# Node-config keys of a deployed participant and their defaults (deployment).
-NODE_DEFAULTS: dict[str, Any] = {
-    # ≥ 1.25 × step_sup × lr for lr up to 0.0043 at the default Adam constants
-    "theta-step-bound": 0.06,
-    "max-round-gap": 64,
-    "max-rounds": 100_000,
-    "refusal-budget": 3,
-    "report-metrics": False,
-}
 
 
 class Refused(Exception):  # noqa: N818 - the name reaches the coordinator
@@ -99,151 +73,6 @@ class Terminal(Exception):  # noqa: N818 - the name reaches the coordinator
 
 class OutOfOrder(HedrlError):
     """A message's round is out of range, repeated or behind (before decryption)."""
-
-
-@dataclass(frozen=True)
-class Trust:
-    """A participant's own security settings and where its key and state are."""
-
-    key_path: Path
-    """The secret context."""
-    state_dir: Path
-    """Where the guard state is kept (writable)."""
-    index: int
-    """This participant's index in the federation."""
-    theta_step_bound: float
-    """Largest accepted change of an element of θ per round."""
-    max_round_gap: int
-    """Rounds the θ bound grows over at most (G)."""
-    max_rounds: int
-    """Highest round number served under one key."""
-    refusal_budget: int
-    """Refusals under one key before the participant stops (B)."""
-    report_metrics: bool
-    """Report episode counts, returns and stage timings."""
-    federation_size: int
-    """Participants provisioned with this key (the final θ's quorum is a
-    majority of them)."""
-    deployed: bool
-    """Settings from the node config (deployment), not the run config."""
-    may_provision: bool = False
-    """Create the key if it is missing (simulation, for the run's own key)."""
-
-    @classmethod
-    def from_context(
-        cls, node_config: Mapping[str, Any], cfg: RunConfig, run_id: int
-    ) -> Trust:
-        """Settings from the node config in deployment, the run config in
-        simulation. A node config holding anything but what Flower's simulation
-        puts there (partition-id, num-partitions) is a deployment's, and then
-        every setting comes from it: one without a secret-context fails closed."""
-        if set(node_config) - SIMULATION_NODE_KEYS:
-            return cls._deployed(node_config, cfg)
-        key_run = cfg.key_run_id or _checkpoint_key_run(cfg) or run_id
-        own = key_run == run_id
-        key_dir = expand_dir(cfg.keys_dir) / f"run-{key_run}"
-        return cls(
-            key_path=key_dir / KEY_FILE,
-            state_dir=key_dir,
-            index=int(node_config.get("partition-id", 0)),
-            theta_step_bound=cfg.theta_step_bound
-            or AUTO_BOUND_MARGIN * step_sup(cfg.hyper) * cfg.lr,
-            max_round_gap=cfg.max_round_gap,
-            max_rounds=cfg.max_rounds,
-            refusal_budget=cfg.refusal_budget,
-            report_metrics=cfg.report_metrics,
-            federation_size=cfg.num_participants,
-            deployed=False,
-            may_provision=own,
-        )
-
-    @classmethod
-    def _deployed(cls, nc: Mapping[str, Any], cfg: RunConfig) -> Trust:
-        def get(key: str, kind: type) -> Any:
-            value = nc.get(key, NODE_DEFAULTS.get(key))
-            if value is None:
-                raise ConfigError(f"node config: {key!r} is required in deployment")
-            if kind is bool and isinstance(value, str):
-                value = {"true": True, "false": False}.get(value.lower(), value)
-            if kind is bool and not isinstance(value, bool):
-                raise ConfigError(f"node config {key!r}: expected true or false")
-            try:
-                return kind(value)
-            except (TypeError, ValueError):
-                raise ConfigError(
-                    f"node config {key!r}: expected {kind.__name__}, received {value!r}"
-                ) from None
-
-        if not nc.get("secret-context"):
-            raise ConfigError(
-                "node config: 'secret-context' is required in deployment (the path "
-                "of participant.ctx; deploy/provision.sh writes it in node.toml)"
-            )
-        key_path = Path(str(nc["secret-context"])).expanduser()
-        state = nc.get("state-dir") or key_path.parent
-        trust = cls(
-            key_path=key_path,
-            state_dir=Path(str(state)).expanduser(),
-            index=get("participant-index", int)
-            if "participant-index" in nc or "partition-id" not in nc
-            else int(nc["partition-id"]),
-            theta_step_bound=get("theta-step-bound", float),
-            max_round_gap=get("max-round-gap", int),
-            max_rounds=get("max-rounds", int),
-            refusal_budget=get("refusal-budget", int),
-            report_metrics=get("report-metrics", bool),
-            federation_size=get("federation-size", int),
-            deployed=True,
-        )
-        trust.validate()
-        return trust
-
-    @classmethod
-    def local(cls, key_path: Path, state_dir: Path, index: int) -> Trust:
-        """Settings for reading a guard's state on the key holder's machine
-        (hedrl-release): the deployment defaults, no messages handled."""
-        return cls(
-            key_path=key_path,
-            state_dir=state_dir,
-            index=index,
-            theta_step_bound=NODE_DEFAULTS["theta-step-bound"],
-            max_round_gap=NODE_DEFAULTS["max-round-gap"],
-            max_rounds=NODE_DEFAULTS["max-rounds"],
-            refusal_budget=NODE_DEFAULTS["refusal-budget"],
-            report_metrics=False,
-            federation_size=1,
-            deployed=True,
-        )
-
-    def validate(self) -> None:
-        """Raise ConfigError naming the first impossible setting."""
-        if not 0.0 < self.theta_step_bound < float("inf"):
-            raise ConfigError(
-                f"theta-step-bound must be > 0, received {self.theta_step_bound}"
-            )
-        for key, value in (
-            ("max-round-gap", self.max_round_gap),
-            ("max-rounds", self.max_rounds),
-            ("refusal-budget", self.refusal_budget),
-            ("federation-size", self.federation_size),
-        ):
-            if value < 1:
-                raise ConfigError(f"{key} must be >= 1, received {value}")
-        if self.index < 0:
-            raise ConfigError(f"participant-index must be >= 0, received {self.index}")
-
-
-def _checkpoint_key_run(cfg: RunConfig) -> int:
-    """The key run id written in resume-from's checkpoint (simulation only)."""
-    if not cfg.resume_from:
-        return 0
-    path = Path(cfg.resume_from).expanduser()
-    try:
-        with np.load(path) as data:
-            meta = json.loads(bytes(data["meta"]).decode())
-        return int(meta.get("key_run_id", meta["run_id"]))
-    except (OSError, ValueError, KeyError) as exc:
-        raise ConfigError(f"resume-from: unreadable checkpoint ({exc})") from exc
 
 
 @dataclass

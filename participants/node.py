@@ -20,11 +20,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from participants.guard import Guard, OutOfOrder, Terminal, Trust, digest, final_tag
+from participants.final import confirm, final
+from participants.guard import Guard, OutOfOrder, Terminal, digest
 from participants.learner import Learner, clip_and_scale
+from participants.state import initial_state, refresh, refresh_into
+from participants.trust import Trust
 from protocol import keys
 from protocol import messages as msg
-from protocol.adam import StateUnits, initial_state
 from protocol.backend import Backend
 from protocol.codec import Received, decrypt_received, receive_checked, send_plain
 from protocol.config import RunConfig
@@ -32,7 +34,6 @@ from protocol.errors import (
     BackendMismatch,
     HeaderMismatch,
     KeyMaterialError,
-    ThetaRejected,
     WireFormatError,
 )
 from protocol.memory import retain_freed_memory
@@ -43,8 +44,6 @@ from protocol.wire import Expect
 log = logging.getLogger("flwr.hedrl.participant")
 
 STATE_KEY = "hedrl"
-#: Σ w·g² of normalised gradients lies in [0, 1]; this much CKKS error is allowed
-SQUARES_SLACK = 1e-3
 #: reported returns are rounded to this (docs/threat-model.md counts their bits)
 RETURN_QUANTUM = 0.01
 #: reported stage seconds are rounded to this
@@ -251,7 +250,7 @@ class Node:
             theta = self._theta(be, theta_in, t, guard)
             saved = self._learn_into(be, fp, theta, t, init, out)
             if state_in is not None:
-                self._refresh_into(be, fp, state_in, t, out)
+                refresh_into(self, be, fp, state_in, t, out)
             out[msg.METRICS] = self._metrics()
             guard.accept_theta(theta, t, digest(theta_in.chunks))
         # the learner moves on only with an accepted message: Flower keeps the
@@ -320,158 +319,21 @@ class Node:
             )
         return MetricRecord(record)
 
-    def _refresh_into(
-        self, be: Backend, fp: str, state_in: list[Received], t: int, out: RecordDict
-    ) -> None:
-        """Decrypt the masked m, V, r and re-encrypt them, rounded, one level
-        each where the step uses them (:class:`~protocol.adam.StateUnits`)."""
-        units = StateUnits.of(be, self.cfg.hyper)
-        with self._timed("refresh"):
-            for name, got, level in zip(
-                msg.STATE_NAMES, state_in, units.levels(be.top_level), strict=True
-            ):
-                values = decrypt_received(be, got)
-                send_plain(  # refuses non-finite or absurdly large values
-                    be,
-                    out,
-                    msg.state_key("refresh", name),
-                    units.refresh_scale(name) * values,
-                    self._expect(fp, "refresh", level, None, name),
-                    t,
-                )
-
     def refresh(self, content: RecordDict) -> RecordDict:
-        """Spare refresher: the round's refresher failed; refresh only."""
-        self._content = content
-        _, t = self._task(content)
-        be, fp, guard = self._key()
-        guard.admit("refresh", t)
-        state_in = self._receive_state(be, fp, t)
-        out = RecordDict()
-        with guard.decrypting(("refresh",), t):
-            self._refresh_into(be, fp, state_in, t, out)
-        return out
+        """Spare refresher (:func:`participants.state.refresh`)."""
+        return refresh(self, content)
 
     def initial_state(self, content: RecordDict) -> RecordDict:
-        """Decrypt Σ w·g², return Enc(0), Enc(V0 = Σ + δ), Enc(V0^(−1/2))
-        (in the step's input units, :class:`~protocol.adam.StateUnits`)."""
-        self._content = content
-        task, t = self._task(content)
-        k = task.get("k")
-        if not isinstance(k, float) or not 1.0 <= k <= self.cfg.num_participants:
-            raise WireFormatError(
-                f"task 'k' (K/K'): expected a float in [1, "
-                f"{self.cfg.num_participants}], received {k!r}"
-            )
-        be, fp, guard = self._key()
-        guard.admit("v0", t)
-        size = n_chunks(self.learner.layout.size, self.params.slots) * self.params.slots
-        got = self._receive(
-            be, msg.SQUARES, self._expect(fp, "squares", be.top_level, t), size
-        )
-        out = RecordDict()
-        with guard.decrypting(("v0",), t):
-            squares = decrypt_received(be, got)
-            if not (
-                np.all(np.isfinite(squares))
-                and np.all(squares >= -SQUARES_SLACK)
-                and np.all(squares <= 1.0 + SQUARES_SLACK)
-            ):
-                raise ThetaRejected("squared-gradient sum is not one")
-            units = StateUnits.of(be, self.cfg.hyper)
-            for name, values, factor, level in zip(
-                msg.STATE_NAMES,
-                initial_state(k * np.clip(squares, 0.0, 1.0), self.cfg.hyper),
-                units.inp,
-                units.levels(be.top_level),
-                strict=True,
-            ):
-                send_plain(
-                    be,
-                    out,
-                    msg.state_key("v0", name),
-                    factor * values,
-                    self._expect(fp, "v0", level, None, name),
-                    t,
-                )
-        return out
+        """m0, V0, r0 from Σ w·g² (:func:`participants.state.initial_state`)."""
+        return initial_state(self, content)
 
     def final(self, content: RecordDict) -> RecordDict:
-        """The run's last θ: check it like any θ, keep it for hedrl-release and
-        return a tag on its ciphertext bytes for the others to compare."""
-        self._content = content
-        _, t = self._task(content)
-        be, fp, guard = self._key()
-        guard.admit("final", t)
-        got = self._receive(
-            be, msg.THETA, self._expect(fp, "theta", 0, t), self.learner.layout.size
-        )
-        if be.mac_key is None:  # a participant backend always has one
-            raise KeyMaterialError("no MAC key: not a participant's context")
-        out = RecordDict()
-        with guard.decrypting(("final",), t):
-            theta = self._theta(be, got, t, guard)
-            d = digest(got.chunks)
-            layout = self.learner.layout
-            guard.store_final(
-                theta,
-                t,
-                {
-                    "digest": d,
-                    "env_id": self.cfg.env_id,
-                    "continuous": self.learner.continuous,
-                    "names": list(layout.names),
-                    "shapes": [list(s) for s in layout.shapes],
-                    "param_set": self.params.id,
-                    "backend": self.cfg.backend,
-                },
-            )
-            guard.accept_theta(theta, t, d)
-            out[msg.FINAL_REPLY] = ConfigRecord(
-                {
-                    "tag": final_tag(be.mac_key, d, t, self.index),
-                    "participant-index": self.index,
-                }
-            )
-        return out
+        """The run's last θ (:func:`participants.final.final`)."""
+        return final(self, content)
 
     def confirm(self, content: RecordDict) -> RecordDict:
-        """Compare the other participants' tags with this one's final θ: a
-        majority of the federation must have received the same ciphertext
-        before hedrl-release will release it."""
-        self._content = content
-        _, t = self._task(content)
-        be, _, guard = self._key()
-        guard.admit("confirm", t)
-        rec = content.get(msg.FINAL_TAGS)
-        if not isinstance(rec, ConfigRecord):
-            raise WireFormatError("confirm carries no tags record")
-        indices, tags = rec.get("indices"), rec.get("tags")
-        if (
-            not isinstance(indices, list)
-            or not isinstance(tags, list)
-            or len(indices) != len(tags)
-            or len(set(indices)) != len(indices)
-            or not all(isinstance(i, int) and 0 <= i < 2**31 for i in indices)
-            or not all(isinstance(g, bytes) and len(g) == 32 for g in tags)
-        ):
-            raise WireFormatError(
-                "confirm: tags must be distinct indices with 32-byte tags"
-            )
-        if be.mac_key is None:
-            raise KeyMaterialError("no MAC key: not a participant's context")
-        guard.handled("confirm", t)
-        valid = guard.confirm_final(
-            t, dict(zip(indices, tags, strict=True)), be.mac_key
-        )
-        log.info(
-            "hedrl: participant %d: final θ of round %d confirmed by %d participants; "
-            "hedrl-release can release it",
-            self.index,
-            t,
-            valid,
-        )
-        return RecordDict({msg.FINAL_REPLY: ConfigRecord({"confirmed": valid})})
+        """The others' tags on the final θ (:func:`participants.final.confirm`)."""
+        return confirm(self, content)
 
 
 __all__ = ["Node", "OutOfOrder"]

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from participants.guard import Guard, Trust
+from participants.guard import Guard
+from participants.trust import Trust
 from protocol import keys
 from protocol.errors import HedrlError, KeyMaterialError
 from protocol.params import get_param_set

@@ -23,7 +23,6 @@ both sides hash the same keys into the fingerprint (:func:`fingerprint`).
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import struct
 import tempfile
@@ -37,27 +36,31 @@ import tenseal.sealapi as sealapi
 from protocol.backend import Backend, Ct
 from protocol.errors import CiphertextError, KeyMaterialError, SecretKeyRefused
 from protocol.params import ParamSet
+from protocol.seal_format import (
+    SEAL_HEADER,
+    check_record,
+    check_seal_header,
+    describe_scale,
+    hex_id,
+)
 
 _TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
-#: SEAL's serialisation header: magic, header size, version major and minor,
-#: compression mode, reserved, total size (little-endian, 16 bytes)
-SEAL_HEADER = struct.Struct("<HBBBBHQ")
-SEAL_MAGIC = 0xA15E
 #: the SEAL version this TenSEAL's SEAL writes into its headers
 SEAL_VERSION = (
     sealapi.Serialization.SEALHeader().version_major,
     sealapi.Serialization.SEALHeader().version_minor,
 )
-#: compression modes a chunk may use: none, or zstd (what SEAL's save writes);
-#: zlib is never produced by hedrl and is refused
-SEAL_COMPR_MODES = {0: "none", 2: "zstd"}
-
 #: first bytes of a participant.ctx (protocol 4 on): the TenSEAL secret context
 #: and the evaluation context's relinearisation keys follow
 PARTICIPANT_MAGIC = b"HEDRL-CKKS-PARTICIPANT-4\n"
 _LENGTH = struct.Struct("<Q")
 _CHECKSUM_BYTES = 32  # participant.ctx ends with a SHA-256 of what precedes it
+
+
+def _check_seal_header(head: bytes, total: int) -> None:
+    """:func:`protocol.seal_format.check_seal_header` for this TenSEAL's SEAL."""
+    check_seal_header(head, total, SEAL_VERSION)
 
 
 def _save_bytes(obj: Any) -> bytes:
@@ -82,41 +85,6 @@ def _load_bytes(obj: Any, seal_ctx: Any, data: bytes) -> None:
         obj.load(seal_ctx, path)
     finally:
         os.unlink(path)
-
-
-def check_seal_header(head: bytes, total: int) -> None:
-    """Check the SEAL header ``head`` (the first 16 bytes) of a serialisation of
-    ``total`` bytes before SEAL parses it; raise :class:`CiphertextError`.
-
-    The header must carry SEAL's magic and header size, this SEAL's version, a
-    compression mode in :data:`SEAL_COMPR_MODES`, a zero reserved field and a
-    total size equal to ``total`` (no truncated or padded chunk reaches SEAL).
-    """
-    if len(head) < SEAL_HEADER.size:
-        raise CiphertextError(
-            f"chunk of {total} bytes is not a ciphertext: expected at least "
-            f"SEAL's {SEAL_HEADER.size}-byte header"
-        )
-    magic, hsize, major, minor, compr, reserved, size = SEAL_HEADER.unpack_from(head)
-    fields: tuple[tuple[str, object, object], ...] = (
-        ("magic", f"0x{magic:04X}", f"0x{SEAL_MAGIC:04X}"),
-        ("header size", hsize, SEAL_HEADER.size),
-        ("version", f"{major}.{minor}", "{}.{}".format(*SEAL_VERSION)),
-        ("reserved", reserved, 0),
-        ("size", size, total),
-    )
-    for name, got, want in fields:
-        if got != want:
-            raise CiphertextError(
-                f"chunk of {total} bytes is not a ciphertext: SEAL header {name} "
-                f"{got}, expected {want}"
-            )
-    if compr not in SEAL_COMPR_MODES:
-        modes = ", ".join(f"{k} ({v})" for k, v in SEAL_COMPR_MODES.items())
-        raise CiphertextError(
-            f"chunk of {total} bytes is not a ciphertext: SEAL header compr_mode "
-            f"{compr}, expected {modes}"
-        )
 
 
 def create_context(params: ParamSet) -> ts.Context:
@@ -234,7 +202,7 @@ def load_secret_context(data: bytes) -> SecretContext:
             f"participant context: a {n}-byte TenSEAL context and relinearisation "
             f"keys expected, {len(data) - at} bytes follow the length"
         )
-    _check_record(body, None, secret=True)
+    check_record(body, None, secret=True)
     try:
         ctx = ts.context_from(body)
     except Exception as exc:  # TenSEAL raises bare ValueError/RuntimeError
@@ -267,7 +235,7 @@ def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
             "evaluation context is a participant.ctx, which holds a secret key; the "
             "coordinator only accepts a public context (coordinator.ctx)"
         )
-    _check_record(data, params, secret=False)
+    check_record(data, params, secret=False)
     try:
         ctx = ts.context_from(data)
     except Exception as exc:
@@ -290,108 +258,6 @@ def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
             "or not written by hedrl"
         )
     return ctx
-
-
-#: TenSEAL's context record (fields as in TenSEAL's tensealcontext.proto),
-#: read here before TenSEAL parses it: TenSEAL crashes (SIGSEGV, measured) on a
-#: record without a public key, which one flipped bit of a tag makes
-_TENSEAL_RECORD: dict[str, tuple[tuple[str, int, int, str], ...]] = {
-    "Public": (
-        ("public_key", 1, 12, ""),
-        ("auto_flags", 2, 13, ""),
-        ("scale", 3, 1, ""),
-        ("relin_keys", 4, 12, ""),
-        ("galois_keys", 5, 12, ""),
-    ),
-    "Private": (
-        ("secret_key", 1, 12, ""),
-        ("relin_keys_generated", 2, 8, ""),
-        ("galois_keys_generated", 3, 8, ""),
-    ),
-    "Context": (
-        ("encryption_parameters", 1, 12, ""),
-        ("public_context", 2, 11, "Public"),
-        ("private_context", 3, 11, "Private"),
-        ("encryption_type", 4, 13, ""),
-    ),
-}
-#: auto_flags of :func:`create_context`'s contexts: auto relinearise, rescale
-#: and modulus-switch (TenSEAL's defaults)
-TENSEAL_AUTO_FLAGS = 7
-
-
-def _tenseal_record() -> Any:
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="hedrl_tenseal_context.proto", package="hedrl.tenseal", syntax="proto3"
-    )
-    for message, fields in _TENSEAL_RECORD.items():
-        m = fdp.message_type.add(name=message)
-        for name, number, ftype, sub in fields:
-            ref = f".hedrl.tenseal.{sub}" if sub else None
-            m.field.add(name=name, number=number, type=ftype, label=1, type_name=ref)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    desc = pool.FindMessageTypeByName("hedrl.tenseal.Context")
-    return message_factory.GetMessageClass(desc)
-
-
-_TenSEALRecord = _tenseal_record()
-
-
-def _check_record(data: bytes, params: ParamSet | None, *, secret: bool) -> None:
-    """Check TenSEAL's context record ``data`` before TenSEAL parses it: it is
-    exactly the record it parses to (no unknown or repeated field), with the
-    parts a secret (participant) or evaluation (coordinator) context has, and
-    the stored fields — flags, key type, scale (``params``) — as
-    :func:`create_context` writes them. Keys and parameters themselves are
-    checked by SEAL as TenSEAL loads them."""
-    rec = _TenSEALRecord()
-    try:
-        rec.ParseFromString(data)
-        canonical = rec.SerializeToString() == data
-    except Exception as exc:  # protobuf DecodeError
-        raise KeyMaterialError(f"not a TenSEAL context: {exc}") from exc
-    if not canonical:
-        raise KeyMaterialError(
-            "not a TenSEAL context as TenSEAL writes it (unknown, repeated or "
-            "out-of-order fields)"
-        )
-    pub, priv = rec.public_context, rec.private_context
-    if not secret and rec.HasField("private_context"):
-        raise SecretKeyRefused(
-            "evaluation context holds a secret key; the coordinator only accepts "
-            "a public context (public key + relinearisation keys)"
-        )
-    got: dict[str, object] = {
-        "encryption parameters": bool(rec.encryption_parameters),
-        "public key": bool(pub.public_key),
-        "auto_flags": pub.auto_flags,
-        "encryption_type": rec.encryption_type,
-        "Galois keys": bool(pub.galois_keys),
-        "relinearisation keys": bool(pub.relin_keys),
-    }
-    want: dict[str, object] = {
-        "encryption parameters": True,
-        "public key": True,
-        "auto_flags": TENSEAL_AUTO_FLAGS,
-        "encryption_type": 0,  # public-key encryption
-        "Galois keys": False,
-        "relinearisation keys": not secret,  # stored beside it (participant.ctx)
-    }
-    if secret:
-        got["secret key"] = bool(priv.secret_key)
-        got["generated keys"] = (priv.relin_keys_generated, priv.galois_keys_generated)
-        want["secret key"], want["generated keys"] = True, (False, False)
-    if params is not None:
-        got["global scale"], want["global scale"] = pub.scale, params.scale
-    for name, expected in want.items():
-        if got[name] != expected:
-            raise KeyMaterialError(
-                f"{'participant' if secret else 'evaluation'} context {name} "
-                f"{got[name]}, expected {expected}"
-            )
 
 
 def _check_parameters(ctx: ts.Context, params: ParamSet) -> None:
@@ -544,7 +410,7 @@ class CkksBackend(Backend):
     # ---- serialisation and the checks of every received chunk ---------------
     def _parse(self, chunk: bytes) -> Any:
         """A SEAL ciphertext from its serialisation (header checked first)."""
-        check_seal_header(chunk[: SEAL_HEADER.size], len(chunk))
+        _check_seal_header(chunk[: SEAL_HEADER.size], len(chunk))
         fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
         try:
             with os.fdopen(fd, "wb") as fh:
@@ -578,7 +444,7 @@ class CkksBackend(Backend):
             raise CiphertextError(
                 f"chunk of no bytes is not a ciphertext: {exc}"
             ) from exc
-        check_seal_header(head, size)
+        _check_seal_header(head, size)
         return self.check(self._parse_file(path, size), level)
 
     def check(self, ct: Any, level: int) -> Ct:
@@ -597,8 +463,8 @@ class CkksBackend(Backend):
         want_id = self._parms_by_level.get(level)
         if want_id is None or list(ct.parms_id()) != list(want_id):
             raise CiphertextError(
-                f"ciphertext parms_id {_hex_id(ct.parms_id())}, expected "
-                f"{'none' if want_id is None else _hex_id(want_id)} (level {level})"
+                f"ciphertext parms_id {hex_id(ct.parms_id())}, expected "
+                f"{'none' if want_id is None else hex_id(want_id)} (level {level})"
             )
         if ct.size() != 2:
             raise CiphertextError(f"ciphertext of size {ct.size()}, expected 2")
@@ -607,7 +473,7 @@ class CkksBackend(Backend):
         scale = ct.scale
         if scale != self.params.scale:  # also NaN
             raise CiphertextError(
-                f"ciphertext scale {_describe_scale(scale, self.params.scale)}, "
+                f"ciphertext scale {describe_scale(scale, self.params.scale)}, "
                 f"expected 2^{self.params.scale_bits}"
             )
         return Ct(ct, level)
@@ -660,13 +526,3 @@ class CkksBackend(Backend):
     def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
         self._need_secret()
         return self.decrypt_ct(self.load(chunk, level=level))
-
-
-def _hex_id(parms_id: Any) -> str:
-    return "".join(f"{int(w):016x}" for w in parms_id)[:16] + "…"
-
-
-def _describe_scale(scale: float, delta: float) -> str:
-    if math.isfinite(scale) and scale > 0:
-        return f"2^{math.log2(scale):.7f} (x{scale / delta!r} of Δ)"
-    return repr(scale)

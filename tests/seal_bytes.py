@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from protocol.ckks import SEAL_HEADER, SEAL_MAGIC, SEAL_VERSION
+from protocol.ckks import SEAL_VERSION
+from protocol.seal_format import SEAL_HEADER, SEAL_MAGIC
 
 COMPR_NONE, COMPR_ZLIB, COMPR_ZSTD = 0, 1, 2
 #: layout of the members before the coefficient array

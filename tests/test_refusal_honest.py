@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from coordinator.he_adam import exact_adam
-from participants.guard import AUTO_BOUND_MARGIN
+from participants.trust import AUTO_BOUND_MARGIN
 from protocol.adam import AdamHyper, step_sup
 from tests.helpers import local_federation, local_raw
 

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from participants.guard import Guard, Refused, Terminal, Trust
+from participants.guard import Guard, Refused, Terminal
+from participants.trust import Trust
 from protocol.errors import KeyMaterialError
 
 FP = "ab" * 32

@@ -342,7 +342,7 @@ def test_malicious_run_config_cannot_import_a_module_or_unpin_the_node(tmp_path)
     final θ's quorum), fails closed instead of falling back to the run config."""
     import sys
 
-    from participants.guard import Trust
+    from participants.trust import Trust
     from protocol.config import RunConfig
     from protocol.errors import ConfigError
 

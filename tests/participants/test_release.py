@@ -184,7 +184,8 @@ def test_release_waits_for_a_message_in_flight(key_dir, tmp_path):
     import threading
     import time
 
-    from participants.guard import Guard, Refused, Trust
+    from participants.guard import Guard, Refused
+    from participants.trust import Trust
 
     fp = keys.participant_backend(key_dir / "participant.ctx", PS, "ckks")[1]
     trust = Trust.local(key_dir / "participant.ctx", key_dir, 0)

@@ -257,10 +257,10 @@ def test_damaged_public_key_tag_refused_before_tenseal_parses(ckks_pair, ps, bit
     """coordinator.ctx whose public-key field number is damaged by one bit
     (the key then sits in an unknown field) crashed TenSEAL (SIGSEGV); TenSEAL's
     record is checked first and the context refused with KeyMaterialError."""
-    from protocol import ckks
+    from protocol import seal_format
 
     data = (ckks_pair[3] / "coordinator.ctx").read_bytes()
-    rec = ckks._TenSEALRecord()
+    rec = seal_format.TenSEALRecord()
     rec.ParseFromString(data)
     n = len(rec.public_context.SerializeToString())
     varint = bytearray()
