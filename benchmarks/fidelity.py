@@ -26,161 +26,44 @@ mean over the last 100 episodes. ``gap`` uses exact Adam as the reference,
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import json
 import logging
-import os
 import shutil
 import signal
 import sys
 import time
-import tomllib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from benchmarks.fidelity_common import (
+    CHECKPOINT_EVERY,
+    RESULTS,
+    TRACE_ROUNDS,
+    ThetaTrace,
+    _read_json,
+    final_return,
+    load_preset,
+    parse_set,
+    result_path,
+    rounds_to_solve,
+    stale,
+    sweep_settings,
+    trace_path,
+    work_path,
+)
+from benchmarks.fidelity_quick import main as quick_main
+from benchmarks.fidelity_report import main as report_main
 from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from protocol import keys
-from protocol.backend import Ct
 from protocol.checkpoint import read_checkpoint
 from protocol.config import RunConfig
+from protocol.files import write_atomic
 
-ROOT = Path(__file__).resolve().parent
-PRESETS = ROOT / "presets"
-RESULTS = ROOT / "results"
-VARIANTS = {
-    "ckks": {"backend": "ckks", "optimizer": "he-adam"},
-    "plain": {"backend": "plain", "optimizer": "he-adam"},
-    "exact": {"backend": "plain", "optimizer": "exact-adam"},
-}
-TRACE_ROUNDS = 20
-# a stopped run loses at most this many rounds (a checkpoint of the 9k-parameter
-# policies is a few hundred kB; writing it costs a few ms)
-CHECKPOINT_EVERY = 250
 log = logging.getLogger("hedrl.fidelity")
-
-
-def load_preset(
-    name: str, extra: dict[str, Any] | None = None
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(run-config overrides, benchmark settings) of a preset, with ``extra``
-    (``--set``) run-config values on top."""
-    data = tomllib.loads((PRESETS / f"{name}.toml").read_text())
-    bench = data.pop("benchmark")
-    return {**data, **(extra or {})}, bench
-
-
-def sweep_settings(
-    env: str, seed: int, variant: str, work: Path, rounds: int, participants: int
-) -> dict[str, Any]:
-    """The run-config values the benchmark sets itself, over the preset's."""
-    return {
-        **VARIANTS[variant],
-        "seed": seed,
-        "num-rounds": rounds,
-        "num-participants": participants,
-        "stop-return": 0.0,
-        "results-dir": str(work / "results"),
-        "keys-dir": str(work / "keys"),
-        "run-name": f"{env}-{variant}-{seed}",
-        "checkpoint-every": CHECKPOINT_EVERY,
-        "node-wait": 5.0,
-        # sweeps run one process per core; the aggregate is traced in-process
-        "coordinator-workers": 0,
-    }
-
-
-# keys --set may not override (flags: --seeds, --variants, --max-rounds)
-SWEEP_KEYS = frozenset(sweep_settings("env", 0, "plain", Path(), 1, 1))
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``--set key=value`` pairs: TOML values (bare words are strings); keys
-    must be run-config keys, so that a typo cannot pass as the preset."""
-    known = {f.name.replace("_", "-") for f in dataclasses.fields(RunConfig)}
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or key not in known:
-            raise ValueError(
-                f"--set {item!r}: expected run-config-key=value with a key of "
-                "[tool.flwr.app.config] (README, Run configuration)"
-            )
-        if key in SWEEP_KEYS:
-            raise ValueError(
-                f"--set {key}: set by the benchmark itself (seeds, variants and "
-                "the round budget have their own flags)"
-            )
-        try:
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        out[key] = value
-    return out
-
-
-def final_return(rows: list[dict[str, Any]], episodes: int = 100) -> float | None:
-    """Mean return over the last ``episodes`` episodes (whole rounds, from the end)."""
-    total, count = 0.0, 0
-    for r in reversed(rows):
-        if r["episodes"]:
-            total += r["return_mean"] * r["episodes"]
-            count += r["episodes"]
-            if count >= episodes:
-                break
-    return total / count if count else None
-
-
-def rounds_to_solve(
-    rows: list[dict[str, Any]], threshold: float
-) -> tuple[int, int] | None:
-    """First (round, env steps) at which the last-100-episode mean reaches threshold."""
-    steps = 0
-    for i, r in enumerate(rows):
-        steps += r["env_steps"]
-        if r["episodes"]:
-            fr = final_return(rows[: i + 1])
-            window = sum(x["episodes"] for x in rows[: i + 1])
-            if window >= 100 and fr is not None and fr >= threshold:
-                return r["round"], steps
-    return None
-
-
-class ThetaTrace:
-    """Participant-side decryption of θ and of the aggregate for the first rounds."""
-
-    def __init__(self, key_path: Path, backend: str, rounds: int) -> None:
-        self.key_path, self.backend, self.rounds = key_path, backend, rounds
-        self.theta: list[np.ndarray] = []
-        self.aggregate: list[np.ndarray] = []
-
-    def __call__(self, t: int, fed: Federation) -> None:
-        if t > self.rounds:
-            return
-        part, _ = keys.participant_backend(self.key_path, fed.params, self.backend)
-
-        def dec(cts: list[Any], level: int) -> np.ndarray:
-            values = [part.decrypt(fed.be.to_bytes(c), level=level) for c in cts]
-            return np.concatenate(values)[: fed.param_count]
-
-        self.theta.append(dec(fed.theta, 0))
-        if fed.last_aggregate is not None:
-            # the sum carries the participants' pre-factor; decrypt and divide it out
-            agg = [Ct(c.data, c.level) for c in fed.last_aggregate]
-            self.aggregate.append(dec(agg, fed.be.top_level) / fed.be.gradient_factor)
-
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {"theta": np.array(self.theta), "aggregate": np.array(self.aggregate)}
-
-    def load(self, path: Path) -> None:
-        """The trace of a stopped run's first rounds (it resumes later)."""
-        with np.load(path) as data:
-            self.theta = list(data["theta"])
-            self.aggregate = list(data["aggregate"])
 
 
 def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
@@ -214,27 +97,13 @@ def _segments(work: Path, ident: dict[str, Any]) -> list[tuple[Path, int]]:
     if not found and work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
-    _write_atomic(meta, json.dumps(ident).encode())
+    write_atomic(meta, json.dumps(ident).encode(), 0o644)
     return found
 
 
 def _part_no(part: Path) -> int:
     """k of a run's k-th part, ``results/part-<k>``."""
     return int(part.name.removeprefix("part-"))
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        return None
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``path`` so that a kill at any moment leaves the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _resumed_rows(parts: list[tuple[Path, int]]) -> tuple[list[dict[str, Any]], float]:
@@ -270,10 +139,12 @@ class _Progress:
         if t == TRACE_ROUNDS:
             buf = io.BytesIO()
             np.savez(buf, **self.trace.arrays())
-            _write_atomic(self.work / "trace.npz", buf.getvalue())
+            write_atomic(self.work / "trace.npz", buf.getvalue())
         self.elapsed[str(t)] = time.perf_counter() - self.start
         if t % CHECKPOINT_EVERY == 0:  # before the checkpoint of round t
-            _write_atomic(self.part / "elapsed.json", json.dumps(self.elapsed).encode())
+            write_atomic(
+                self.part / "elapsed.json", json.dumps(self.elapsed).encode(), 0o644
+            )
 
 
 def run_one(
@@ -357,20 +228,6 @@ def run_one(
     }
 
 
-def result_path(out: Path, env: str, variant: str, seed: int) -> Path:
-    return out / "fidelity" / env / f"{variant}-seed{seed}.json"
-
-
-def work_path(out: Path, env: str, variant: str, seed: int) -> Path:
-    """Keys and checkpoints of a run in progress (removed when it finishes)."""
-    return out / "fidelity" / ".work" / env / f"{variant}-seed{seed}"
-
-
-def trace_path(out: Path, env: str, variant: str, seed: int) -> Path:
-    """θ and aggregate of the first rounds (large; kept out of git)."""
-    return out / "fidelity" / ".traces" / env / f"{variant}-seed{seed}.npz"
-
-
 def write_result(out: Path, res: dict[str, Any]) -> Path:
     """Write a run's traces (npz) and its result (JSON, atomically, last)."""
     env, variant, seed = res["env"], res["variant"], res["seed"]
@@ -380,66 +237,8 @@ def write_result(out: Path, res: dict[str, Any]) -> Path:
     np.savez_compressed(tpath, **traces)
     path = result_path(out, env, variant, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(res).encode())
+    write_atomic(path, json.dumps(res).encode(), 0o644)
     return path
-
-
-def stale(path: Path, env: str, extra: dict[str, Any] | None = None) -> str | None:
-    """Why a finished result no longer matches its env's preset (None: current)."""
-    current, _ = load_preset(env, extra)
-    used = json.loads(path.read_text()).get("preset")
-    if used is None:
-        return "no preset recorded"
-    if used != current:
-        keys = sorted(
-            k for k in set(used) | set(current) if used.get(k) != current.get(k)
-        )
-        return "preset changed since: " + ", ".join(
-            f"{k} {used.get(k)!r} -> {current.get(k)!r}" for k in keys
-        )
-    return None
-
-
-def claim_path(path: Path) -> Path:
-    return path.with_suffix(".running")
-
-
-def claim(path: Path) -> bool:
-    """Claim a run for this process, so that sweeps started in parallel
-    share the work; a claim whose process is gone (crash, kill) is taken over."""
-    lock = claim_path(path)
-    lock.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                text = lock.read_text()
-                age = time.time() - lock.stat().st_mtime
-            except OSError:
-                continue  # its owner just finished; try again
-            if not text and age < 60:
-                return False  # just created, pid not written yet
-            pid = int(text) if text.isdigit() else 0
-            if pid and _alive(pid):
-                return False
-            log.info("taking over %s from process %d (gone)", lock, pid)
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as fh:
-            fh.write(str(os.getpid()))
-        return True
-    return False
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    return True
 
 
 def sweep(
@@ -450,7 +249,9 @@ def sweep(
     max_rounds: int | None,
     extra: dict[str, Any] | None = None,
 ) -> None:
-    """Run every missing (env, seed, variant); each result is written on finish.
+    """Run every missing (env, seed, variant) in this process, one after the
+    other; each result is written on finish. To share a sweep among processes,
+    give each its own --seed-list (or --envs): they write separate files.
 
     ``extra`` (``--set``) overrides preset values; results record them, so the
     report leaves such runs out of the committed table (they are stale).
@@ -459,37 +260,24 @@ def sweep(
         for seed in seeds:
             for variant in variants:
                 path = result_path(out, env, variant, seed)
-                # claim first, then look: a run another process just finished
-                # is seen as done, never started twice
-                if not claim(path):
-                    log.info("skip %s (another process is running it)", path)
-                    continue
+                if path.exists():
+                    why = stale(path, env, extra)
+                    if why is None:
+                        log.info("skip %s (done)", path)
+                        continue
+                    log.warning("re-running %s: %s", path, why)
+                work = work_path(out, env, variant, seed)
+                log.info("run %s seed %d %s", env, seed, variant)
                 try:
-                    if path.exists():
-                        why = stale(path, env, extra)
-                        if why is None:
-                            log.info("skip %s (done)", path)
-                            continue
-                        log.warning("re-running %s: %s", path, why)
-                    work = work_path(out, env, variant, seed)
-                    log.info("run %s seed %d %s", env, seed, variant)
-                    try:
-                        res = run_one(
-                            env,
-                            seed,
-                            variant,
-                            work,
-                            max_rounds=max_rounds,
-                            extra=extra,
-                        )
-                    except BaseException:
-                        if work.exists():
-                            log.warning("stopped; %s resumes from %s", path.name, work)
-                        raise
-                    write_result(out, res)
-                    shutil.rmtree(work, ignore_errors=True)
-                finally:
-                    claim_path(path).unlink(missing_ok=True)
+                    res = run_one(
+                        env, seed, variant, work, max_rounds=max_rounds, extra=extra
+                    )
+                except BaseException:
+                    if work.exists():
+                        log.warning("stopped; %s resumes from %s", path.name, work)
+                    raise
+                write_result(out, res)
+                shutil.rmtree(work, ignore_errors=True)
                 log.info(
                     "%s seed %d %s: final return %s, solved at %s, %.0f s",
                     env,
@@ -507,8 +295,6 @@ def _exit_on_sigterm(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point."""
-    from benchmarks import fidelity_quick, fidelity_report
-
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks.fidelity",
         description="Encrypted vs plaintext-twin vs exact-Adam federations "
@@ -566,9 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     # (DEBUG after a process's first) out of the root handler
     logging.getLogger("flwr.hedrl.participant").setLevel(logging.INFO)
     if args.quick:
-        return fidelity_quick.main(args.out)
+        return quick_main(args.out)
     if args.report:
-        fidelity_report.main(args.out)
+        report_main(args.out)
         return 0
     if args.seed_list:
         try:
@@ -583,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
         extra = parse_set(args.set)
     except ValueError as exc:
         ap.error(str(exc))
-    # `kill` unwinds like Ctrl-C: the run's claim goes away, its checkpoints stay
+    # `kill` unwinds like Ctrl-C: the run's checkpoints stay for a resume
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     if extra and args.out.resolve() == RESULTS.resolve():
         ap.error(

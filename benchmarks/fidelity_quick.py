@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.fidelity import ThetaTrace, load_preset, sweep_settings
+from benchmarks.fidelity_common import ThetaTrace, load_preset, sweep_settings
 from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
 from participants import learner as learner_mod

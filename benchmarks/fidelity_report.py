@@ -10,6 +10,8 @@ from typing import Any
 
 import numpy as np
 
+from benchmarks.fidelity_common import stale, trace_path
+
 README = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
 BEGIN, END = "<!-- fidelity-table:begin -->", "<!-- fidelity-table:end -->"
 BOOTSTRAP = 10_000
@@ -25,8 +27,6 @@ log = logging.getLogger(__name__)
 
 def _load(out: Path) -> dict[str, dict[str, dict[int, dict[str, Any]]]]:
     """Result records by env, variant and seed; runs of an older preset are left out."""
-    from benchmarks.fidelity import stale
-
     data: dict[str, dict[str, dict[int, dict[str, Any]]]] = {}
     for path in sorted((out / "fidelity").glob("*/*-seed*.json")):
         why = stale(path, path.parent.name)
@@ -90,8 +90,6 @@ def _rel_rows(a: np.ndarray, b: np.ndarray) -> list[float]:
 
 def _drift(out: Path, env: str, variants: dict[str, Any]) -> dict[str, Any]:
     """Per-round max relative difference, encrypted vs twin (decrypted), per seed."""
-    from benchmarks.fidelity import trace_path
-
     theta, agg = {}, {}
     for s in sorted(set(variants["ckks"]) & set(variants["plain"])):
         pc, pp = trace_path(out, env, "ckks", s), trace_path(out, env, "plain", s)

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from benchmarks import fidelity
+from benchmarks import fidelity, fidelity_common
 from benchmarks.fidelity_report import late_return, summarise, table
 
 FINALS = {  # env "toy": threshold 100, random 0 → scale 100
@@ -28,7 +28,7 @@ def out(tmp_path, monkeypatch):
         'env-id = "Toy-v0"\nlr = 0.001\n\n[benchmark]\nsolve-threshold = 100.0\n'
         "random-return = 0.0\nmax-rounds = 10\n"
     )
-    monkeypatch.setattr(fidelity, "PRESETS", presets)
+    monkeypatch.setattr(fidelity_common, "PRESETS", presets)
     for variant, seeds in FINALS.items():
         d = tmp_path / "fidelity" / "toy"
         d.mkdir(parents=True, exist_ok=True)

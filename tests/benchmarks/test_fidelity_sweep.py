@@ -1,10 +1,10 @@
-"""Parallel fidelity sweeps share work through claim files (no CKKS here:
-the closed-loop runs are replaced by a stub that records what would run)."""
+"""A fidelity sweep runs what is missing, skips what is done, re-runs what a
+preset change made stale (no CKKS here: the closed-loop runs are replaced by a
+stub that records what would run)."""
 
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -13,23 +13,6 @@ import numpy as np
 import pytest
 
 from benchmarks import fidelity
-
-
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_claim_is_exclusive_and_stale_claims_are_taken_over(tmp_path: Path) -> None:
-    path = tmp_path / "env" / "ckks-seed0.json"
-    assert fidelity.claim(path)
-    lock = fidelity.claim_path(path)
-    assert lock.read_text() == str(os.getpid())
-    assert not fidelity.claim(path)  # held by a live process (this one)
-    lock.write_text(str(_dead_pid()))
-    assert fidelity.claim(path)  # owner gone: taken over
-    assert lock.read_text() == str(os.getpid())
 
 
 def _stub(calls: list[tuple[str, int, str]], fail: bool = False):
@@ -51,27 +34,18 @@ def _stub(calls: list[tuple[str, int, str]], fail: bool = False):
     return run_one
 
 
-def test_sweep_skips_claimed_and_done_runs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_sweep_skips_done_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[tuple[str, int, str]] = []
     monkeypatch.setattr(fidelity, "run_one", _stub(calls))
-    claimed = fidelity.result_path(tmp_path, "cartpole", "plain", 1)
-    claimed.parent.mkdir(parents=True)
-    fidelity.claim_path(claimed).write_text(str(os.getpid()))  # "another" sweep
     fidelity.sweep(["cartpole"], [0, 1], ["plain"], tmp_path, None)
-    assert calls == [("cartpole", 0, "plain")]
+    assert calls == [("cartpole", 0, "plain"), ("cartpole", 1, "plain")]
     assert fidelity.result_path(tmp_path, "cartpole", "plain", 0).exists()
-    assert not fidelity.claim_path(
-        fidelity.result_path(tmp_path, "cartpole", "plain", 0)
-    ).exists()
-    assert not claimed.exists()
-    # a second sweep skips the finished run and still respects the live claim
+    # a second sweep finds both finished
     fidelity.sweep(["cartpole"], [0, 1], ["plain"], tmp_path, None)
-    assert calls == [("cartpole", 0, "plain")]
+    assert len(calls) == 2
 
 
-def test_crashed_run_releases_its_claim_and_writes_nothing(
+def test_crashed_run_writes_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[tuple[str, int, str]] = []
@@ -80,7 +54,6 @@ def test_crashed_run_releases_its_claim_and_writes_nothing(
         fidelity.sweep(["cartpole"], [0], ["ckks"], tmp_path, None)
     path = fidelity.result_path(tmp_path, "cartpole", "ckks", 0)
     assert not path.exists()
-    assert not fidelity.claim_path(path).exists()
 
 
 def test_sweep_reruns_results_of_an_older_preset(
@@ -146,9 +119,9 @@ sys.exit(fidelity.main(["--envs", "cartpole", "--seed-list", "0",
 """
 
 
-def test_sigterm_releases_claim_and_keeps_checkpoints(tmp_path: Path) -> None:
-    """`kill` on a sweep mid-run leaves no claim and no result; the run's work
-    directory (its checkpoints, for a later resume) stays."""
+def test_sigterm_keeps_checkpoints(tmp_path: Path) -> None:
+    """`kill` on a sweep mid-run leaves no result; the run's work directory
+    (its checkpoints, for a later resume) stays."""
     root = Path(__file__).resolve().parents[2]
     proc = subprocess.Popen(
         [sys.executable, "-c", _SLOW_SWEEP, str(tmp_path)],
@@ -159,12 +132,11 @@ def test_sigterm_releases_claim_and_keeps_checkpoints(tmp_path: Path) -> None:
     try:
         work = Path(proc.stdout.readline().strip())  # the run has started
         path = fidelity.result_path(tmp_path, "cartpole", "plain", 0)
-        assert work.is_dir() and fidelity.claim_path(path).exists()
+        assert work.is_dir()
         proc.terminate()
         assert proc.wait(timeout=30) == 128 + 15
     finally:
         proc.kill()
     assert work == fidelity.work_path(tmp_path, "cartpole", "plain", 0)
     assert (work / "checkpoint.npz").exists()
-    assert not fidelity.claim_path(path).exists()
     assert not path.exists()

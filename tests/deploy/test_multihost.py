@@ -20,189 +20,34 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
-import secrets
 import shutil
-import signal
-import socket
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from flwr.cli.build import build_fab_from_disk
 
+from benchmarks.deploy_lab import (
+    PARTICIPANTS,
+    REPO,
+    Lab,
+    free_port,
+    hand_out,
+    provision,
+    script,
+)
 from protocol.keys import coordinator_backend
 from protocol.params import get_param_set
 from tests.deploy.pin import app_pin
 
-REPO = Path(__file__).resolve().parents[2]
-DEPLOY = REPO / "deploy"
 SUBNET = "10.77.0"
 COORD_IP = f"{SUBNET}.1"
 PORT = 8000
-PARTICIPANTS = 3
 ROUNDS = 3
 
 pytestmark = [pytest.mark.slow, pytest.mark.needs_root]
-
-
-def _pids_with(marker: bytes) -> list[int]:
-    out = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit() and int(entry.name) != os.getpid():
-            try:
-                if marker in (entry / "environ").read_bytes().split(b"\0"):
-                    out.append(int(entry.name))
-            except OSError:
-                continue
-    return out
-
-
-def _kill(pids: list[int], sig: int) -> None:
-    for pid in pids:
-        try:
-            os.kill(pid, sig)
-        except ProcessLookupError:
-            pass
-
-
-class Lab:
-    """Processes started for one test, found again by an environment marker."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.tag = secrets.token_hex(3)
-        self.marker = f"HEDRL_DEPLOY_TEST={self.tag}"
-        self.namespaces: list[str] = []
-        self.procs: list[subprocess.Popen] = []
-        (tmp / "logs").mkdir()
-
-    def env(self, host_dir: Path, **extra: str) -> dict[str, str]:
-        """A host's environment: its own HOME and FLWR_HOME, plus the marker."""
-        env = dict(os.environ)
-        env.update(
-            HOME=str(host_dir / "home"),
-            FLWR_HOME=str(host_dir / "flwr-home"),
-            FLWR_DISABLE_UPDATE_CHECK="1",
-            FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-            HEDRL_DEPLOY_TEST=self.tag,
-            **extra,
-        )
-        return env
-
-    def _argv(self, ns: str | None, argv: list[str]) -> list[str]:
-        return ["ip", "netns", "exec", ns, *argv] if ns else argv
-
-    def start(
-        self, name: str, ns: str | None, argv: list[str], host_dir: Path
-    ) -> subprocess.Popen:
-        """Start a long-running process with its output in logs/<name>.log."""
-        with open(self.tmp / "logs" / f"{name}.log", "wb") as log:
-            proc = subprocess.Popen(
-                self._argv(ns, argv),
-                env=self.env(host_dir),
-                cwd=host_dir,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def run(
-        self, ns: str | None, argv: list[str], host_dir: Path, timeout: float = 60
-    ) -> subprocess.CompletedProcess:
-        """Run a command to completion; raise with its output if it fails."""
-        proc = subprocess.run(
-            self._argv(ns, argv),
-            env=self.env(host_dir),
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert proc.returncode == 0, f"{argv} failed:\n{proc.stdout}\n{proc.stderr}"
-        return proc
-
-    def log(self, name: str) -> str:
-        return (self.tmp / "logs" / f"{name}.log").read_text(errors="replace")
-
-    def wait_for_log(self, name: str, needle: str, timeout: float = 60) -> None:
-        deadline = time.monotonic() + timeout
-        while needle not in self.log(name):
-            assert time.monotonic() < deadline, (
-                f"{name}: no {needle!r} within {timeout} s:\n{self.log(name)[-3000:]}"
-            )
-            time.sleep(0.2)
-
-    # ---- network namespaces ------------------------------------------------------
-    def _ip(self, *args: str) -> None:
-        subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
-
-    def make_hosts(self, names: list[str], ips: list[str]) -> dict[str, str]:
-        """One namespace per host on a bridge in a switch namespace: {name: ns}."""
-        sw = f"hd{self.tag}-sw"
-        hosts = {n: f"hd{self.tag}-{n}" for n in names}
-        try:
-            for ns in (sw, *hosts.values()):
-                self._ip("netns", "add", ns)
-                self.namespaces.append(ns)
-                self._ip("-n", ns, "link", "set", "lo", "up")
-            self._ip("-n", sw, "link", "add", "br0", "type", "bridge")
-            self._ip("-n", sw, "link", "set", "br0", "up")
-            for k, (ns, ip) in enumerate(zip(hosts.values(), ips, strict=True)):
-                port = f"v{k}"
-                self._ip(
-                    "-n",
-                    sw,
-                    "link",
-                    "add",
-                    port,
-                    "type",
-                    "veth",
-                    "peer",
-                    "name",
-                    "eth0",
-                    "netns",
-                    ns,
-                )
-                self._ip("-n", sw, "link", "set", port, "master", "br0", "up")
-                self._ip("-n", ns, "addr", "add", f"{ip}/24", "dev", "eth0")
-                self._ip("-n", ns, "link", "set", "eth0", "up")
-        except (subprocess.CalledProcessError, FileNotFoundError) as exc:
-            detail = getattr(exc, "stderr", "") or exc
-            pytest.fail(
-                "cannot create network namespaces/veth/bridge for the multi-host "
-                f"deployment test (needs root with CAP_NET_ADMIN and iproute2): "
-                f"{detail}",
-                pytrace=False,
-            )
-        return hosts
-
-    def close(self) -> None:
-        """Stop every process we started (marker, then namespace members); drop ns."""
-        marker = self.marker.encode()
-        _kill(_pids_with(marker), signal.SIGTERM)
-        deadline = time.monotonic() + 8
-        while _pids_with(marker) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        _kill(_pids_with(marker), signal.SIGKILL)
-        for ns in self.namespaces:
-            pids = subprocess.run(
-                ["ip", "netns", "pids", ns], capture_output=True, text=True
-            ).stdout.split()
-            _kill([int(p) for p in pids], signal.SIGKILL)
-        for proc in self.procs:  # reap our direct children
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        for ns in reversed(self.namespaces):
-            subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
 @pytest.fixture
@@ -220,37 +65,6 @@ def _netns_list() -> str:
     return subprocess.run(
         ["ip", "netns", "list"], capture_output=True, text=True
     ).stdout
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def script(name: str, /, *args: str, **opts: object) -> list[str]:
-    """``bash deploy/<name> ARGS --key value`` (max_retries=2: --max-retries 2)."""
-    argv = ["bash", str(DEPLOY / name), *args]
-    for key, value in opts.items():
-        argv += [f"--{key.replace('_', '-')}", str(value)]
-    return argv
-
-
-def _provision(lab: Lab, backend: str, host: str, out: Path, n: int) -> None:
-    """Run provision.sh as the operator (on this machine, outside the hosts)."""
-    argv = script("provision.sh", out=out, participants=n, backend=backend)
-    lab.run(None, [*argv, "--coordinator-host", host], lab.tmp)
-
-
-def _hand_out(lab: Lab, bundles: Path) -> dict[str, Path]:
-    """Copy each bundle to its host's directory (as scp would): {host: dir}."""
-    dirs = {}
-    for name in ["coordinator"] + [f"participant-{i}" for i in range(PARTICIPANTS)]:
-        host = lab.tmp / "hosts" / name
-        shutil.copytree(bundles / name, host / "bundle")
-        (host / "home").mkdir()
-        dirs[name] = host
-    return dirs
 
 
 def _start(
@@ -275,7 +89,7 @@ def _start(
     lab.run(cns, script("register.sh", *keys, connection="hedrl"), coord)
     for i in range(PARTICIPANTS):
         host, hns = dirs[f"participant-{i}"], ns[f"participant-{i}"]
-        local_port = 9094 if hns else _free_port()  # one loopback: distinct ports
+        local_port = 9094 if hns else free_port()  # one loopback: distinct ports
         argv = script(
             "supernode.sh", bundle=host / "bundle", superlink=address, port=local_port
         )
@@ -414,14 +228,14 @@ def test_encrypted_cartpole_across_namespaces(lab: Lab) -> None:
     names = ["coordinator"] + [f"participant-{i}" for i in range(PARTICIPANTS)]
     ips = [COORD_IP] + [f"{SUBNET}.{11 + i}" for i in range(PARTICIPANTS)]
     ns: dict[str, str | None] = dict(lab.make_hosts(names, ips))
-    _provision(lab, "ckks", COORD_IP, lab.tmp / "operator", PARTICIPANTS)
-    dirs = _hand_out(lab, lab.tmp / "operator")
+    provision(lab, "ckks", COORD_IP, lab.tmp / "operator", PARTICIPANTS)
+    dirs = hand_out(lab, lab.tmp / "operator")
     address = f"{COORD_IP}:{PORT}"
 
     # Two impostors on participant hosts, started once the SuperLink is up: an
     # unregistered SuperNode key (right CA), and a registered key trusting another CA.
     other = lab.tmp / "other-deployment"
-    _provision(lab, "plain", COORD_IP, other, 1)
+    provision(lab, "plain", COORD_IP, other, 1)
     bad = {name: lab.tmp / "hosts" / name for name in ("unregistered", "wrong-ca")}
     shutil.copytree(other / "participant-0", bad["unregistered"] / "bundle")
     shutil.copy(
@@ -467,10 +281,10 @@ def test_encrypted_cartpole_across_namespaces(lab: Lab) -> None:
 
 def test_plaintext_twin_on_loopback(lab: Lab) -> None:
     """The same deployment recipe on 127.0.0.1 with backend='plain' finishes."""
-    _provision(lab, "plain", "127.0.0.1", lab.tmp / "operator", PARTICIPANTS)
-    dirs = _hand_out(lab, lab.tmp / "operator")
+    provision(lab, "plain", "127.0.0.1", lab.tmp / "operator", PARTICIPANTS)
+    dirs = hand_out(lab, lab.tmp / "operator")
     ns: dict[str, str | None] = {name: None for name in dirs}
-    _start(lab, dirs, ns, f"127.0.0.1:{_free_port()}", "127.0.0.1")
+    _start(lab, dirs, ns, f"127.0.0.1:{free_port()}", "127.0.0.1")
     rows, summary = _submit(lab, dirs, ns, "backend='plain'")
     _assert_rounds(rows, summary, "plain")
     _assert_pinned_bundle_ran(lab, dirs)

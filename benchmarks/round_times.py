@@ -1,7 +1,7 @@
 """Time deployed rounds: the deploy/ recipe on loopback, per-message ClientApp log.
 
-Not a test (pytest does not collect it): a measurement that reuses the
-multi-host test's process handling. It provisions a deployment (TLS + SuperNode
+A measurement, not a test: it uses the multi-host test's process handling
+(:mod:`benchmarks.deploy_lab`). It provisions a deployment (TLS + SuperNode
 authentication), starts the real ``flower-superlink`` and one real
 ``flower-supernode`` per participant on 127.0.0.1, submits a run with
 ``deploy/submit.sh`` and prints the per-round ``round_s`` from the run's
@@ -9,7 +9,7 @@ authentication), starts the real ``flower-superlink`` and one real
 ``participants/client_app.py``) from the SuperNode logs. Every process it
 started is stopped afterwards.
 
-    python -m tests.deploy.round_times --backend ckks --rounds 8 \
+    python -m benchmarks.round_times --backend ckks --rounds 8 \
         --run-config "update-epochs=2 num-minibatches=1 lr=0.003"
 """
 
@@ -23,12 +23,12 @@ import sys
 import tempfile
 from pathlib import Path
 
-from tests.deploy.test_multihost import (
+from benchmarks.deploy_lab import (
     PARTICIPANTS,
     Lab,
-    _free_port,
-    _hand_out,
-    _provision,
+    free_port,
+    hand_out,
+    provision,
     script,
 )
 
@@ -59,11 +59,11 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="hedrl-round-times-") as tmp:
         lab = Lab(Path(tmp))
         try:
-            _provision(lab, args.backend, "127.0.0.1", lab.tmp / "operator", 3)
-            dirs = _hand_out(lab, lab.tmp / "operator")
+            provision(lab, args.backend, "127.0.0.1", lab.tmp / "operator", 3)
+            dirs = hand_out(lab, lab.tmp / "operator")
             coord = dirs["coordinator"]
             bundle = coord / "bundle"
-            address = f"127.0.0.1:{_free_port()}"
+            address = f"127.0.0.1:{free_port()}"
             port = address.rsplit(":", 1)[1]
             argv_ = script("superlink.sh", bundle=bundle, host="127.0.0.1", port=port)
             lab.start("superlink", None, argv_, coord)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
                     "supernode.sh",
                     bundle=host / "bundle",
                     superlink=address,
-                    port=_free_port(),
+                    port=free_port(),
                 )
                 lab.start(f"supernode-{i}", None, argv_, host)
             config = (
