@@ -9,10 +9,8 @@ Deterministic up to CKKS noise; asserted against the parameter set's tolerance.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,8 @@ import numpy as np
 from benchmarks.fidelity_common import ThetaTrace, load_preset, sweep_settings
 from benchmarks.local_grid import LocalGrid
 from coordinator.federation import Federation
-from participants import learner as learner_mod
+from participants.client_app import make_app
+from participants.learner import GradientSource, Learner
 from protocol import keys
 from protocol.config import RunConfig
 from protocol.params import get_param_set
@@ -30,27 +29,22 @@ from protocol.tolerance import ckks_theta_rel_tol
 ROUNDS = 20
 
 
-@contextlib.contextmanager
-def _gradients(record: dict | None, replay: dict | None) -> Iterator[None]:
-    """Patch Learner.step to record (twin) or replay (encrypted) gradients."""
-    original = learner_mod.Learner.step
+def _gradients(record: dict | None, replay: dict | None) -> GradientSource:
+    """A gradient source that records (twin) or replays (encrypted) each
+    participant's gradients, round by round."""
     calls: dict[int, int] = {}
 
-    def step(self: Any, theta: np.ndarray, saved: bytes | None, **kw: Any) -> Any:
-        n = calls.get(self.index, 0)
-        calls[self.index] = n + 1
+    def source(learner: Learner, theta: np.ndarray, saved: Any, scope: Any) -> Any:
+        n = calls.get(learner.index, 0)
+        calls[learner.index] = n + 1
         if replay is not None:
-            return replay[(self.index, n)]
-        out = original(self, theta, saved, **kw)
+            return replay[(learner.index, n)]
+        out = learner.ppo_step(theta, saved, scope)
         assert record is not None
-        record[(self.index, n)] = (out[0].copy(), out[1], b"")
+        record[(learner.index, n)] = (out[0].copy(), out[1], b"")
         return out
 
-    learner_mod.Learner.step = step  # type: ignore[method-assign]
-    try:
-        yield
-    finally:
-        learner_mod.Learner.step = original  # type: ignore[method-assign]
+    return source
 
 
 def _run(
@@ -71,10 +65,10 @@ def _run(
     trace = ThetaTrace(
         work / "keys" / f"run-{run_id}" / keys.PARTICIPANT_FILE, backend, rounds
     )
-    with _gradients(record, replay):
-        fed = Federation(LocalGrid(run_id, raw, 4), cfg, run_id, on_round=trace)
-        fed.keep_aggregate = True  # in-process, so the trace sees each Σ x
-        fed.run()
+    grid = LocalGrid(run_id, raw, 4, app=make_app(_gradients(record, replay)))
+    fed = Federation(grid, cfg, run_id, on_round=trace)
+    fed.keep_aggregate = True  # in-process, so the trace sees each Σ x
+    fed.run()
     return trace
 
 
@@ -92,7 +86,7 @@ def open_loop(
     overrides, _ = load_preset(env)
     ps = get_param_set(param_set)
     cfg = RunConfig.from_mapping({**overrides, "seed": seed})
-    theta0 = learner_mod.Learner(cfg, 0).initial_theta()
+    theta0 = Learner(cfg, 0).initial_theta()
     theta_err, agg_err = [], []
     for tp, tc, ap, ac in zip(
         twin.theta, enc.theta, twin.aggregate, enc.aggregate, strict=True

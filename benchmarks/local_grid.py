@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
 
@@ -33,9 +34,13 @@ class LocalGrid(Grid):
         tamper: Callable[[Message, Message], Message | None] | None = None,
         tamper_request: Callable[[Message], Message] | None = None,
         keep_history: bool = True,
+        app: ClientApp = client_app,
     ) -> None:
         """``keep_history`` keeps every message in ``sent``/``received`` (tests);
-        long benchmark runs turn it off (each CKKS round is ~10 MB of messages)."""
+        long benchmark runs turn it off (each CKKS round is ~10 MB of messages).
+        ``app``: the ClientApp the nodes run (default hedrl's; benchmarks pass
+        one from :func:`participants.client_app.make_app`)."""
+        self.app = app
         self._run_id = run_id
         # what a ServerApp process has set when it creates messages
         TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
@@ -91,7 +96,7 @@ class LocalGrid(Grid):
                 message if self.tamper_request is None else self.tamper_request(message)
             )
             try:
-                reply = client_app(delivered, ctx)
+                reply = self.app(delivered, ctx)
             except Exception as exc:  # Flower turns ClientApp exceptions into errors
                 reply = Message(
                     Error(code=0, reason=f"{type(exc).__name__}: {exc}"),

@@ -16,12 +16,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import TYPE_CHECKING
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+if TYPE_CHECKING:
+    from participants.learner import GradientSource
+
 log = logging.getLogger("flwr.hedrl.participant")
-app = ClientApp()
 _handled = 0  # messages this process has handled so far
 
 
@@ -37,13 +40,18 @@ def process_age() -> float | None:
         return None
 
 
-def _handle(kind: str, message: Message, context: Context) -> Message:
+def _handle(
+    kind: str,
+    message: Message,
+    context: Context,
+    gradients: GradientSource | None = None,
+) -> Message:
     age = process_age()
     t0 = time.perf_counter()
     from participants.node import Node
 
     imported = time.perf_counter()
-    node = Node(context)
+    node = Node(context, gradients)
     node.timings["import"] = imported - t0
     try:
         content = getattr(node, kind)(message.content)
@@ -69,40 +77,46 @@ def _handle(kind: str, message: Message, context: Context) -> Message:
     return Message(content, reply_to=message)
 
 
-@app.query("setup")
-def setup(message: Message, context: Context) -> Message:
-    """Provision/load the key, report fingerprint and layout (and context, θ0)."""
-    return _handle("setup", message, context)
+def make_app(gradients: GradientSource | None = None) -> ClientApp:
+    """The hedrl ClientApp; ``gradients`` replaces the participants' PPO step
+    (benchmarks replay recorded gradients through it; deployments and
+    simulations use :data:`app`, which has none)."""
+    app = ClientApp()
+
+    @app.query("setup")
+    def setup(message: Message, context: Context) -> Message:
+        """Provision/load the key, report fingerprint and layout (and context, θ0)."""
+        return _handle("setup", message, context, gradients)
+
+    @app.train()
+    def train(message: Message, context: Context) -> Message:
+        """One round: check and decrypt θ, compute one PPO gradient, encrypt it."""
+        return _handle("train", message, context, gradients)
+
+    @app.query("refresh")
+    def refresh(message: Message, context: Context) -> Message:
+        """Spare refresher: re-encrypt the masked m, V, r when the refresher failed."""
+        return _handle("refresh", message, context, gradients)
+
+    @app.query("v0")
+    def v0(message: Message, context: Context) -> Message:
+        """Round 1 refresher task: V0 = mean g² + δ and r0 = V0^(−1/2) from the sum."""
+        return _handle("initial_state", message, context, gradients)
+
+    @app.query("final")
+    def final(message: Message, context: Context) -> Message:
+        """After the last round: check the final θ, keep it, tag its ciphertext."""
+        return _handle("final", message, context, gradients)
+
+    @app.query("confirm")
+    def confirm(message: Message, context: Context) -> Message:
+        """Compare every participant's tag on the final θ with this one's."""
+        return _handle("confirm", message, context, gradients)
+
+    return app
 
 
-@app.train()
-def train(message: Message, context: Context) -> Message:
-    """One round: check and decrypt θ, compute one PPO gradient, encrypt it."""
-    return _handle("train", message, context)
+app = make_app()
 
 
-@app.query("refresh")
-def refresh(message: Message, context: Context) -> Message:
-    """Spare refresher: re-encrypt the masked m, V, r when the refresher failed."""
-    return _handle("refresh", message, context)
-
-
-@app.query("v0")
-def v0(message: Message, context: Context) -> Message:
-    """Round 1 refresher task: V0 = mean g² + δ and r0 = V0^(−1/2) from the sum."""
-    return _handle("initial_state", message, context)
-
-
-@app.query("final")
-def final(message: Message, context: Context) -> Message:
-    """After the last round: check the final θ, keep it, tag its ciphertext."""
-    return _handle("final", message, context)
-
-
-@app.query("confirm")
-def confirm(message: Message, context: Context) -> Message:
-    """Compare every participant's tag on the final θ with this one's."""
-    return _handle("confirm", message, context)
-
-
-__all__ = ["app", "process_age"]
+__all__ = ["app", "make_app", "process_age"]

@@ -17,6 +17,7 @@ import functools
 import logging
 import pickle
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -103,12 +104,24 @@ class _NodeState:
     worker_bytes: bytes | None = None
 
 
+GradientSource = Callable[
+    ["Learner", np.ndarray, "bytes | None", object],
+    tuple[np.ndarray, dict[str, Any], bytes],
+]
+"""Where a learner's gradients come from instead of its own PPO step:
+``source(learner, theta, saved, cache_scope)``, which may call
+``learner.ppo_step`` (benchmarks record gradients so, and replay them)."""
+
+
 class Learner:
     """The participant's policy and its PPO state machine."""
 
-    def __init__(self, cfg: RunConfig, index: int) -> None:
+    def __init__(
+        self, cfg: RunConfig, index: int, gradients: GradientSource | None = None
+    ) -> None:
         self.cfg = cfg
         self.index = index
+        self.gradients = gradients
         obs_dim, act_dim, self.continuous = env_spec(cfg.env_id)
         self.layout = make_layout(obs_dim, act_dim, self.continuous)
         self.layout_digest = layout_digest(
@@ -156,7 +169,16 @@ class Learner:
     def step(
         self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
     ) -> tuple[np.ndarray, dict[str, Any], bytes]:
-        """One round's gradient at ``theta``: (grad, env stats, new saved state)."""
+        """One round's gradient at ``theta``: (grad, env stats, new saved state),
+        from the injected gradient source if there is one."""
+        if self.gradients is not None:
+            return self.gradients(self, theta, saved, cache_scope)
+        return self.ppo_step(theta, saved, cache_scope)
+
+    def ppo_step(
+        self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
+    ) -> tuple[np.ndarray, dict[str, Any], bytes]:
+        """One PPO minibatch gradient at ``theta`` (a rollout first, every E×M)."""
         cfg = self.cfg
         cache_key = (cache_scope, self.cfg.env_id, self.cfg.seed, self.index)
         st = self._load(saved, cache_key)

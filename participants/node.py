@@ -22,7 +22,7 @@ from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
 from participants.final import confirm, final
 from participants.guard import Guard, OutOfOrder, Terminal, digest
-from participants.learner import Learner, clip_and_scale
+from participants.learner import GradientSource, Learner, clip_and_scale
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
 from protocol import keys
@@ -53,7 +53,11 @@ SECONDS_QUANTUM = 1e-3
 class Node:
     """A participant bound to one Flower ``Context``."""
 
-    def __init__(self, context: Context) -> None:
+    def __init__(
+        self, context: Context, gradients: GradientSource | None = None
+    ) -> None:
+        """``gradients``: where the learner's gradients come from instead of
+        its PPO step (benchmarks; :func:`participants.client_app.make_app`)."""
         t0 = time.perf_counter()
         self.timings: dict[str, float] = {}
         self.round: int | None = None
@@ -65,7 +69,7 @@ class Node:
         self.run_id = int(context.run_id)
         self.trust = Trust.from_context(context.node_config, self.cfg, self.run_id)
         self.index = self.trust.index
-        self.learner = Learner(self.cfg, self.index)
+        self.learner = Learner(self.cfg, self.index, gradients)
         self.guard: Guard | None = None
         self.timings["node"] = time.perf_counter() - t0
 
