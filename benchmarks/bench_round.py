@@ -36,14 +36,9 @@ from benchmarks.bench_party import (
     relay,
     to_wire,
 )
+from coordinator.chunks import STEP_STAGES, masks_by_chunk, step_chunks
 from coordinator.federation import Federation
-from coordinator.workers import (
-    POOL_STAGES,
-    STEP_STAGES,
-    ChunkPool,
-    masks_by_chunk,
-    step_chunks,
-)
+from coordinator.workers import POOL_STAGES, ChunkPool
 from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import messages as msg

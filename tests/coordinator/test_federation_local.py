@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from benchmarks.local_grid import LocalGrid
+from coordinator.chunks import STEP_STAGES
 from coordinator.federation import Federation
-from coordinator.workers import STEP_STAGES, auto_workers
+from coordinator.workers import auto_workers
 from participants.learner import Learner
 from protocol import keys
 from protocol import messages as msg
