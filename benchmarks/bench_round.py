@@ -38,7 +38,7 @@ from benchmarks.bench_party import (
 )
 from coordinator.chunks import STEP_STAGES, masks_by_chunk, step_chunks
 from coordinator.federation import Federation
-from coordinator.workers import POOL_STAGES, ChunkPool
+from coordinator.workers import ChunkPool
 from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import messages as msg
@@ -50,15 +50,7 @@ from protocol.wire import Expect
 
 BENCH_PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
 COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "state_s")
-#: ChunkPool.step's own wall time inside step_s (0 without a pool)
-BENCH_POOL_STAGES = tuple(f"pool_{s}" for s in POOL_STAGES)
-STAGES = (
-    BENCH_PARTICIPANT_STAGES
-    + ("refresh_s",)
-    + COORDINATOR_STAGES
-    + STEP_STAGES
-    + BENCH_POOL_STAGES
-)
+STAGES = BENCH_PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
 
 
 # ---- the round -----------------------------------------------------------------------
@@ -195,9 +187,6 @@ class Round:
                 res = step_chunks(be, *args, mask_next=mask_next)
             else:
                 res = self.pool.step(*args, mask_next=mask_next)
-        if self.pool is not None:
-            for s, dt in self.pool.times.items():
-                clock.t[f"pool_{s}"] = dt
         p.theta, p.state = res.theta, res.state
         assert res.masked is not None
         self.fed._premasked = (res.masked, masks_next)

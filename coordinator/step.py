@@ -180,10 +180,6 @@ class StepMixin:
             break
         self.last_aggregate = res.aggregate
         self._step_timings = dict(res.timings)
-        if self.pool is not None:
-            times = self.pool.times.items()
-            self._step_timings.update((f"pool_{k}", v) for k, v in times)
-            self._pool_chunks = list(self.pool.counts)
         self.theta = list(res.theta)  # type: ignore[arg-type]
         self.state = list(res.state)  # type: ignore[arg-type]
         assert res.masked is not None and masks_next is not None

@@ -332,8 +332,7 @@ def test_malicious_chunk_failing_the_sum_is_charged_to_its_reply(
     assert [(f.source, f.index) for f in info.value.failures] == [("gradient", bad)]
     assert "ValueError" in info.value.failures[0].error
     monkeypatch.setattr(workers, "_worker_be", coord)
-    workers.write_shard(coord, tmp_path, 0, args, None)
-    rest = (args[2], 5, AdamHyper(), False, False)
+    files = workers.write_shard(coord, tmp_path, slice(0, 1), (*args, None))
     with pytest.raises(BadChunks) as info:
-        workers._step_shard(tmp_path, 0, 1, 3, rest, {"optimizer": "he-adam", "k": 1})
+        workers._step_shard(files, {"optimizer": "he-adam", "k": 1.0})
     assert [(f.source, f.index) for f in info.value.failures] == [("gradient", bad)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,14 @@ from coordinator.chunks import BadChunks, step_chunks
 from coordinator.workers import (
     ChunkPool,
     PoolFailed,
-    _owner,
     _shards,
     spool_dir,
-    write_file,
 )
 from protocol.errors import CiphertextError
 from protocol.keys import generate
 from tests.helpers import local_federation, local_raw, metrics_rows, plain_step_inputs
+
+HOST = "".join(ch if ch.isalnum() else "_" for ch in socket.gethostname())
 
 
 def _bytes(res, be):
@@ -61,7 +62,6 @@ def test_pool_step_equals_in_process_step(ps, plain, plain_pub, n_workers, maske
             got = pool.step(*args, mask_next=nxt)
             assert _bytes(got, plain) == _bytes(want, plain)
             assert (got.masked is None) == (not masked)
-            assert sum(pool.counts) == 5 and len(pool.counts) == n_workers
             assert all(c.level == 0 for s in got.state for c in s)
     assert spawned == n_workers - 1
 
@@ -157,7 +157,7 @@ def test_spool_holds_the_workers_chunks_and_goes_on_close(ps, plain, plain_pub):
         pool.step(*args, mask_next=nxt)
         names = {f.name for f in d.iterdir()}
         assert d.parent == workers.SHM and d.stat().st_mode & 0o777 == 0o700
-    assert d.name.startswith(f"hedrl-pool-{_owner()}-{os.getpid()}-")
+    assert d.name.startswith(f"hedrl-pool-{HOST}-{os.getpid()}-")
     per_chunk = {"theta", "grad-0", "grad-1"}
     for kind in ("refresh", "new", "masked"):
         per_chunk |= {f"{kind}-{x}" for x in "mVr"}
@@ -172,11 +172,11 @@ def test_a_killed_coordinators_spool_is_removed_by_the_next(tmp_path):
     removed (another host's process ids say nothing here)."""
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f"hedrl-pool-{_owner()}-{dead.pid}-abc"
+    stale = tmp_path / f"hedrl-pool-{HOST}-{dead.pid}-abc"
     (stale / "sub").mkdir(parents=True)
     (stale / "1.theta").write_bytes(b"x" * 100)
-    live = tmp_path / f"hedrl-pool-{_owner()}-{os.getpid()}-def"
-    foreign = tmp_path / f"hedrl-pool-{_owner()}x-{dead.pid}-ghi"
+    live = tmp_path / f"hedrl-pool-{HOST}-{os.getpid()}-def"
+    foreign = tmp_path / f"hedrl-pool-{HOST}x-{dead.pid}-ghi"
     other = tmp_path / "unrelated"
     for d in (live, foreign, other):
         d.mkdir()
@@ -206,7 +206,7 @@ def test_chunk_files_load_like_chunk_bytes(ps, ckks_pair, tmp_path):
     top = ps.depth
     data = part.encrypt(rng.uniform(-1, 1, ps.slots))
     path = tmp_path / "c"
-    write_file(path, data)
+    path.write_bytes(data)
     ct = coord.load_file(path, level=top)
     assert coord.dump(ct) == coord.dump(coord.load(data, level=top))
     coord.dump_file(coord.to_bottom(ct), tmp_path / "d")
@@ -216,10 +216,10 @@ def test_chunk_files_load_like_chunk_bytes(ps, ckks_pair, tmp_path):
         part.decrypt(data, level=top),
         atol=1e-6,
     )
-    write_file(path, data[: len(data) // 2])  # rewritten in place: shorter
+    path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CiphertextError, match="bytes is not a ciphertext"):
         coord.load_file(path, level=top)
-    write_file(path, data)
+    path.write_bytes(data)
     with pytest.raises(CiphertextError, match="expected level 0"):
         coord.load_file(path, level=0)
     with pytest.raises(CiphertextError, match="no bytes is not a ciphertext"):
