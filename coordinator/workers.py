@@ -122,7 +122,6 @@ def write_shard(be: Backend, d: Path, sl: slice, args: tuple[Any, ...]) -> list[
     return files
 
 
-# ---- worker side --------------------------------------------------------------------
 _worker_be: Backend | None = None
 
 
@@ -150,7 +149,6 @@ def _step_shard(files: list[Any], kw: dict) -> dict[str, float]:
     return res.timings
 
 
-# ---- coordinator side ---------------------------------------------------------------
 def _shards(n: int, parts: int) -> list[slice]:
     """Contiguous slices of range(n), sizes differing by at most one (the smaller
     first: the caller also writes and collects), empty ones dropped."""
@@ -175,14 +173,14 @@ class ChunkPool:
         if workers < 1:
             raise ConfigError(f"workers must be ≥ 1, received {workers}")
         if getattr(multiprocessing.current_process(), "_inheriting", False):
-            # a worker being spawned imports the user's main module, which builds
-            # a Federation again: starting workers here would deadlock; say why
+            # a spawned worker ran an unguarded main module: more workers would hang
             sys.stderr.write(f"hedrl: {_MAIN_GUARD}\n")
             sys.stderr.flush()
             os._exit(1)
-        # fail here, in the caller's process, before any worker starts
-        params = get_param_set(param_set)
-        self.be, _ = keys.coordinator_backend(context, params, backend)
+        # a secret key is refused here, before any worker starts
+        self.be, _ = keys.coordinator_backend(
+            context, get_param_set(param_set), backend
+        )
         self.workers = workers
         self._executor: ProcessPoolExecutor | None = None
         self._dir = spool_dir()
@@ -243,10 +241,10 @@ class ChunkPool:
         k: float = 1.0,
         mask_next: Sequence[Sequence[np.ndarray]] | None = None,
     ) -> StepResult:
-        """:func:`step_chunks` over the processes: the caller's shard comes back
-        as handles, the workers' θ and masked state as bytes (they only go on
-        the wire next), their new state as handles. Raises :class:`BadChunks`
-        naming every unusable chunk of every shard, or :class:`PoolFailed`."""
+        """:func:`step_chunks` over the processes; θ and the masked state come
+        back as bytes (they only go on the wire next), the new state as handles.
+        Raises :class:`BadChunks` naming every unusable chunk of every shard,
+        or :class:`PoolFailed`."""
         n, d, kw = len(theta), self._dir, {"optimizer": optimizer, "k": k}
         if not len(state) == len(grads) == n:
             counts = f"{n} θ, {len(state)} state and {len(grads)} gradient chunks"
@@ -268,6 +266,10 @@ class ChunkPool:
                 mine = step_chunks(self.be, *mine_args, mask_next=nxt, **kw)  # type: ignore[arg-type]
             except BadChunks as exc:  # the other shards' failures are reported too
                 failures += exc.failures
+            dump = self.be.to_bytes  # for the wire, while the workers finish
+            mine.theta = list(map(dump, mine.theta))  # type: ignore[arg-type]
+            if mine.masked is not None:
+                mine.masked = [tuple(map(dump, s)) for s in mine.masked]  # type: ignore
             for f in futures:
                 if isinstance(exc := f.exception(), BadChunks):
                     failures += exc.failures
@@ -285,10 +287,8 @@ class ChunkPool:
             wait(futures)  # never leave a shard running into the next step
         if failures:
             raise BadChunks(failures)
-        out, timings = (
-            StepResult(mine.theta, mine.state, masked=mine.masked),
-            [mine.timings, *timings],
-        )
+        timings.append(mine.timings)
+        out = StepResult(mine.theta, mine.state, masked=mine.masked)
         out.timings = {s: sum(x[s] for x in timings) for s in STEP_STAGES}
         for i in range(own.stop, n):
             out.theta.append((d / f"{i}.new-theta").read_bytes())

@@ -153,7 +153,7 @@ def test_pool_step_equals_in_process_step(ps, plain, workers):
         got = pool.step(*args)
     assert spawned == workers - 1
     assert len(got.theta) == len(want.theta) == n
-    # the workers' θ comes back serialised (it only goes on the wire next)
+    # θ comes back serialised (it only goes on the wire next)
     assert [plain.to_bytes(c) for c in got.theta] == [plain.dump(c) for c in want.theta]
     for g, w in zip(
         [c for s in got.state for c in s],
