@@ -9,7 +9,7 @@ round runs through the real code of both sides —
                  ciphertext parsing, homomorphic sum,
                  unmasking of the refresher's re-encrypted state, HE-Adam and
                  masking the new state for the next refresher
-                 (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
+                 (coordinator.chunks.step_chunks, or ChunkPool.step with --workers,
                  as the federation calls them) → θ records at the bottom level
                  (send_cts) → records of the state the step masked for the next
                  refresher (Federation._masked_state), both pushed as objects

@@ -41,6 +41,7 @@ def plain_pub(ps):
 
 
 def test_shards_are_equal_and_contiguous():
+    """Sizes differ by one at most, the smaller first (the caller's)."""
     assert [(s.start, s.stop) for s in _shards(245, 2)] == [(0, 122), (122, 245)]
     assert [(s.start, s.stop) for s in _shards(5, 3)] == [(0, 1), (1, 3), (3, 5)]
     assert [(s.start, s.stop) for s in _shards(2, 3)] == [(0, 1), (1, 2)]
@@ -187,6 +188,7 @@ def test_a_killed_coordinators_spool_is_removed_by_the_next(tmp_path):
 
 
 def test_a_spool_that_cannot_be_written_fails_the_step(ps, plain, plain_pub):
+    """The directory gone (as a full /dev/shm would): PoolFailed, a HedrlError."""
     args, nxt = plain_step_inputs(ps, plain, n=3, replies=2)
     with ChunkPool(
         context=plain_pub, param_set=ps.id, backend="plain", workers=2
