@@ -15,7 +15,7 @@ from benchmarks.bench_round import (
     STAGES,
     Round,
 )
-from coordinator.workers import STEP_STAGES
+from coordinator.chunks import STEP_STAGES
 
 IDENT = ("backend", "participants", "params", "workers", "param_set")
 

@@ -9,7 +9,7 @@ round runs through the real code of both sides —
                  ciphertext parsing, homomorphic sum,
                  unmasking of the refresher's re-encrypted state, HE-Adam and
                  masking the new state for the next refresher
-                 (coordinator.workers.step_chunks, or ChunkPool.step with --workers,
+                 (coordinator.chunks.step_chunks, or ChunkPool.step with --workers,
                  as the federation calls them) → θ records at the bottom level
                  (send_cts) → records of the state the step masked for the next
                  refresher (coordinator.masking.StateMasker), both pushed as objects
@@ -35,14 +35,9 @@ from benchmarks.bench_party import (
     relay,
     to_wire,
 )
+from coordinator.chunks import STEP_STAGES, masks_by_chunk, step_chunks
 from coordinator.masking import StateMasker
-from coordinator.workers import (
-    POOL_STAGES,
-    STEP_STAGES,
-    ChunkPool,
-    masks_by_chunk,
-    step_chunks,
-)
+from coordinator.workers import ChunkPool
 from participants.learner import clip_and_scale
 from participants.policy import Layout
 from protocol import messages as msg
@@ -53,15 +48,7 @@ from protocol.wire import Expect
 
 BENCH_PARTICIPANT_STAGES = ("p_decrypt_s", "p_encode_s", "p_encrypt_s", "p_records_s")
 COORDINATOR_STAGES = ("headers_s", "step_s", "broadcast_s", "state_s")
-#: ChunkPool.step's own wall time inside step_s (0 without a pool)
-BENCH_POOL_STAGES = tuple(f"pool_{s}" for s in POOL_STAGES)
-STAGES = (
-    BENCH_PARTICIPANT_STAGES
-    + ("refresh_s",)
-    + COORDINATOR_STAGES
-    + STEP_STAGES
-    + BENCH_POOL_STAGES
-)
+STAGES = BENCH_PARTICIPANT_STAGES + ("refresh_s",) + COORDINATOR_STAGES + STEP_STAGES
 
 
 # ---- the round -----------------------------------------------------------------------
@@ -194,9 +181,6 @@ class Round:
                 res = step_chunks(be, *args, mask_next=mask_next)
             else:
                 res = self.pool.step(*args, mask_next=mask_next)
-        if self.pool is not None:
-            for s, dt in self.pool.times.items():
-                clock.t[f"pool_{s}"] = dt
         p.theta, p.state = res.theta, res.state
         assert res.masked is not None
         self.masker.pending = (res.masked, masks_next)

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 from flwr.app import RecordDict
 
-from coordinator.workers import Chunk, Premasked, mask_state, masks_by_chunk
+from coordinator.chunks import Chunk, Premasked, mask_state, masks_by_chunk
 from protocol import messages as msg
 from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Backend, Ct

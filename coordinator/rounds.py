@@ -77,7 +77,6 @@ class Round:
     stepped: bool = False
     spare: Spare = field(default_factory=Spare)
     timings: dict[str, float] = field(default_factory=dict)
-    pool_chunks: list[int] | None = None
 
     def drop(self, node: int, why: str) -> None:
         """Reject an accepted reply after all (its chunks did not parse)."""
@@ -121,10 +120,8 @@ class Round:
             "stepped": self.stepped,
             "time/exchange_s": self.received_at - self.sent_at,
             "time/prepare_s": self.sent_at - self.started,
-            # CPU seconds per stage, summed over chunks (and workers); with
-            # workers also the pool's wall seconds in this process (pool_*)
+            # CPU seconds per stage, summed over chunks (and workers)
             **{f"time/{k}": v for k, v in self.timings.items()},
-            "pool/chunks": self.pool_chunks,
             **participant_stages(accepted),
         }
         return row

@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 from flwr.app import RecordDict
 
+from coordinator.chunks import BadChunks, StepResult, masks_by_chunk, step_chunks
 from coordinator.exchange import check_terminal, error_reason, exchange
 from coordinator.replies import Reply, read_refresh, vector_bytes
 from coordinator.rounds import Round
-from coordinator.workers import BadChunks, StepResult, masks_by_chunk, step_chunks
 from protocol import messages as msg
 from protocol.adam import StateUnits
 from protocol.backend import Ct
@@ -147,9 +147,6 @@ def take_step(fed: Federation, rnd: Round) -> Stepped:
                 ) from exc
             continue
         rnd.timings = dict(res.timings)
-        if fed.pool is not None:
-            rnd.timings.update((f"pool_{k}", v) for k, v in fed.pool.times.items())
-            rnd.pool_chunks = list(fed.pool.counts)
         return Stepped(res, masks_next)
 
 

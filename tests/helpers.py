@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 import json
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -174,25 +173,3 @@ def plain_step_inputs(
     nxt = [[rng.uniform(-9, 9, ps.slots) for _ in range(3)] for _ in range(n)]
     grads = [[chunk(top, -0.01, 0.01) for _ in range(replies)] for _ in range(n)]
     return (theta, state, top, masks, grads, 5, AdamHyper()), nxt
-
-
-def spooled_inputs(args: tuple[Any, ...], nxt: Any, directory: Path) -> Any:
-    """A spawned worker's input as the pool leaves it: each chunk of the step
-    arguments ``args`` (θ, state, level, masks, gradients, t, hp) in its own
-    file under ``directory``, the rest spilled into ``directory / "in-1"``;
-    returns what :func:`coordinator.spool.spill` returned (sent to the worker)."""
-    from coordinator.spool import spill, write_file
-
-    theta, state, top, masks, grads, t, hp = args
-    counter = itertools.count()
-
-    def put(c: bytes) -> Path:
-        path = directory / f"c{next(counter)}"
-        write_file(path, c)
-        return path
-
-    theta_f = [put(c) for c in theta]
-    state_f = [tuple(put(c) for c in s) for s in state]
-    grads_f = [[put(c) for c in g] for g in grads]
-    tree = ((theta_f, state_f, top, masks, grads_f, t, hp), nxt)
-    return spill(tree, directory / "in-1")

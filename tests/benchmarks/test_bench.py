@@ -25,7 +25,8 @@ from benchmarks.bench import (
     to_wire,
 )
 from benchmarks.bench_report import add_speedups
-from coordinator.workers import BadChunks, ChunkPool, step_chunks
+from coordinator.chunks import BadChunks, step_chunks
+from coordinator.workers import ChunkPool
 from protocol.adam import AdamHyper, StateUnits
 from protocol.errors import SecretKeyRefused
 from protocol.keys import generate
@@ -148,11 +149,11 @@ def test_pool_step_equals_in_process_step(ps, plain, workers):
     with ChunkPool(
         context=pub, param_set=ps.id, backend="plain", workers=workers
     ) as pool:
-        spawned = 0 if pool._pool is None else len(pool._pool._processes)
+        spawned = 0 if pool._executor is None else len(pool._executor._processes)
         got = pool.step(*args)
     assert spawned == workers - 1
     assert len(got.theta) == len(want.theta) == n
-    # θ comes back serialised from a pool (it only goes on the wire next)
+    # θ comes back serialised (it only goes on the wire next)
     assert [plain.to_bytes(c) for c in got.theta] == [plain.dump(c) for c in want.theta]
     for g, w in zip(
         [c for s in got.state for c in s],
@@ -214,21 +215,21 @@ def test_pool_step_equals_in_process_step_ckks(ps, ckks_pair):
     want = step_chunks(coord, *args, mask_next=nxt)
     with ChunkPool(context=ctx, param_set=ps.id, backend="ckks", workers=2) as pool:
         got = pool.step(*args, mask_next=nxt)
-    # θ comes back serialised from a pool, at the bottom level
+    # the same θ either way (the workers' serialised), at the bottom level
     assert [coord.to_bytes(c) for c in got.theta] == [coord.dump(c) for c in want.theta]
-    assert all(coord.load(c, level=0).level == 0 for c in got.theta)
+    assert all(coord.load(coord.to_bytes(c), level=0).level == 0 for c in got.theta)
     flat = [[c for s in r.state for c in s] for r in (got, want)]
     assert len(flat[0]) == len(flat[1]) == 3 * n
     for g, w in zip(*flat, strict=True):
         assert g.level == w.level == 0
         assert coord.dump(g) == coord.dump(w)
-    # the state masked for the next refresher, serialised where it was masked
-    # (chunks 0–1 here, chunk 2 in the worker): the same ciphertexts either way
+    # the state masked for the next refresher, where it was masked (chunk 0
+    # here, chunks 1–2 in the worker): the same ciphertexts either way
     assert got.masked is not None and want.masked is not None
     for i in range(n):
         for j in range(3):
-            g, w = got.masked[i][j], want.masked[i][j]
-            assert isinstance(g, bytes) and g == w
+            g, w = coord.to_bytes(got.masked[i][j]), coord.dump(want.masked[i][j])
+            assert g == w
             # decrypted: the new state plus the mask. Adding a public vector
             # adds only its encoding error (2^20 at Δ = 2^35: ~1e-9 absolute,
             # measured 2.9e-9); 1e-6 is the tolerance, a wrong or misplaced

@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 from flwr.app import Message, MetricRecord, RecordDict
 
+from coordinator.chunks import BadChunks, step_chunks
 from coordinator.federation import Federation
-from coordinator.workers import BadChunks, step_chunks
 from protocol import messages as msg
 from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Ct
@@ -298,12 +298,12 @@ def test_malicious_reply_raising_anything_is_a_rejection(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("bad", [0, 1, 2])
 def test_malicious_chunk_failing_the_sum_is_charged_to_its_reply(
-    ckks_pair, ps, monkeypatch, bad
+    ckks_pair, ps, monkeypatch, tmp_path, bad
 ):
     """Behind the load checks: if a chunk that no addition accepts got through
     them (simulated: the NTT check switched off), the sum fails with BadChunks
     naming that reply — not the one it was added to — in the coordinator's
-    process and in a pool worker's entry point."""
+    process and in a pool worker's entry point (its chunks in spool files)."""
     import coordinator.workers as workers
 
     part, coord, _, _ = ckks_pair
@@ -332,6 +332,7 @@ def test_malicious_chunk_failing_the_sum_is_charged_to_its_reply(
     assert [(f.source, f.index) for f in info.value.failures] == [("gradient", bad)]
     assert "ValueError" in info.value.failures[0].error
     monkeypatch.setattr(workers, "_worker_be", coord)
-    got = workers._step_shard(*args)
-    assert isinstance(got, BadChunks)
-    assert [(f.source, f.index) for f in got.failures] == [("gradient", bad)]
+    files = workers.write_shard(coord, tmp_path, slice(0, 1), (*args, None))
+    with pytest.raises(BadChunks) as info:
+        workers._step_shard(files, {"optimizer": "he-adam", "k": 1.0})
+    assert [(f.source, f.index) for f in info.value.failures] == [("gradient", bad)]

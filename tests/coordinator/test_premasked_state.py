@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import RecordDict
 
+from coordinator.chunks import masks_by_chunk, step_chunks
 from coordinator.masking import StateMasker
-from coordinator.workers import masks_by_chunk, step_chunks
 from protocol import messages as msg
 from protocol.adam import AdamHyper, StateUnits
 from protocol.backend import Ct

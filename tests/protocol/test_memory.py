@@ -82,6 +82,6 @@ def test_pool_workers_follow_the_setting(ps, retain):
     with ChunkPool(
         context=pub, param_set=ps.id, backend="plain", workers=2, retain_memory=retain
     ) as pool:
-        assert pool._pool is not None
-        got = pool._pool.submit(_applied_here, 0).result(timeout=120)
+        assert pool._executor is not None
+        got = pool._executor.submit(_applied_here, 0).result(timeout=120)
     assert got is (True if retain else None)
