@@ -38,11 +38,11 @@ from coordinator.persistence import (
     resume_state,
 )
 from coordinator.rounds import Round, broadcast, collect, decide
-from coordinator.setup import agree, first_wire_round, setup_info
-from coordinator.step import take_step
+from coordinator.setup import agree, first_wire_round, make_pool, setup_info
+from coordinator.step import ledger_entry, take_step
 from coordinator.summary import Progress, log_round, summary
-from coordinator.workers import ChunkPool, auto_workers
-from protocol import keys
+from coordinator.workers import ChunkPool
+from protocol import keys, ledger
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
@@ -100,6 +100,8 @@ class Federation:
         # the last θ a majority accepted, its state and the steps it includes:
         # what a rollback returns to and what periodic checkpoints hold
         self.good: Good | None = None
+        self.head = 0  # the step whose output self.theta is (0: θ0)
+        self.ledger: ledger.Writer | None = None
 
     # ---- what every message needs ----------------------------------------------
     def expect(
@@ -238,6 +240,11 @@ class Federation:
                 layout_digest=self.layout_digest,
             )
             accepted_at = int(self.resume[0].get("wire_round", self.start_round + 1))
+            self.head = int(self.resume[0].get("head", self.start_round))
+        carried = None
+        if self.cfg.resume_from:
+            carried = Path(self.cfg.resume_from).expanduser().parent / ledger.FILE
+        self.ledger = ledger.Writer(self.out_dir / ledger.FILE, carried)
         self.wire_offset = first_wire_round(
             self.nodes,
             infos,
@@ -245,7 +252,7 @@ class Federation:
             accepted_at=accepted_at,
             num_rounds=self.cfg.num_rounds,
         ) - (self.start_round + 1)
-        self.pool = self._pool(ctx_bytes)
+        self.pool = make_pool(self.cfg, ctx_bytes, self.n_chunks, self.keep_aggregate)
         log.info(
             "hedrl: evaluation context accepted (no secret key), fingerprint %s…; "
             "%d parameters in %d chunks; results in %s",
@@ -254,28 +261,6 @@ class Federation:
             self.n_chunks,
             self.out_dir,
         )
-
-    def _pool(self, ctx_bytes: bytes) -> ChunkPool | None:
-        workers = self.cfg.coordinator_workers
-        if workers < 0:
-            workers = auto_workers(self.n_chunks)
-        pool = None
-        if workers > 1 and not self.keep_aggregate:
-            pool = ChunkPool(
-                context=ctx_bytes,
-                param_set=self.params.id,
-                backend=self.cfg.backend,
-                workers=workers,
-                retain_memory=self.cfg.retain_freed_memory,
-            )
-        log.info(
-            "hedrl: coordinator work %s",
-            f"sharded over {workers} processes (this one and {workers - 1} workers)"
-            if pool
-            else "in-process"
-            + (" (keep_aggregate: workers do not return Σx)" if workers > 1 else ""),
-        )
-        return pool
 
     # ---- the run -----------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -345,7 +330,7 @@ class Federation:
         if decision == "rollback":
             rnd.rolled_back = self.rollback(t, rnd.got.refused)
         elif decision == "step":
-            self.good = Good(self.theta, self.state, t - 1)  # θ_t accepted
+            self.good = Good(self.theta, self.state, t - 1, self.head)  # θ_t accepted
             try:
                 stepped = take_step(self, rnd)
             except HedrlError as exc:
@@ -358,6 +343,9 @@ class Federation:
                 assert res.masked is not None
                 self.masker.pending = (res.masked, stepped.masks_next)
                 rnd.stepped = True
+                assert self.ledger is not None
+                self.ledger.step(ledger_entry(self, t, rnd.wire, stepped))
+                self.head = t  # θ is step t's output
         return rnd.row(self.cfg.backend, need, now())
 
     def rollback(self, t: int, refused: list[int]) -> bool:
@@ -369,7 +357,11 @@ class Federation:
                 refused,
             )
             return False
-        self.theta, self.state = self.good.theta, self.good.state
+        self.theta, self.state, self.head = (
+            self.good.theta,
+            self.good.state,
+            self.good.head,
+        )
         self.masker.pending = None  # masked the refused step's state
         log.warning(
             "hedrl: round %d: θ refused by participant(s) %s; rolled back to the "
@@ -380,7 +372,9 @@ class Federation:
         return True
 
     def close(self) -> None:
-        """Stop the worker processes, if any."""
+        """Stop the worker processes, if any; close the ledger."""
+        if self.ledger is not None:
+            self.ledger.close()
         if self.pool is not None:
             self.pool.close()
             self.pool = None

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, RecordDict
 
 from coordinator.exchange import error_reason, exchange
+from protocol import ledger
 from protocol import messages as msg
 
 if TYPE_CHECKING:
@@ -38,6 +39,8 @@ def finish(fed: Federation, t: int) -> dict[str, Any]:
 
 
 def _finish(fed: Federation, w: int) -> dict[str, Any]:
+    if fed.ledger is not None:
+        fed.ledger.final(w, fed.head)
     theta_rd, _ = fed.theta_record(w)
     out = []
     for node in fed.nodes:
@@ -88,10 +91,11 @@ def _finish(fed: Federation, w: int) -> dict[str, Any]:
     log.info(
         "hedrl: final θ (round %d) accepted by %d of %d participants and "
         "confirmed by %d; release it on a participant's host: hedrl-release "
-        "--keys <its key directory> --out policy.npz",
+        "--keys <its key directory> --ledger %s --out policy.npz",
         w,
         len(tags),
         len(fed.nodes),
         len(confirmed),
+        fed.out_dir / ledger.FILE,
     )
     return {"round": w, "tagged": len(tags), "confirmed": confirmed}

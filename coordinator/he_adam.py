@@ -31,13 +31,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from protocol.adam import AdamHyper, StateUnits, initial_state
+from protocol.adam import AdamHyper, StateUnits, circuit_reference, initial_state
 from protocol.backend import Backend, Ct, PlainBackend
 from protocol.errors import ConfigError
 
 __all__ = [
     "AdamHyper",
     "ChunkState",
+    "circuit_reference",
     "StateUnits",
     "initial_state",
     "step_chunk",
@@ -182,27 +183,6 @@ OPTIMIZERS = {"he-adam": step_chunk, "exact-adam": exact_step_chunk}
 
 
 # ---- float64 references -------------------------------------------------------
-def circuit_reference(
-    theta: np.ndarray,
-    m: np.ndarray,
-    V: np.ndarray,
-    r: np.ndarray,
-    x: np.ndarray,
-    t: int,
-    hp: AdamHyper,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The same circuit in float64 numpy, written out independently."""
-    c, s, d = hp.c, hp.s, hp.delta
-    p, q = x * r, (V + c * c * d) * r
-    m_new = hp.beta1 * m + (1 - hp.beta1) / c * x
-    big_p = q * r + p * p
-    v_new = hp.beta2 * (V + x * x) + (1 - hp.beta2) * d
-    h = hp.rsqrt_a - big_p
-    r_new = s * r * h
-    theta_new = theta + m_new * (-hp.a(t) * s * r) * h
-    return theta_new, m_new, v_new, r_new
-
-
 def exact_adam(
     theta: np.ndarray, grads: list[np.ndarray], v0: np.ndarray, hp: AdamHyper
 ) -> np.ndarray:

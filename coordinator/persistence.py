@@ -38,6 +38,7 @@ class Good(NamedTuple):
     theta: list[Ct | bytes]
     state: State | None
     step: int
+    head: int  # the step whose output θ is (0: θ0; the ledger's parent)
 
 
 def load_resume(path: Path, cfg: RunConfig, param_set: str) -> Resume:
@@ -157,12 +158,12 @@ def checkpoint(fed: Federation, t: int, *, final: bool = False) -> Path | None:
     """
     path = fed.out_dir / "checkpoint.npz"
     if final:
-        theta, state, step = fed.theta, fed.state, t
+        theta, state, step, head = fed.theta, fed.state, t, fed.head
     elif fed.good is None:
         log.info("hedrl: round %d: no accepted θ yet, no checkpoint", t)
         return None
     else:
-        theta, state, step = fed.good
+        theta, state, step, head = fed.good
     vectors = {"theta": [fed.be.to_bytes(c) for c in theta]}
     levels = {"theta": 0}
     if state is not None:
@@ -172,6 +173,7 @@ def checkpoint(fed: Federation, t: int, *, final: bool = False) -> Path | None:
     meta = {
         "protocol_version": PROTOCOL_VERSION,
         "step": step,
+        "head": head,
         "run_id": fed.run_id,
         "key_run_id": fed.key_run_id,
         "backend": fed.cfg.backend,

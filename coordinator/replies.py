@@ -22,7 +22,6 @@ from flwr.app import ConfigRecord, MetricRecord, RecordDict
 from protocol import messages as msg
 from protocol.adam import StateUnits
 from protocol.backend import Backend, Ct
-from protocol.codec import receive_cts
 from protocol.errors import HedrlError, ReplyRejected
 from protocol.records import read_vector
 from protocol.wire import Expect
@@ -74,6 +73,7 @@ class Reply:
     env_steps: int
     gradient_bytes: int
     stage_s: dict[str, float] = field(default_factory=dict)  # participant timings
+    squares_chunks: list[bytes] | None = None  # round 1, as received (the ledger)
 
 
 def read_refresh(
@@ -123,9 +123,10 @@ def parse_reply(
     top = be.top_level
     episodes, return_sum, env_steps, stage_s = read_metrics(content, node)
     _, grad = read_vector(content, msg.GRADIENT, expect("gradient", top, t))
-    sq = None
+    sq = sq_chunks = None
     if squares:
-        sq = receive_cts(be, content, msg.SQUARES, expect("squares", top, t))
+        _, sq_chunks = read_vector(content, msg.SQUARES, expect("squares", top, t))
+        sq = [be.load(c, level=top) for c in sq_chunks]
     refresh = None
     if masks is not None:
         try:
@@ -142,7 +143,17 @@ def parse_reply(
         RecordDict({k: content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")})
     )
     return Reply(
-        node, grad, sq, refresh, masks, episodes, return_sum, env_steps, gbytes, stage_s
+        node,
+        grad,
+        sq,
+        refresh,
+        masks,
+        episodes,
+        return_sum,
+        env_steps,
+        gbytes,
+        stage_s,
+        sq_chunks,
     )
 
 

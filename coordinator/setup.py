@@ -17,8 +17,11 @@ from flwr.app import ConfigRecord, Message
 
 from coordinator.exchange import error_reason
 from coordinator.replies import short_repr
+from coordinator.workers import ChunkPool, auto_workers
 from protocol import messages as msg
+from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, HeaderMismatch, HedrlError
+from protocol.params import get_param_set
 
 log = logging.getLogger("flwr.hedrl.coordinator")
 
@@ -131,3 +134,30 @@ def first_wire_round(
                 "an interrupted run with resume-from, or start with a fresh key"
             )
     return first
+
+
+def make_pool(
+    cfg: RunConfig, ctx_bytes: bytes, n_chunks: int, keep_aggregate: bool
+) -> ChunkPool | None:
+    """The coordinator's worker processes (run-config coordinator-workers;
+    < 0: as many as help with ``n_chunks`` chunks), or None to work in-process."""
+    workers = cfg.coordinator_workers
+    if workers < 0:
+        workers = auto_workers(n_chunks)
+    pool = None
+    if workers > 1 and not keep_aggregate:
+        pool = ChunkPool(
+            context=ctx_bytes,
+            param_set=get_param_set(cfg.param_set).id,
+            backend=cfg.backend,
+            workers=workers,
+            retain_memory=cfg.retain_freed_memory,
+        )
+    log.info(
+        "hedrl: coordinator work %s",
+        f"sharded over {workers} processes (this one and {workers - 1} workers)"
+        if pool
+        else "in-process"
+        + (" (keep_aggregate: workers do not return Σx)" if workers > 1 else ""),
+    )
+    return pool

@@ -22,11 +22,13 @@ from coordinator.chunks import BadChunks, StepResult, masks_by_chunk, step_chunk
 from coordinator.exchange import check_terminal, error_reason, exchange
 from coordinator.replies import Reply, read_refresh, vector_bytes
 from coordinator.rounds import Round
+from protocol import ledger
 from protocol import messages as msg
 from protocol.adam import StateUnits
 from protocol.backend import Ct
 from protocol.codec import receive_cts, send_cts
 from protocol.errors import HedrlError, ReplyRejected
+from protocol.records import digest
 
 if TYPE_CHECKING:
     from coordinator.federation import Federation
@@ -41,6 +43,9 @@ class Stepped:
 
     result: StepResult
     masks_next: list[np.ndarray]
+    used: list[Reply]  # the gradients summed, in order
+    k: float
+    init: tuple[float, list[Reply]] | None  # round 1: k and whose squares made V0
 
 
 def take_step(fed: Federation, rnd: Round) -> Stepped:
@@ -57,14 +62,12 @@ def take_step(fed: Federation, rnd: Round) -> Stepped:
     assert rnd.sent is not None
     refreshers = rnd.sent.refreshers
     fresh: list[list[Ct]] | None = None
+    init: tuple[float, list[Reply]] | None = None
     if fed.state is None:
         accepted = rnd.got.accepted
+        init = (len(fed.nodes) / len(accepted), list(accepted))
         fresh = initial_state(
-            fed,
-            rnd.wire,
-            accepted[0].node,
-            squares_sum(be, accepted),
-            len(fed.nodes) / len(accepted),
+            fed, rnd.wire, accepted[0].node, squares_sum(be, accepted), init[0]
         )
     spares: list[Reply] = []
     tried = list(refreshers)
@@ -147,7 +150,7 @@ def take_step(fed: Federation, rnd: Round) -> Stepped:
                 ) from exc
             continue
         rnd.timings = dict(res.timings)
-        return Stepped(res, masks_next)
+        return Stepped(res, masks_next, list(accepted), k, init)
 
 
 def squares_sum(be, accepted: list[Reply]) -> list[Ct]:  # noqa: ANN001
@@ -252,3 +255,21 @@ def spare_refresh(
         )
         return None
     return Reply(spare, [], None, refresh, masks, None, None, 0, 0)
+
+
+def ledger_entry(fed: Federation, t: int, wire: int, stepped: Stepped) -> ledger.Entry:
+    """Step ``t``'s line in the ledger (what a release replays): the step θ
+    came from, k and each used update by participant index and the digest of
+    the chunks received."""
+    init = stepped.init
+    return ledger.Entry(
+        t,
+        wire,
+        fed.head,
+        stepped.k,
+        [(fed.indices[r.node], digest(r.gradient)) for r in stepped.used],
+        None if init is None else init[0],
+        None
+        if init is None
+        else [(fed.indices[r.node], digest(r.squares_chunks or [])) for r in init[1]],
+    )

@@ -10,13 +10,15 @@ the federation must have received the same one before it can be released.
 from __future__ import annotations
 
 import logging
+from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, RecordDict
 
-from participants.guard import digest, final_tag
+from participants.guard import final_tag
 from protocol import messages as msg
 from protocol.errors import KeyMaterialError, WireFormatError
+from protocol.records import digest
 
 if TYPE_CHECKING:
     from participants.node import Node
@@ -53,7 +55,12 @@ def final(node: Node, content: RecordDict) -> RecordDict:
                 "shapes": [list(s) for s in layout.shapes],
                 "param_set": node.params.id,
                 "backend": node.cfg.backend,
+                # what the release's twin replays with (participants/twin.py)
+                "optimizer": node.cfg.optimizer,
+                "hyper": asdict(node.cfg.hyper),
+                "gradient_factor": be.gradient_factor,
             },
+            node.learner.initial_theta(),
         )
         guard.accept_theta(theta, t, d)
         out[msg.FINAL_REPLY] = ConfigRecord(

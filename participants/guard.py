@@ -103,6 +103,7 @@ class Guard:
         self.stem = trust.state_dir / stem
         self.path = trust.state_dir / f"{stem}.json"
         self.final_path = trust.state_dir / f"{stem}-final.npy"
+        self.theta0_path = trust.state_dir / f"{stem}-theta0.npy"
         # one message at a time under a key: two handled at once would both be
         # admitted and charged against the same count
         trust.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -265,10 +266,17 @@ class Guard:
         self.state.theta_digest = digest
 
     # ---- the final θ and its release ----------------------------------------------
-    def store_final(self, theta: np.ndarray, round_: int, info: dict[str, Any]) -> None:
-        """Keep the final θ (for hedrl-release) until the others confirm it."""
+    def store_final(
+        self,
+        theta: np.ndarray,
+        round_: int,
+        info: dict[str, Any],
+        theta0: np.ndarray,
+    ) -> None:
+        """Keep the final θ and θ0 (for hedrl-release) until the others confirm it."""
         values = np.asarray(theta, dtype="<f8")
         self._save_array(self.final_path, values)
+        self._save_array(self.theta0_path, theta0)
         self.state.final = {
             "round": round_,
             "agreed": False,
@@ -313,6 +321,10 @@ class Guard:
             raise KeyMaterialError("the stored final θ is not the one confirmed")
         return theta, final
 
+    def final_theta0(self) -> np.ndarray:
+        """θ0 as this participant computed it, kept with the final θ."""
+        return self._load_array(self.theta0_path)
+
     def mark_released(self) -> None:
         self.state.released = True
         self._save()
@@ -320,15 +332,6 @@ class Guard:
     def save(self) -> None:
         """Write the state now."""
         self._save()
-
-
-def digest(chunks: list[bytes]) -> str:
-    """SHA-256 over a vector's ciphertext chunks (each length-prefixed)."""
-    h = hashlib.sha256()
-    for chunk in chunks:
-        h.update(len(chunk).to_bytes(8, "little"))
-        h.update(chunk)
-    return h.hexdigest()
 
 
 def final_tag(key: bytes, theta_digest: str, round_: int, index: int) -> bytes:

@@ -20,15 +20,22 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
+from participants import updates
 from participants.final import confirm, final
-from participants.guard import Guard, OutOfOrder, Terminal, digest
+from participants.guard import Guard, OutOfOrder, Terminal
 from participants.learner import GradientSource, Learner, clip_and_scale
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
 from protocol import keys
 from protocol import messages as msg
 from protocol.backend import Backend
-from protocol.codec import Received, decrypt_received, receive_checked, send_plain
+from protocol.codec import (
+    Received,
+    decrypt_received,
+    on_grid,
+    receive_checked,
+    send_plain,
+)
 from protocol.config import RunConfig
 from protocol.errors import (
     BackendMismatch,
@@ -39,6 +46,7 @@ from protocol.errors import (
 from protocol.memory import retain_freed_memory
 from protocol.packing import n_chunks
 from protocol.params import get_param_set
+from protocol.records import digest, written_chunks
 from protocol.wire import Expect
 
 log = logging.getLogger("flwr.hedrl.participant")
@@ -281,24 +289,30 @@ class Node:
             )
             weight = 1.0 / self.cfg.num_participants
             g_n = clip_and_scale(grad, self.learner.layout, self.learner.bounds)
+        sent: dict[str, np.ndarray] = {
+            msg.GRADIENT: self.cfg.hyper.c * weight * be.gradient_factor * g_n
+        }
+        if init:
+            sent[msg.SQUARES] = weight * g_n * g_n
         with self._timed("encrypt"):
-            send_plain(
-                be,
-                out,
-                msg.GRADIENT,
-                self.cfg.hyper.c * weight * be.gradient_factor * g_n,
-                self._expect(fp, "gradient", be.top_level, None),
-                t,
-            )
-            if init:
+            for key, values in sent.items():
                 send_plain(
-                    be,
-                    out,
-                    msg.SQUARES,
-                    weight * g_n * g_n,
-                    self._expect(fp, "squares", be.top_level, None),
-                    t,
+                    be, out, key, values, self._expect(fp, key, be.top_level, None), t
                 )
+        # kept before the reply leaves: a release replays only updates whose
+        # digest the sender recorded (participants/updates.py)
+        sq = msg.SQUARES in sent
+        updates.save(
+            updates.updates_dir(self.trust.state_dir, fp, self.index),
+            updates.Update(
+                self.index,
+                t,
+                digest(written_chunks(out, msg.GRADIENT)),
+                on_grid(be, sent[msg.GRADIENT]),
+                digest(written_chunks(out, msg.SQUARES)) if sq else None,
+                on_grid(be, sent[msg.SQUARES]) if sq else None,
+            ),
+        )
         return new_saved
 
     def _metrics(self) -> MetricRecord:

@@ -190,3 +190,50 @@ class StateUnits:
         """What the refresher multiplies state ``name``'s decrypted values by."""
         j = "mVr".index(name)
         return self.inp[j] / self.out[j]
+
+
+def circuit_reference(
+    theta: np.ndarray,
+    m: np.ndarray,
+    V: np.ndarray,
+    r: np.ndarray,
+    x: np.ndarray,
+    t: int,
+    hp: AdamHyper,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The same circuit in float64 numpy, written out independently."""
+    c, s, d = hp.c, hp.s, hp.delta
+    p, q = x * r, (V + c * c * d) * r
+    m_new = hp.beta1 * m + (1 - hp.beta1) / c * x
+    big_p = q * r + p * p
+    v_new = hp.beta2 * (V + x * x) + (1 - hp.beta2) * d
+    h = hp.rsqrt_a - big_p
+    r_new = s * r * h
+    theta_new = theta + m_new * (-hp.a(t) * s * r) * h
+    return theta_new, m_new, v_new, r_new
+
+
+def twin_step(
+    theta: np.ndarray,
+    state: tuple[np.ndarray, np.ndarray, np.ndarray],
+    x: np.ndarray,
+    t: int,
+    hp: AdamHyper,
+    k: float,
+    optimizer: str,
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """One step of the float64 twin: ``x`` the sum of the participants'
+    ``c·w·clip(g)`` (without the backend's gradient factor), k = K/K'.
+
+    ``he-adam`` is the circuit (:func:`circuit_reference` on k·x), ``exact-adam``
+    Adam with an exact root in the same state convention
+    (coordinator/he_adam.py's ``exact_step_chunk``).
+    """
+    m, v_big, r = state
+    if optimizer == "he-adam":
+        theta, m, v_big, r = circuit_reference(theta, m, v_big, r, k * x, t, hp)
+        return theta, (m, v_big, r)
+    g = k * x / hp.c
+    m = hp.beta1 * m + (1 - hp.beta1) * g
+    v = hp.beta2 * v_big + (1 - hp.beta2) * (g * g + hp.delta)
+    return theta - hp.a(t) * m / np.sqrt(v), (m, v, 1.0 / np.sqrt(v))

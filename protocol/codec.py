@@ -50,8 +50,7 @@ def send_plain(
         raise UpdateRejected(
             f"{key}: |value| up to {peak:.3g}, at most {MAX_ABS_VALUE:.3g} allowed"
         )
-    grid = be.params.encrypt_grid  # never encrypt a value's low, noisy bits
-    values = np.round(values / grid) * grid
+    values = on_grid(be, values)
     chunks = [be.encrypt(c, level=expect.level) for c in pack(values, be.slots)]
     if len(chunks) != expect.chunk_count:
         raise UpdateRejected(
@@ -60,6 +59,13 @@ def send_plain(
         )
     header = make_header(expect, value_count=values.size, round_=round_)
     return write_vector(rd, key, header, chunks)
+
+
+def on_grid(be: Backend, values: np.ndarray) -> np.ndarray:
+    """``values`` as :func:`send_plain` encrypts them: rounded to the
+    parameter set's grid (never a value's low, noisy bits)."""
+    grid = be.params.encrypt_grid
+    return np.round(np.asarray(values, dtype=np.float64) / grid) * grid
 
 
 def receive_plain(be: Backend, rd: RecordDict, key: str, expect: Expect) -> np.ndarray:

@@ -10,6 +10,7 @@ cost (docs/benchmarks.md). Protocol version 3 on.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import numpy as np
@@ -100,3 +101,22 @@ def read_vector(rd: RecordDict, key: str, expect: Expect) -> tuple[Any, list[byt
         )
     view = memoryview(data)
     return hdr, [bytes(view[e - n : e]) for n, e in zip(lengths, ends, strict=True)]
+
+
+def digest(chunks: list[bytes]) -> str:
+    """SHA-256 over a vector's ciphertext chunks (each length-prefixed)."""
+    h = hashlib.sha256()
+    for chunk in chunks:
+        h.update(len(chunk).to_bytes(8, "little"))
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def written_chunks(rd: RecordDict, key: str) -> list[bytes]:
+    """The chunks :func:`write_vector` put under ``key`` (no checks: the
+    writer's own record)."""
+    arr = rd[key]
+    assert isinstance(arr, ArrayRecord)
+    lengths = np.frombuffer(arr[LENGTHS].data, dtype=_LEN).astype(np.int64)
+    data, ends = arr[DATA].data, np.cumsum(lengths)
+    return [bytes(data[e - n : e]) for n, e in zip(lengths, ends, strict=True)]

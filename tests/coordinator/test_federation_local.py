@@ -84,7 +84,15 @@ def test_coordinator_never_holds_a_secret_key(runs):
         "metrics.jsonl",
         "summary.json",
         "checkpoint.npz",
+        "ledger.jsonl",
     }
+    # the ledger names updates by digest only: nothing but JSON of ints,
+    # floats and 64-hex-digit strings
+    for line in (fed.out_dir / "ledger.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        assert set(record) <= {"step", "wire", "parent", "k", "updates", "init"} or (
+            set(record) == {"final", "head"}
+        )
 
 
 def test_participants_never_send_decrypted_values(runs):
