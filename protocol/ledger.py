@@ -27,6 +27,8 @@ FILE = "ledger.jsonl"
 #: a ledger larger than this is not a run's (≈ 1 kB per step at K = 4)
 MAX_BYTES = 2**30
 MAX_K = 2.0**20
+#: one step's line names K updates of ~70 bytes each
+MAX_LINE = 2**20
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
 Used = list[tuple[int, str]]
@@ -166,15 +168,17 @@ def read_chain(path: Path) -> tuple[int, list[Entry]]:
     try:
         if path.stat().st_size > MAX_BYTES:
             raise KeyMaterialError(f"ledger {path} is larger than {MAX_BYTES} bytes")
-        lines = path.read_text().splitlines()
-    except OSError as exc:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as exc:
         raise KeyMaterialError(f"ledger {path} unreadable: {exc}") from exc
     steps: dict[int, Entry] = {}
     final: tuple[int, int] | None = None
     for n, line in enumerate(lines, start=1):
+        if len(line) > MAX_LINE:
+            raise KeyMaterialError(f"ledger line {n} is longer than {MAX_LINE} bytes")
         try:
             raw = json.loads(line)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: deep nesting
             raise KeyMaterialError(f"ledger line {n} is not JSON") from exc
         if not isinstance(raw, dict):
             raise KeyMaterialError(f"ledger line {n} is not an object")
