@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import fidelity_quick
 from protocol.params import get_param_set
 from protocol.tolerance import ckks_theta_rel_tol
 
 
+@pytest.mark.slow  # a sweep: CI runs it, the fast loop does not
 def test_open_loop_encrypted_theta_within_ckks_tolerance(tmp_path):
     """Replayed twin gradients: every round's decrypted θ within 2^(25−b) relative."""
     rc = fidelity_quick.main(tmp_path)

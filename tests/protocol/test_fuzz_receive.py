@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 #: inputs of the CI-sized run: 9 s alone on this 2-vCPU machine (20,000 took 30 s)
 CI_INPUTS = 6000
@@ -260,6 +261,7 @@ def test_fuzz_receiving_paths_only_typed_errors(ckks_pair):
     assert counts["accepted"] > 0 and counts["typed"] > counts["accepted"], counts
 
 
+@pytest.mark.slow  # a sweep: CI runs it, the fast loop does not
 def test_fuzz_supervisor_counts_planted_crash_and_hang(ckks_pair, monkeypatch):
     """A child that aborts at input 2 and stalls at input 4 is counted as one
     crash and one hang, restarted after each, and the other inputs still run."""

@@ -234,6 +234,7 @@ def _flips(data: bytes, fp: str, ps, every_bit: bool) -> dict[str, object]:
     return counts
 
 
+@pytest.mark.slow  # a sweep: CI runs it, the fast loop does not
 def test_bit_flips_in_evaluation_context_change_fingerprint(ckks_pair, ps):
     """One bit flipped at each of ≥ 200 positions over the whole coordinator.ctx
     (relinearisation keys included): each flip is refused (KeyMaterialError)
