@@ -59,6 +59,9 @@ def final(node: Node, content: RecordDict) -> RecordDict:
                 "optimizer": node.cfg.optimizer,
                 "hyper": asdict(node.cfg.hyper),
                 "gradient_factor": be.gradient_factor,
+                # the operator's limits the replay keeps to
+                "federation_size": node.trust.federation_size,
+                "theta_step_bound": node.trust.theta_step_bound,
             },
             node.learner.initial_theta(),
         )

@@ -117,10 +117,17 @@ class Learner:
     """The participant's policy and its PPO state machine."""
 
     def __init__(
-        self, cfg: RunConfig, index: int, gradients: GradientSource | None = None
+        self,
+        cfg: RunConfig,
+        index: int,
+        gradients: GradientSource | None = None,
+        salt: tuple[int, ...] = (),
     ) -> None:
+        """``salt``: mixed into every rollout seed (a deployed participant's
+        secret, :func:`participants.trust.rollout_salt`); θ0 stays the run's."""
         self.cfg = cfg
         self.index = index
+        self.root = [cfg.seed, *salt]
         self.gradients = gradients
         obs_dim, act_dim, self.continuous = env_spec(cfg.env_id)
         self.layout = make_layout(obs_dim, act_dim, self.continuous)
@@ -136,7 +143,7 @@ class Learner:
 
     def _new_state(self) -> _NodeState:
         env_seed = int(
-            np.random.SeedSequence([self.cfg.seed, 1, self.index]).generate_state(1)[0]
+            np.random.SeedSequence([*self.root, 1, self.index]).generate_state(1)[0]
         )
         envs = make_envs(
             self.cfg.env_id, self.cfg.num_envs, env_seed, self.cfg.reward_scale
@@ -184,7 +191,7 @@ class Learner:
         st = self._load(saved, cache_key)
         stats: dict[str, Any] = {"episodes": 0, "return_sum": 0.0, "env_steps": 0}
         if st.batch is None or st.pos >= len(st.order):
-            rng = np.random.default_rng([cfg.seed, 2, self.index, st.rollouts])
+            rng = np.random.default_rng([*self.root, 2, self.index, st.rollouts])
             batch, returns, _lengths, steps = st.worker.collect(
                 self.policy, theta, cfg.num_steps, rng
             )
@@ -197,7 +204,7 @@ class Learner:
                     size,
                     cfg.num_minibatches,
                     np.random.default_rng(
-                        [cfg.seed, 3, self.index, st.rollouts, epoch]
+                        [*self.root, 3, self.index, st.rollouts, epoch]
                     ),
                 )
             ]

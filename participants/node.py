@@ -77,7 +77,9 @@ class Node:
         self.run_id = int(context.run_id)
         self.trust = Trust.from_context(context.node_config, self.cfg, self.run_id)
         self.index = self.trust.index
-        self.learner = Learner(self.cfg, self.index, gradients)
+        self.learner = Learner(
+            self.cfg, self.index, gradients, salt=self.trust.seed_salt
+        )
         self.guard: Guard | None = None
         self.timings["node"] = time.perf_counter() - t0
 

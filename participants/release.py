@@ -169,14 +169,15 @@ def _twin(
             f"{final['round']}: the ledger of another run, or of a run not finished"
         )
     theta0 = guard.final_theta0()
-    found = updates.load_all(state_dir, guard.fingerprint, decrypted.size)
     theta = replay(
         chain,
-        found,
+        updates.Kept(state_dir, guard.fingerprint, decrypted.size),
         theta0,
         AdamHyper(**final["hyper"]),
         final["optimizer"],
         float(final["gradient_factor"]),
+        max_k=float(final["federation_size"]),
+        step_bound=float(final["theta_step_bound"]),
     )
     tolerance = ckks_theta_rel_tol(get_param_set(final["param_set"]))
     if not matches(theta, decrypted, theta0, tolerance):

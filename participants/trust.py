@@ -10,7 +10,10 @@ config only in a simulation, where one user plays every role.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +71,8 @@ class Trust:
     """Settings from the node config (deployment), not the run config."""
     may_provision: bool = False
     """Create the key if it is missing (simulation, for the run's own key)."""
+    seed_salt: tuple[int, ...] = ()
+    """Mixed into the rollout seeds (deployment: :func:`rollout_salt`)."""
 
     @classmethod
     def from_context(
@@ -134,6 +139,7 @@ class Trust:
             report_metrics=get("report-metrics", bool),
             federation_size=get("federation-size", int),
             deployed=True,
+            seed_salt=rollout_salt(key_path),
         )
         trust.validate()
         return trust
@@ -171,6 +177,23 @@ class Trust:
                 raise ConfigError(f"{key} must be >= 1, received {value}")
         if self.index < 0:
             raise ConfigError(f"participant-index must be >= 0, received {self.index}")
+
+
+def rollout_salt(key_path: Path) -> tuple[int, ...]:
+    """Four words only key holders can compute, for a deployed participant's
+    rollout seeds: the coordinator picks the run's seed, and with it alone it
+    could replay every rollout and read a participant's gradient back out of a
+    released policy (docs/threat-model.md, "Release"). HMAC of the key file's
+    closing SHA-256, which covers the secret key; () if there is no key file
+    (the participant then fails closed when it loads the key)."""
+    try:
+        with open(key_path, "rb") as fh:
+            fh.seek(-32, os.SEEK_END)
+            tail = fh.read(32)
+    except OSError:
+        return ()
+    mac = hmac.new(tail, b"hedrl-rollout-seed", hashlib.sha256).digest()
+    return tuple(int.from_bytes(mac[i : i + 4], "little") for i in range(0, 16, 4))
 
 
 def _checkpoint_key_run(cfg: RunConfig) -> int:

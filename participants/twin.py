@@ -14,11 +14,9 @@ claims gets no release.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 import numpy as np
 
-from participants.updates import Update
+from participants.updates import Kept
 from protocol.adam import AdamHyper, initial_state, twin_step
 from protocol.errors import KeyMaterialError
 from protocol.ledger import Entry, Used
@@ -29,9 +27,7 @@ from protocol.ledger import Entry, Used
 TOLERANCE_FACTOR = 4.0
 
 
-def _sum(
-    found: Mapping[tuple[int, int], Update], used: Used, wire: int, squares: bool
-) -> np.ndarray:
+def _sum(found: Kept, used: Used, wire: int, squares: bool) -> np.ndarray:
     total: np.ndarray | None = None
     for index, digest in used:
         update = found.get((index, wire))
@@ -56,25 +52,44 @@ def _sum(
 
 def replay(
     chain: list[Entry],
-    found: Mapping[tuple[int, int], Update],
+    found: Kept,
     theta0: np.ndarray,
     hp: AdamHyper,
     optimizer: str,
     gradient_factor: float,
+    *,
+    max_k: float,
+    step_bound: float,
 ) -> np.ndarray:
-    """θ after the steps of ``chain`` (first step first), from ``theta0``."""
+    """θ after the steps of ``chain`` (first step first), from ``theta0``.
+
+    Within this participant's own limits: k = K/K' at most ``max_k`` (the
+    federation size) and no step moving an element by more than
+    ``step_bound`` (its theta-step-bound, what it accepts of θ in one round),
+    so the ledger's numbers cannot magnify one update in the release.
+    """
     if optimizer not in ("he-adam", "exact-adam"):
         raise KeyMaterialError(f"no twin for optimizer {optimizer!r}")
     theta = np.asarray(theta0, dtype=np.float64).copy()
     state = None
     for e in chain:
+        if max(e.k, e.init_k or 1.0) > max_k:
+            raise KeyMaterialError(
+                f"ledger step {e.step}: k above the federation size {max_k:g}"
+            )
         x = _sum(found, e.updates, e.wire, squares=False) / gradient_factor
         if e.parent == 0:
             assert e.init is not None and e.init_k is not None  # read_chain
             squares = _sum(found, e.init, e.wire, squares=True)
             state = initial_state(e.init_k * np.clip(squares, 0.0, 1.0), hp)
         assert state is not None  # a chain starts from θ0 (read_chain)
+        before = theta
         theta, state = twin_step(theta, state, x, e.step, hp, e.k, optimizer)
+        if not float(np.max(np.abs(theta - before))) <= step_bound:  # NaN too
+            raise KeyMaterialError(
+                f"ledger step {e.step} moves θ by more than this participant's "
+                f"theta-step-bound {step_bound:g}"
+            )
     return theta
 
 

@@ -70,25 +70,34 @@ def _compact(values: np.ndarray) -> np.ndarray:
     return small if np.array_equal(small.astype("<f8"), values) else values
 
 
-def load_all(
-    state_dir: Path, fingerprint: str, size: int
-) -> dict[tuple[int, int], Update]:
-    """Every kept update under the key ``fingerprint`` in ``state_dir``, by
-    (participant index, round); each gradient must hold ``size`` values."""
-    found: dict[tuple[int, int], Update] = {}
-    pattern = re.compile(rf"guard-{re.escape(fingerprint[:16])}-p(\d{{1,6}})-updates")
-    for directory in sorted(state_dir.iterdir()):
-        m = pattern.fullmatch(directory.name)
-        if not m or not directory.is_dir():
-            continue
-        index = int(m.group(1))
-        for path in sorted(directory.iterdir()):
-            w = _NAME.fullmatch(path.name)
-            if w:
-                found[(index, int(w.group(1)))] = _load(
-                    path, index, int(w.group(1)), size
-                )
-    return found
+class Kept:
+    """The kept updates under the key ``fingerprint`` in ``state_dir``, every
+    participant's directory found there; each loaded only when asked for (a
+    release reads the ones its chain names, nothing else)."""
+
+    def __init__(self, state_dir: Path, fingerprint: str, size: int) -> None:
+        self.size = size
+        self._paths: dict[tuple[int, int], Path] = {}
+        pattern = re.compile(
+            rf"guard-{re.escape(fingerprint[:16])}-p(\d{{1,6}})-updates"
+        )
+        for directory in sorted(state_dir.iterdir()):
+            m = pattern.fullmatch(directory.name)
+            if not m or not directory.is_dir():
+                continue
+            for path in directory.iterdir():
+                w = _NAME.fullmatch(path.name)
+                if w:
+                    self._paths[(int(m.group(1)), int(w.group(1)))] = path
+
+    def keys(self) -> list[tuple[int, int]]:
+        """(participant index, round) of every kept update, sorted."""
+        return sorted(self._paths)
+
+    def get(self, key: tuple[int, int]) -> Update | None:
+        """Participant ``key[0]``'s update of round ``key[1]``, if kept."""
+        path = self._paths.get(key)
+        return None if path is None else _load(path, *key, self.size)
 
 
 def _load(path: Path, index: int, wire: int, size: int) -> Update:

@@ -19,13 +19,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from protocol.errors import KeyMaterialError
 
 FILE = "ledger.jsonl"
-#: a ledger larger than this is not a run's (≈ 1 kB per step at K = 4)
-MAX_BYTES = 2**30
+#: a ledger larger than this is not a run's (≈ 400 bytes per step at K = 4)
+MAX_BYTES = 2**27
 MAX_K = 2.0**20
 #: one step's line names K updates of ~70 bytes each
 MAX_LINE = 2**20
@@ -168,12 +168,22 @@ def read_chain(path: Path) -> tuple[int, list[Entry]]:
     try:
         if path.stat().st_size > MAX_BYTES:
             raise KeyMaterialError(f"ledger {path} is larger than {MAX_BYTES} bytes")
-        lines = path.read_bytes().decode("utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
+        with open(path, "rb") as fh:
+            return _chain(fh)
+    except OSError as exc:
         raise KeyMaterialError(f"ledger {path} unreadable: {exc}") from exc
+
+
+def _chain(fh: BinaryIO) -> tuple[int, list[Entry]]:
     steps: dict[int, Entry] = {}
     final: tuple[int, int] | None = None
-    for n, line in enumerate(lines, start=1):
+    for n, raw_line in enumerate(fh, start=1):
+        try:
+            line = raw_line.decode("utf-8").strip()
+        except UnicodeDecodeError as exc:
+            raise KeyMaterialError(f"ledger line {n} is not UTF-8") from exc
+        if not line:
+            continue
         if len(line) > MAX_LINE:
             raise KeyMaterialError(f"ledger line {n} is longer than {MAX_LINE} bytes")
         try:
@@ -188,9 +198,7 @@ def read_chain(path: Path) -> tuple[int, list[Entry]]:
             entry = _entry(raw)
             steps[entry.step] = entry
     if final is None:
-        raise KeyMaterialError(
-            f"ledger {path} names no final θ (the run did not finish)"
-        )
+        raise KeyMaterialError("the ledger names no final θ (the run did not finish)")
     chain: list[Entry] = []
     at = final[1]
     while at != 0:

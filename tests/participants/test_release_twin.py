@@ -81,16 +81,10 @@ def test_released_policy_is_the_replay_not_the_decryption(run, monkeypatch):
     decrypted, final, theta0 = _final(key_dir)
     wire, chain = read_chain(ledger)
     assert wire == final["round"] and [e.step for e in chain] == [1, 2, 3]
-    found = updates.load_all(key_dir, _fp(key_dir), decrypted.size)
-    assert sorted(found) == [(i, w) for i in (0, 1) for w in (1, 2, 3)]
-    twin = replay(
-        chain,
-        found,
-        theta0,
-        AdamHyper(**final["hyper"]),
-        "he-adam",
-        final["gradient_factor"],
-    )
+    found = updates.Kept(key_dir, _fp(key_dir), decrypted.size)
+    assert found.keys() == [(i, w) for i in (0, 1) for w in (1, 2, 3)]
+    args = (AdamHyper(**final["hyper"]), "he-adam", final["gradient_factor"])
+    twin = replay(chain, found, theta0, *args, max_k=2, step_bound=0.06)
     assert 1e-9 < np.max(np.abs(twin - decrypted)) < 1e-3
     out = key_dir.parent / "p.npz"
     rel.release(key_dir, out, ledger_path=ledger, **EXACT)
@@ -114,6 +108,31 @@ def test_released_policy_is_the_replay_not_the_decryption(run, monkeypatch):
     monkeypatch.setattr(Guard, "final_theta", shifted)
     rel.release(key2, again / "p.npz", ledger_path=ledger, **EXACT)
     assert np.array_equal(rel.load_policy(again / "p.npz")[0], released)
+
+
+def test_replay_keeps_to_the_participants_step_bound(run):
+    """A step the twin would take beyond this participant's theta-step-bound
+    (a ledger's lr or k magnifying an update) stops the replay."""
+    key_dir, ledger = run
+    decrypted, final, theta0 = _final(key_dir)
+    _, chain = read_chain(ledger)
+    found = updates.Kept(key_dir, _fp(key_dir), decrypted.size)
+    args = (AdamHyper(**final["hyper"]), "he-adam", final["gradient_factor"])
+    moved = replay(chain[:1], found, theta0, *args, max_k=2, step_bound=1.0)
+    step1 = float(np.max(np.abs(moved - theta0)))
+    with pytest.raises(KeyMaterialError, match="moves θ by more than"):
+        replay(chain, found, theta0, *args, max_k=2, step_bound=0.9 * step1)
+
+
+def test_unnamed_kept_files_are_never_read(run):
+    """Only the updates the chain names are loaded: a damaged or foreign file
+    under a round the chain does not name (an earlier run's leftovers) does
+    not block the release."""
+    key_dir, ledger = run
+    d = next(key_dir.glob("guard-*-p0-updates"))
+    (d / "w0000099.npz").write_bytes(b"not an npz")
+    np.savez(d / "w0000098.npz", gradient=np.zeros(7), gradient_digest=np.zeros(32))
+    assert rel.release(key_dir, key_dir.parent / "p.npz", ledger_path=ledger)
 
 
 def _fp(key_dir: Path) -> str:
@@ -188,6 +207,8 @@ FORGERIES = {
         "names a participant twice",
     ),
     "k out of range": (lambda ls: _set(ls, 1, "k", float("nan")), "must be a number"),
+    # k = K/K' ≤ K: a larger k would magnify one update in the release
+    "k above K": (lambda ls: _set(ls, 3, "k", 1800.0), "above the federation size"),
 }
 
 
@@ -259,3 +280,55 @@ def test_resumed_run_releases_over_both_ledgers(tmp_path):
     key_dir = tmp_path / "keys" / f"run-{RUN_ID}"
     info = rel.release(key_dir, tmp_path / "p.npz", ledger_path=ledger)
     assert info["steps"] == 5
+
+
+def _simulated_update(raw: dict, index: int, theta0: np.ndarray, be) -> np.ndarray:
+    """The coordinator's replay of participant ``index``'s first update: the
+    learner run from the run config it wrote, as the participant would."""
+    from participants.learner import Learner, clip_and_scale
+    from protocol.codec import on_grid
+    from protocol.config import RunConfig
+
+    cfg = RunConfig.from_mapping(raw)
+    learner = Learner(cfg, index)
+    grad, _, _ = learner.step(theta0, None)
+    g_n = clip_and_scale(grad, learner.layout, learner.bounds)
+    weight = 1.0 / cfg.num_participants  # participants/node.py's _learn_into
+    return on_grid(be, cfg.hyper.c * weight * be.gradient_factor * g_n)
+
+
+@pytest.mark.parametrize("deployed", [False, True])
+def test_malicious_coordinator_replays_rollouts_only_in_simulation(tmp_path, deployed):
+    """The coordinator writes the run's seed. In a simulation (one user in
+    every role) it can replay a participant's first rollout exactly; a
+    deployed participant mixes a secret derived from its key into every
+    rollout seed, so the same replay misses its update."""
+    from tests.participants.malicious import deployed_federation
+
+    if deployed:
+        fed = deployed_federation(tmp_path, participants=2, rounds=1)
+        state = tmp_path / "state-0"
+    else:
+        raw = local_raw(
+            tmp_path,
+            **{"backend": "ckks", "num-rounds": 1, "num-participants": 2, "seed": 3},
+        )
+        fed = local_federation(raw, RUN_ID)
+        fed.run()
+        state = tmp_path / "keys" / f"run-{RUN_ID}"
+    raw = dict(fed.grid.contexts[fed.nodes[0]].run_config)
+    from participants.learner import Learner
+    from protocol.config import RunConfig
+
+    theta0 = Learner(RunConfig.from_mapping(raw), 0).initial_theta()
+    kept = updates.Kept(state, fed.fingerprint, theta0.size).get((0, fed.wire(1)))
+    assert kept is not None
+    guess = _simulated_update(raw, 0, theta0, fed.be)
+    # the replay matches to the grid but for float noise (3 of 9,155 values
+    # one grid step off in a simulation), or not at all
+    off = np.abs(guess - kept.gradient)
+    scale = np.max(np.abs(kept.gradient))
+    if deployed:
+        assert np.max(off) > 0.1 * scale
+    else:
+        assert np.mean(off == 0) > 0.99 and np.max(off) <= PS.encrypt_grid
