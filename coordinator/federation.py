@@ -37,6 +37,7 @@ from coordinator.persistence import (
     load_resume,
     resume_state,
 )
+from coordinator.relay import RelayStore
 from coordinator.rounds import Round, broadcast, collect, decide
 from coordinator.setup import agree, first_wire_round, make_pool, setup_info
 from coordinator.step import ledger_entry, take_step
@@ -102,6 +103,9 @@ class Federation:
         self.good: Good | None = None
         self.head = 0  # the step whose output self.theta is (0: θ0)
         self.ledger: ledger.Writer | None = None
+        self.relays = RelayStore()
+        # per node, the (step, chain hash) it last replayed: relays start there
+        self.replayed: dict[int, tuple[int, str]] = {}
 
     # ---- what every message needs ----------------------------------------------
     def expect(
@@ -155,6 +159,10 @@ class Federation:
             self.param_count,
         )
         return rd, sent
+
+    def relay_record(self, node: int) -> ConfigRecord:
+        """The steps to θ and their sealed updates, for ``node`` (protocol/relay.py)."""
+        return self.relays.relay(self.head, self.replayed.get(node, (0, ""))).record()
 
     def refreshers(self, t: int) -> list[int]:
         """Step t's refresher (rotating); none before there is a state."""
@@ -244,7 +252,12 @@ class Federation:
         carried = None
         if self.cfg.resume_from:
             carried = Path(self.cfg.resume_from).expanduser().parent / ledger.FILE
+            self.relays = RelayStore(ledger.read_entries(carried))
         self.ledger = ledger.Writer(self.out_dir / ledger.FILE, carried)
+        self.replayed = {
+            node: (info["twin-step"], info["twin-hash"])
+            for node, info in zip(self.nodes, infos, strict=True)
+        }
         self.wire_offset = first_wire_round(
             self.nodes,
             infos,
@@ -325,6 +338,8 @@ class Federation:
         rnd.received_at = now()
         check_terminal(replies)
         rnd.got = collect(self, t, rnd.wire, replies, rnd.sent.masks)
+        for reply in rnd.got.accepted:  # it replayed what was relayed to it
+            self.replayed[reply.node] = (self.head, self.relays.hash[self.head])
         need = self.cfg.min_participants_for(len(self.nodes))
         decision = decide(t, rnd.got, self.nodes, need)
         if decision == "rollback":
@@ -344,7 +359,12 @@ class Federation:
                 self.masker.pending = (res.masked, stepped.masks_next)
                 rnd.stepped = True
                 assert self.ledger is not None
-                self.ledger.step(ledger_entry(self, t, rnd.wire, stepped))
+                entry = ledger_entry(self, t, rnd.wire, stepped)
+                self.ledger.step(entry)
+                senders = stepped.used + (stepped.init[1] if stepped.init else [])
+                self.relays.add(
+                    entry, {(self.indices[r.node], rnd.wire): r.sealed for r in senders}
+                )
                 self.head = t  # θ is step t's output
         return rnd.row(self.cfg.backend, need, now())
 

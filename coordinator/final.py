@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, RecordDict
 
 from coordinator.exchange import error_reason, exchange
-from protocol import ledger
 from protocol import messages as msg
 
 if TYPE_CHECKING:
@@ -44,7 +43,7 @@ def _finish(fed: Federation, w: int) -> dict[str, Any]:
     theta_rd, _ = fed.theta_record(w)
     out = []
     for node in fed.nodes:
-        content = RecordDict({msg.TASK: fed.task(w)})
+        content = RecordDict({msg.TASK: fed.task(w), msg.RELAY: fed.relay_record(node)})
         for key in (msg.THETA, msg.THETA + ".hdr"):
             content[key] = theta_rd[key]
         out.append(fed.message(node, msg.FINAL, content, w))
@@ -91,11 +90,10 @@ def _finish(fed: Federation, w: int) -> dict[str, Any]:
     log.info(
         "hedrl: final θ (round %d) accepted by %d of %d participants and "
         "confirmed by %d; release it on a participant's host: hedrl-release "
-        "--keys <its key directory> --ledger %s --out policy.npz",
+        "--keys <its key directory> --out policy.npz",
         w,
         len(tags),
         len(fed.nodes),
         len(confirmed),
-        fed.out_dir / ledger.FILE,
     )
     return {"round": w, "tagged": len(tags), "confirmed": confirmed}

@@ -50,7 +50,9 @@ def vector_bytes(rd: RecordDict) -> int:
     total = 0
     for value in rd.values():
         if isinstance(value, ConfigRecord):
-            total += sum(len(v) for v in value.values() if isinstance(v, bytes))
+            for v in value.values():
+                items = v if isinstance(v, list) else [v]
+                total += sum(len(b) for b in items if isinstance(b, bytes))
         elif isinstance(value, Mapping):
             for a in value.values():
                 data = getattr(a, "data", None)
@@ -74,6 +76,7 @@ class Reply:
     gradient_bytes: int
     stage_s: dict[str, float] = field(default_factory=dict)  # participant timings
     squares_chunks: list[bytes] | None = None  # round 1, as received (the ledger)
+    sealed: bytes = b""  # the same update sealed for the key holders (relayed)
 
 
 def read_refresh(
@@ -142,6 +145,16 @@ def parse_reply(
     gbytes = vector_bytes(
         RecordDict({k: content[k] for k in (msg.GRADIENT, msg.GRADIENT + ".hdr")})
     )
+    up = content.get(msg.RELAY_UP)
+    sealed = up.get("sealed") if isinstance(up, ConfigRecord) else None
+    # a sealed update holds at most two float64 vectors of the layout's size
+    limit = 2 * 8 * expect("gradient", top, t).slot_count * len(grad) + 4096
+    if type(sealed) is not bytes or not 0 < len(sealed) <= limit:
+        raise ReplyRejected(
+            participant=node,
+            reason=f"{msg.RELAY_UP}: expected the sealed update (bytes, at most "
+            f"{limit})",
+        )
     return Reply(
         node,
         grad,
@@ -154,6 +167,7 @@ def parse_reply(
         gbytes,
         stage_s,
         sq_chunks,
+        sealed,
     )
 
 

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flwr.hedrl.coordinator")
 
+#: the type a participant's error names when it could not replay a relay
+RELAY_ERROR = "RelayError"
+
 Decision = Literal["step", "skip", "rollback"]
 
 
@@ -140,7 +143,8 @@ def broadcast(fed: Federation, t: int, wire: int) -> Broadcast:
         content = RecordDict({msg.TASK: task})
         content[msg.THETA] = theta_rd[msg.THETA]
         content[msg.THETA + ".hdr"] = theta_rd[msg.THETA + ".hdr"]
-        down += theta_bytes
+        content[msg.RELAY] = fed.relay_record(node)
+        down += theta_bytes + vector_bytes(RecordDict({msg.RELAY: content[msg.RELAY]}))
         if node in refreshers:
             _, masks[node], state_bytes = fed.masked_state(wire, into=content)
             down += state_bytes
@@ -164,7 +168,8 @@ def collect(
             why = error_reason(reply)
             log.warning("hedrl: round %d: participant %d missing (%s)", t, node, why)
             got.missing.append(node)
-            if msg.REFUSED_CODE in why:
+            # a relay it could not replay is a θ it could not accept either
+            if msg.REFUSED_CODE in why or RELAY_ERROR in why:
                 got.refused.append(node)
             continue
         got.up += vector_bytes(reply.content)

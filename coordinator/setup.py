@@ -64,6 +64,10 @@ def setup_info(node: int, reply: Message | None, *, context: bool) -> dict[str, 
         "participant-index": rounds("participant-index", 0),
         "last-round": rounds("last-round", 0),
         "max-rounds": rounds("max-rounds", 1),
+        "twin-step": rounds("twin-step", 0),
+        "twin-hash": field(
+            "twin-hash", str, lambda v: v == "" or hex64(v), "64 hex digits or ''"
+        ),
     }
     if context:
         info["context"] = field(

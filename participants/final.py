@@ -10,7 +10,6 @@ the federation must have received the same one before it can be released.
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from typing import TYPE_CHECKING
 
 from flwr.app import ConfigRecord, RecordDict
@@ -28,8 +27,8 @@ TAG_BYTES = 32  # HMAC-SHA256
 
 
 def final(node: Node, content: RecordDict) -> RecordDict:
-    """The run's last θ: check it like any θ, keep it for hedrl-release and
-    return a tag on its ciphertext bytes for the others to compare."""
+    """The run's last θ: check it like any θ, keep its twin for hedrl-release
+    and return a tag on its ciphertext bytes for the others to compare."""
     node._content = content
     _, t = node._task(content)
     be, fp, guard = node._key()
@@ -39,13 +38,14 @@ def final(node: Node, content: RecordDict) -> RecordDict:
     )
     if be.mac_key is None:  # a participant backend always has one
         raise KeyMaterialError("no MAC key: not a participant's context")
+    twin = node._twin(be, guard, content)
     out = RecordDict()
     with guard.decrypting(("final",), t):
-        theta = node._theta(be, got, t, guard)
+        theta = node._theta(be, got, t, guard, twin)
         d = digest(got.chunks)
         layout = node.learner.layout
-        guard.store_final(
-            theta,
+        guard.store_final(  # the twin: what a release may publish
+            twin,
             t,
             {
                 "digest": d,
@@ -55,15 +55,7 @@ def final(node: Node, content: RecordDict) -> RecordDict:
                 "shapes": [list(s) for s in layout.shapes],
                 "param_set": node.params.id,
                 "backend": node.cfg.backend,
-                # what the release's twin replays with (participants/twin.py)
-                "optimizer": node.cfg.optimizer,
-                "hyper": asdict(node.cfg.hyper),
-                "gradient_factor": be.gradient_factor,
-                # the operator's limits the replay keeps to
-                "federation_size": node.trust.federation_size,
-                "theta_step_bound": node.trust.theta_step_bound,
             },
-            node.learner.initial_theta(),
         )
         guard.accept_theta(theta, t, d)
         out[msg.FINAL_REPLY] = ConfigRecord(

@@ -103,7 +103,6 @@ class Guard:
         self.stem = trust.state_dir / stem
         self.path = trust.state_dir / f"{stem}.json"
         self.final_path = trust.state_dir / f"{stem}-final.npy"
-        self.theta0_path = trust.state_dir / f"{stem}-theta0.npy"
         # one message at a time under a key: two handled at once would both be
         # admitted and charged against the same count
         trust.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -266,17 +265,10 @@ class Guard:
         self.state.theta_digest = digest
 
     # ---- the final θ and its release ----------------------------------------------
-    def store_final(
-        self,
-        theta: np.ndarray,
-        round_: int,
-        info: dict[str, Any],
-        theta0: np.ndarray,
-    ) -> None:
-        """Keep the final θ and θ0 (for hedrl-release) until the others confirm it."""
+    def store_final(self, theta: np.ndarray, round_: int, info: dict[str, Any]) -> None:
+        """Keep the final θ's twin (for hedrl-release) until the others confirm it."""
         values = np.asarray(theta, dtype="<f8")
         self._save_array(self.final_path, values)
-        self._save_array(self.theta0_path, theta0)
         self.state.final = {
             "round": round_,
             "agreed": False,
@@ -320,10 +312,6 @@ class Guard:
         if digest != final.get("values_sha256"):
             raise KeyMaterialError("the stored final θ is not the one confirmed")
         return theta, final
-
-    def final_theta0(self) -> np.ndarray:
-        """θ0 as this participant computed it, kept with the final θ."""
-        return self._load_array(self.theta0_path)
 
     def mark_released(self) -> None:
         self.state.released = True

@@ -20,13 +20,13 @@ from typing import Any
 import numpy as np
 from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 
-from participants import updates
 from participants.final import confirm, final
 from participants.guard import Guard, OutOfOrder, Terminal
 from participants.learner import GradientSource, Learner, clip_and_scale
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
-from protocol import keys
+from participants.twin import Limits, TwinStore, advance, matches
+from protocol import keys, relay
 from protocol import messages as msg
 from protocol.backend import Backend
 from protocol.codec import (
@@ -41,12 +41,14 @@ from protocol.errors import (
     BackendMismatch,
     HeaderMismatch,
     KeyMaterialError,
+    ThetaRejected,
     WireFormatError,
 )
 from protocol.memory import retain_freed_memory
 from protocol.packing import n_chunks
 from protocol.params import get_param_set
 from protocol.records import digest, written_chunks
+from protocol.relay import parse_relay, relay_key
 from protocol.wire import Expect
 
 log = logging.getLogger("flwr.hedrl.participant")
@@ -210,6 +212,8 @@ class Node:
             "last-round": guard.last_round,
             "max-rounds": self.trust.max_rounds,
         }
+        # the newest step it has replayed: relays start there
+        info["twin-step"], info["twin-hash"] = TwinStore(guard.stem).newest()
         out = RecordDict()
         if self._flag(task, "send-context"):
             with self._timed("evaluation-context"):
@@ -238,11 +242,38 @@ class Node:
             return ckks.serialize_public(be.ctx, be.relin_key_bytes)  # type: ignore[attr-defined]
         return keys.evaluation_context(path, self.params, self.cfg.backend)
 
-    def _theta(self, be: Backend, got: Received, t: int, guard: Guard) -> np.ndarray:
-        """Decrypt θ and check it against this participant's own bound."""
+    def _twin(self, be: Backend, guard: Guard, content: RecordDict) -> np.ndarray:
+        """The twin of the θ this message carries (participants/twin.py), from
+        the steps and sealed updates relayed with it; nothing is decrypted."""
+        if be.mac_key is None:  # a participant backend always has one
+            raise KeyMaterialError("no MAC key: not a participant's context")
+        limits = Limits(
+            self.cfg.hyper,
+            self.cfg.optimizer,
+            be.gradient_factor,
+            float(self.trust.federation_size),
+            self.trust.theta_step_bound,
+            self.learner.layout.size,
+        )
+        with self._timed("twin"):
+            return advance(
+                TwinStore(guard.stem),
+                parse_relay(content.get(msg.RELAY)),
+                relay_key(be.mac_key),
+                self.learner.initial_theta(),
+                limits,
+            )
+
+    def _theta(
+        self, be: Backend, got: Received, t: int, guard: Guard, twin: np.ndarray
+    ) -> np.ndarray:
+        """Decrypt θ; check it against this participant's own bound and its
+        twin. The twin is what it acts on; the decryption only decides."""
         with self._timed("decrypt"):
             theta = decrypt_received(be, got)
             guard.check_theta(theta, t, self.learner.initial_theta)
+            if not matches(twin, theta, self.learner.initial_theta(), self.params):
+                raise ThetaRejected("θ is not its twin")
         return theta
 
     def train(self, content: RecordDict) -> RecordDict:
@@ -258,11 +289,12 @@ class Node:
             be, msg.THETA, self._expect(fp, "theta", 0, t), self.learner.layout.size
         )
         state_in = self._receive_state(be, fp, t) if refresher else None
+        twin = self._twin(be, guard, content)
         kinds = ("train", "refresh") if refresher else ("train",)
         out = RecordDict()
         with guard.decrypting(kinds, t):
-            theta = self._theta(be, theta_in, t, guard)
-            saved = self._learn_into(be, fp, theta, t, init, out)
+            theta = self._theta(be, theta_in, t, guard, twin)
+            saved = self._learn_into(be, fp, twin, t, init, out)
             if state_in is not None:
                 refresh_into(self, be, fp, state_in, t, out)
             out[msg.METRICS] = self._metrics()
@@ -301,19 +333,17 @@ class Node:
                 send_plain(
                     be, out, key, values, self._expect(fp, key, be.top_level, None), t
                 )
-        # kept before the reply leaves: a release replays only updates whose
-        # digest the sender recorded (participants/updates.py)
+        # the same update sealed for the other key holders (protocol/relay.py)
+        assert be.mac_key is not None
         sq = msg.SQUARES in sent
-        updates.save(
-            updates.updates_dir(self.trust.state_dir, fp, self.index),
-            updates.Update(
-                self.index,
-                t,
-                digest(written_chunks(out, msg.GRADIENT)),
-                on_grid(be, sent[msg.GRADIENT]),
-                digest(written_chunks(out, msg.SQUARES)) if sq else None,
-                on_grid(be, sent[msg.SQUARES]) if sq else None,
-            ),
+        update = relay.Update(
+            on_grid(be, sent[msg.GRADIENT]),
+            digest(written_chunks(out, msg.GRADIENT)),
+            on_grid(be, sent[msg.SQUARES]) if sq else None,
+            digest(written_chunks(out, msg.SQUARES)) if sq else "",
+        )
+        out[msg.RELAY_UP] = ConfigRecord(
+            {"sealed": relay.seal(relay_key(be.mac_key), t, self.index, update)}
         )
         return new_saved
 

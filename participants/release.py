@@ -1,19 +1,18 @@
 """Model release on a key holder's machine: ``hedrl-release`` and ``hedrl-eval``.
 
-``hedrl-release`` decrypts nothing. It releases the optimiser's float64 twin
-replayed over the updates the participants kept (participants/twin.py), along
-the chain of steps the coordinator's ledger names, and only if the final θ
-this participant decrypted, checked and stored at the end of the run
-(:func:`participants.final.final`) matches that replay and a majority of the
-federation confirmed, with tags only key holders can make, that they received
-the same final ciphertext. It never reads the coordinator's checkpoint, and
-what it releases is no decryption of a ciphertext the coordinator chose
-(docs/threat-model.md, "Release"). The policy is still flooded and rounded,
+``hedrl-release`` decrypts nothing. It releases the final θ's twin this
+participant computed, checked and stored at the end of the run
+(:func:`participants.final.final`): the optimiser replayed in float64 over the
+sealed updates the coordinator relayed (participants/twin.py), never a
+decryption of a ciphertext the coordinator chose (docs/threat-model.md,
+"Release"). Only once a majority of the federation has confirmed, with tags
+only key holders can make, that they received the same final ciphertext, and
+once per key. It never reads the coordinator's checkpoint. The policy is
+flooded and rounded,
 
     θ_release = round(θ_twin + N(0, σ²), q),  σ = 2^-12 ≈ 2.4e-4,  q = 2^-14,
 
-and released at most once per key. σ is far below the scale of the weights
-(≈ 0.1–1).
+σ far below the scale of the weights (≈ 0.1–1).
 """
 
 from __future__ import annotations
@@ -27,16 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from participants import updates
 from participants.guard import Guard
 from participants.trust import Trust
-from participants.twin import matches, replay
 from protocol import keys
-from protocol.adam import AdamHyper
 from protocol.errors import HedrlError, KeyMaterialError
-from protocol.ledger import read_chain
 from protocol.params import get_param_set
-from protocol.tolerance import ckks_theta_rel_tol
 
 DEFAULT_NOISE_STD = 2.0**-12
 DEFAULT_ROUND_TO = 2.0**-14
@@ -75,24 +69,19 @@ def release(
     keys_dir: Path,
     out: Path,
     *,
-    ledger_path: Path,
     state_dir: Path | None = None,
     participant: int | None = None,
     noise_std: float = DEFAULT_NOISE_STD,
     round_to: float = DEFAULT_ROUND_TO,
 ) -> dict[str, Any]:
-    """Replay the twin over the run's ledger and the kept updates, check it
-    against the agreed final θ kept under the key in ``keys_dir``, flood and
-    round it, write it to ``out``, and mark the key released for every
-    participant whose state is kept in ``state_dir``."""
+    """Flood and round the agreed final θ kept under the key in ``keys_dir``,
+    write it to ``out``, and mark the key released for every participant whose
+    state is kept in ``state_dir``."""
     if not noise_std > 0 or not round_to > 0:
         raise HedrlError("noise-std and round-to must be > 0 (a release needs both)")
-    state_dir = state_dir or keys_dir
-    guards = _guards(keys_dir, state_dir)
+    guards = _guards(keys_dir, state_dir or keys_dir)
     try:
-        return _release(
-            guards, out, participant, noise_std, round_to, ledger_path, state_dir
-        )
+        return _release(guards, out, participant, noise_std, round_to)
     finally:
         for guard in guards:
             guard.close()
@@ -104,8 +93,6 @@ def _release(
     participant: int | None,
     noise_std: float,
     round_to: float,
-    ledger_path: Path,
-    state_dir: Path,
 ) -> dict[str, Any]:
     if any(g.state.released for g in guards):
         raise KeyMaterialError(
@@ -127,8 +114,7 @@ def _release(
         )
     if len({g.state.final["digest"] for g in agreed}) > 1:  # type: ignore[index]
         raise KeyMaterialError("participants here kept different final θ")
-    decrypted, final = agreed[0].final_theta()
-    theta, steps = _twin(agreed[0], decrypted, final, ledger_path, state_dir)
+    theta, final = agreed[0].final_theta()
     rng = np.random.default_rng(secrets.randbits(128))  # never reproducible
     released = np.round((theta + rng.normal(0.0, noise_std, theta.shape)) / round_to)
     released *= round_to
@@ -138,7 +124,6 @@ def _release(
         "names": final["names"],
         "shapes": final["shapes"],
         "round": final["round"],
-        "steps": steps,
         "param_set": final["param_set"],
         "noise_std": noise_std,
         "round_to": round_to,
@@ -150,43 +135,6 @@ def _release(
     for g in guards:
         g.mark_released()
     return info
-
-
-def _twin(
-    guard: Guard,
-    decrypted: np.ndarray,
-    final: dict[str, Any],
-    ledger_path: Path,
-    state_dir: Path,
-) -> tuple[np.ndarray, int]:
-    """The twin of the final θ, replayed over the ledger's chain; raise unless
-    it matches the final θ the participant decrypted. The error says no more
-    than that (the difference depends on a decryption)."""
-    wire, chain = read_chain(ledger_path)
-    if wire != final["round"]:
-        raise KeyMaterialError(
-            f"the ledger's final θ is of round {wire}, the one kept here of round "
-            f"{final['round']}: the ledger of another run, or of a run not finished"
-        )
-    theta0 = guard.final_theta0()
-    theta = replay(
-        chain,
-        updates.Kept(state_dir, guard.fingerprint, decrypted.size),
-        theta0,
-        AdamHyper(**final["hyper"]),
-        final["optimizer"],
-        float(final["gradient_factor"]),
-        max_k=float(final["federation_size"]),
-        step_bound=float(final["theta_step_bound"]),
-    )
-    tolerance = ckks_theta_rel_tol(get_param_set(final["param_set"]))
-    if not matches(theta, decrypted, theta0, tolerance):
-        raise KeyMaterialError(
-            "the final θ is not what the ledger's steps compute from the kept "
-            "updates: the coordinator did not run the steps it recorded; "
-            "nothing is released"
-        )
-    return theta, len(chain)
 
 
 def load_policy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
@@ -259,12 +207,11 @@ def release_main(argv: list[str] | None = None) -> int:
     """Entry point of ``hedrl-release``."""
     ap = argparse.ArgumentParser(
         prog="hedrl-release",
-        description="Export the run's policy, once per key: the optimiser "
-        "replayed in float64 over the updates the participants kept, along the "
-        "steps the coordinator's ledger names, checked against the final θ this "
-        "participant accepted (which a majority must have confirmed), with noise "
-        "flooding and rounding. Nothing the coordinator chose is decrypted for "
-        "it (docs/threat-model.md, 'Release').",
+        description="Export the run's policy, once per key: the twin of the final "
+        "θ this participant checked at the end of the run (the optimiser replayed "
+        "in float64 over the participants' sealed updates, not a decryption), "
+        "once a majority of the participants confirmed the same final ciphertext, "
+        "with noise flooding and rounding (docs/threat-model.md, 'Release').",
     )
     ap.add_argument(
         "--keys",
@@ -273,19 +220,11 @@ def release_main(argv: list[str] | None = None) -> int:
         help="directory holding participant.ctx of the run",
     )
     ap.add_argument(
-        "--ledger",
-        required=True,
-        type=Path,
-        help="the run's ledger.jsonl (in the coordinator's results directory "
-        "of the run; it holds no secret)",
-    )
-    ap.add_argument(
         "--state-dir",
         type=Path,
         default=None,
         help="the participant's state directory (node config state-dir; "
-        "default: --keys); it must hold every participant's guard-…-updates "
-        "directory (deployment: copy them there from each site)",
+        "default: --keys)",
     )
     ap.add_argument(
         "--participant",
@@ -312,7 +251,6 @@ def release_main(argv: list[str] | None = None) -> int:
         info = release(
             args.keys,
             args.out,
-            ledger_path=args.ledger,
             state_dir=args.state_dir,
             participant=args.participant,
             noise_std=args.noise_std,
@@ -322,10 +260,9 @@ def release_main(argv: list[str] | None = None) -> int:
         print(f"hedrl-release: error: {exc}", file=sys.stderr)
         return 2
     print(
-        f"released {info['env_id']} policy (final θ of round {info['round']}, "
-        f"replayed over {info['steps']} steps) to {args.out} with noise "
-        f"σ={info['noise_std']:.3g}, rounding {info['round_to']:.3g}; this key "
-        "releases nothing more."
+        f"released {info['env_id']} policy (final θ of round {info['round']}) to "
+        f"{args.out} with noise σ={info['noise_std']:.3g}, rounding "
+        f"{info['round_to']:.3g}; this key releases nothing more."
     )
     return 0
 

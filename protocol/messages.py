@@ -14,6 +14,8 @@ SETUP_REPLY = "setup"  # ConfigRecord in the setup reply
 METRICS = "metrics"  # MetricRecord in a train reply (environment counts only)
 FINAL_REPLY = "final"  # ConfigRecord in a final or confirm reply
 FINAL_TAGS = "tags"  # ConfigRecord in a confirm request: indices and tags
+RELAY = "relay"  # ConfigRecord with every θ: the steps to it, sealed updates
+RELAY_UP = "relay-up"  # ConfigRecord in a train reply: its sealed update
 
 THETA = "theta"
 GRADIENT = "gradient"

@@ -114,7 +114,12 @@ def test_participants_never_send_decrypted_values(runs):
                     "context",
                     "last-round",
                     "max-rounds",
+                    "twin-step",
+                    "twin-hash",
                 }
+            elif key == msg.RELAY_UP:  # the update sealed (AES-GCM) for key holders
+                (sealed,) = record.values()
+                assert set(record) == {"sealed"} and sealed[12:14] != b"PK"  # no npz
             elif key == "final":  # a tag on the final θ's ciphertext bytes
                 assert set(record) in ({"tag", "participant-index"}, {"confirmed"})
             elif key.endswith(".hdr"):

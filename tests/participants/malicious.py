@@ -25,6 +25,7 @@ from protocol import messages as msg
 from protocol.backend import Ct
 from protocol.params import get_param_set
 from protocol.records import read_vector, write_vector
+from protocol.relay import Relay, parse_relay
 from protocol.wire import parse_header
 from tests.helpers import local_federation, local_raw
 
@@ -171,6 +172,10 @@ class Attacker:
             }
         )
         self.put(content, msg.THETA, hdr, honest if theta is None else theta, round=r)
+        # θ is the honest θ's step, which the participant has replayed already
+        honest_relay = parse_relay(base[msg.RELAY])
+        h, hh = honest_relay.head, honest_relay.head_hash
+        content[msg.RELAY] = Relay(h, hh, h, hh, [], {}).record()
         return content
 
     def theta(self, node: int) -> list[Ct]:

@@ -114,7 +114,8 @@ def test_malicious_forged_task_and_run_config_do_not_widen_the_bound(attacker):
     """K = 10^6, lr = 10, theta-step-bound = 10^9 and refusal-budget = 10^6 in the
     run config, key-run-id and num-participants in the task, a jump of 10^4
     rounds: a deployed participant's bound stays theta-step-bound × min(gap, G)
-    from its node config."""
+    from its node config, and a θ inside it that is not its twin is refused
+    too; the honest θ is still accepted after both."""
     a = attacker
     victim = a.nodes[2]
     a.grid.contexts[victim].run_config.update(
@@ -133,8 +134,10 @@ def test_malicious_forged_task_and_run_config_do_not_widen_the_bound(attacker):
     assert reply.error.reason == REFUSAL
     within = [a.be.add_scalar(t, BOUND * 0.5) for t in a.theta(victim)]
     reply = a.send(victim, msg.TRAIN, a.train(victim, within, round_=jump + 1))
+    assert reply.error.reason == REFUSAL
+    reply = a.send(victim, msg.TRAIN, a.train(victim, round_=jump + 2))
     assert not reply.has_error(), reply.error
-    assert a.guard(2).refusals == 1
+    assert a.guard(2).refusals == 2
     assert not (a.tmp / "keys").exists()  # no key directory picked by the task
 
 
@@ -266,6 +269,8 @@ def test_replies_of_deployed_participants_carry_no_episode_metrics(attacker):
                 "last-round",
                 "max-rounds",
                 "context",
+                "twin-step",
+                "twin-hash",
             }
 
 
