@@ -40,29 +40,27 @@ class RelayStore:
         for step in [s for s in self.sealed if s <= entry.step - KEEP_STEPS]:
             del self.sealed[step]
 
-    def chain(self, head: int) -> list[int]:
-        """The steps that made step ``head``'s θ, first step first."""
-        out: list[int] = []
-        while head != 0:
-            out.append(head)
-            head = self.entry[head].parent
-        return out[::-1]
-
     def relay(self, head: int, replayed: tuple[int, str]) -> Relay:
         """For θ = step ``head``'s output, to a participant that last replayed
-        ``replayed`` = (step, chain hash)."""
-        chain = self.chain(head)
+        ``replayed`` = (step, chain hash): the steps after the newest one both
+        chains share (θ0 if this store does not know the participant's step)."""
         step, hash_ = replayed
-        known = step in self.entry and self.hash[step] == hash_
-        shared = set(self.chain(step)) if known else set()
-        base = max([0] + [s for s in chain if s in shared])
-        after = [s for s in chain if s > base]
+        other = step if self.hash.get(step) == hash_ else 0
+        after: list[int] = []
+        at = head
+        while at != other:  # walk the later of the two back (parents come first)
+            if at > other:
+                after.append(at)
+                at = self.entry[at].parent
+            else:
+                other = self.entry[other].parent
+        after.reverse()
         sealed: dict[tuple[int, int], bytes] = {}
         for s in after:
             sealed.update(self.sealed.get(s, {}))
         return Relay(
-            base,
-            self.hash[base],
+            at,
+            self.hash[at],
             head,
             self.hash[head],
             [self.entry[s] for s in after],

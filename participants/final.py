@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from flwr.app import ConfigRecord, RecordDict
 
 from participants.guard import final_tag
+from participants.twin import TwinStore
 from protocol import messages as msg
 from protocol.errors import KeyMaterialError, WireFormatError
 from protocol.records import digest
@@ -38,11 +39,13 @@ def final(node: Node, content: RecordDict) -> RecordDict:
     )
     if be.mac_key is None:  # a participant backend always has one
         raise KeyMaterialError("no MAC key: not a participant's context")
-    twin = node._twin(be, guard, content)
+    checked = node._relay(be, guard, content)
     out = RecordDict()
     with guard.decrypting(("final",), t):
-        theta = node._theta(be, got, t, guard, twin)
-        d = digest(got.chunks)
+        theta, twin, snapshots = node._theta(be, got, t, guard, checked)
+        # the tag covers the ciphertext and the twin's chain: participants
+        # confirm the same final θ only if they replayed the same steps
+        d = f"{digest(got.chunks)}:{checked.relay.head_hash}"
         layout = node.learner.layout
         guard.store_final(  # the twin: what a release may publish
             twin,
@@ -57,6 +60,7 @@ def final(node: Node, content: RecordDict) -> RecordDict:
                 "backend": node.cfg.backend,
             },
         )
+        TwinStore(guard.stem).save(snapshots)
         guard.accept_theta(theta, t, d)
         out[msg.FINAL_REPLY] = ConfigRecord(
             {

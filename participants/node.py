@@ -25,7 +25,15 @@ from participants.guard import Guard, OutOfOrder, Terminal
 from participants.learner import GradientSource, Learner, clip_and_scale
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
-from participants.twin import Limits, TwinStore, advance, matches
+from participants.twin import (
+    Checked,
+    Limits,
+    Snapshots,
+    TwinStore,
+    check,
+    matches,
+    replay,
+)
 from protocol import keys, relay
 from protocol import messages as msg
 from protocol.backend import Backend
@@ -242,39 +250,47 @@ class Node:
             return ckks.serialize_public(be.ctx, be.relin_key_bytes)  # type: ignore[attr-defined]
         return keys.evaluation_context(path, self.params, self.cfg.backend)
 
-    def _twin(self, be: Backend, guard: Guard, content: RecordDict) -> np.ndarray:
-        """The twin of the θ this message carries (participants/twin.py), from
-        the steps and sealed updates relayed with it; nothing is decrypted."""
+    def _relay(self, be: Backend, guard: Guard, content: RecordDict) -> Checked:
+        """The steps and sealed updates relayed with θ, checked in everything
+        that depends on no value (participants/twin.py): typed errors."""
         if be.mac_key is None:  # a participant backend always has one
             raise KeyMaterialError("no MAC key: not a participant's context")
-        limits = Limits(
+        with self._timed("twin"):
+            return check(
+                TwinStore(guard.stem),
+                parse_relay(content.get(msg.RELAY)),
+                relay_key(be.mac_key),
+                self._limits(be),
+            )
+
+    def _limits(self, be: Backend) -> Limits:
+        return Limits(
             self.cfg.hyper,
             self.cfg.optimizer,
             be.gradient_factor,
             float(self.trust.federation_size),
             self.trust.theta_step_bound,
             self.learner.layout.size,
+            self.trust.min_updates,
+            self.trust.max_rounds,
         )
-        with self._timed("twin"):
-            return advance(
-                TwinStore(guard.stem),
-                parse_relay(content.get(msg.RELAY)),
-                relay_key(be.mac_key),
-                self.learner.initial_theta(),
-                limits,
-            )
 
     def _theta(
-        self, be: Backend, got: Received, t: int, guard: Guard, twin: np.ndarray
-    ) -> np.ndarray:
-        """Decrypt θ; check it against this participant's own bound and its
-        twin. The twin is what it acts on; the decryption only decides."""
+        self, be: Backend, got: Received, t: int, guard: Guard, checked: Checked
+    ) -> tuple[np.ndarray, np.ndarray, Snapshots]:
+        """θ's twin (replayed) and θ decrypted and checked against this
+        participant's own bound and the twin: (θ, twin, the twin's snapshots
+        to keep once the message is accepted). Call inside
+        :meth:`Guard.decrypting`: the replay's failures depend on values."""
+        store, theta0 = TwinStore(guard.stem), self.learner.initial_theta()
+        with self._timed("twin"):
+            twin, snapshots = replay(store, checked, theta0, self._limits(be))
         with self._timed("decrypt"):
             theta = decrypt_received(be, got)
             guard.check_theta(theta, t, self.learner.initial_theta)
-            if not matches(twin, theta, self.learner.initial_theta(), self.params):
+            if not matches(twin, theta, theta0, self.params):
                 raise ThetaRejected("θ is not its twin")
-        return theta
+        return theta, twin, snapshots
 
     def train(self, content: RecordDict) -> RecordDict:
         """Check and decrypt θ, one PPO gradient, encrypt; refresh if asked."""
@@ -289,15 +305,16 @@ class Node:
             be, msg.THETA, self._expect(fp, "theta", 0, t), self.learner.layout.size
         )
         state_in = self._receive_state(be, fp, t) if refresher else None
-        twin = self._twin(be, guard, content)
+        checked = self._relay(be, guard, content)
         kinds = ("train", "refresh") if refresher else ("train",)
         out = RecordDict()
         with guard.decrypting(kinds, t):
-            theta = self._theta(be, theta_in, t, guard, twin)
+            theta, twin, snapshots = self._theta(be, theta_in, t, guard, checked)
             saved = self._learn_into(be, fp, twin, t, init, out)
             if state_in is not None:
                 refresh_into(self, be, fp, state_in, t, out)
             out[msg.METRICS] = self._metrics()
+            TwinStore(guard.stem).save(snapshots)
             guard.accept_theta(theta, t, digest(theta_in.chunks))
         # the learner moves on only with an accepted message: Flower keeps the
         # context of a failed one too, and a refusal's cause must not show later

@@ -73,6 +73,9 @@ class Trust:
     """Create the key if it is missing (simulation, for the run's own key)."""
     seed_salt: tuple[int, ...] = ()
     """Mixed into the rollout seeds (deployment: :func:`rollout_salt`)."""
+    min_updates: int = 1
+    """Fewest updates a step may sum (a step of one update would put that
+    participant's gradient into the released policy)."""
 
     @classmethod
     def from_context(
@@ -98,6 +101,7 @@ class Trust:
             refusal_budget=cfg.refusal_budget,
             report_metrics=cfg.report_metrics,
             federation_size=cfg.num_participants,
+            min_updates=cfg.min_participants_for(cfg.num_participants),
             deployed=False,
             may_provision=own,
         )
@@ -140,6 +144,9 @@ class Trust:
             federation_size=get("federation-size", int),
             deployed=True,
             seed_salt=rollout_salt(key_path),
+            min_updates=get("min-updates", int)
+            if "min-updates" in nc
+            else -(-get("federation-size", int) // 2),
         )
         trust.validate()
         return trust
@@ -172,6 +179,7 @@ class Trust:
             ("max-rounds", self.max_rounds),
             ("refusal-budget", self.refusal_budget),
             ("federation-size", self.federation_size),
+            ("min-updates", self.min_updates),
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, received {value}")

@@ -22,6 +22,7 @@ import hmac
 import io
 import json
 import os
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +39,9 @@ NONCE_BYTES = 12
 MAX_VALUES = 2**24
 ROOT_HASH = ""
 """The chain hash of θ0 (step 0)."""
+#: step numbers stay below this (snapshot file names have 9 digits)
+MAX_STEP = 10**9
+_HASH = re.compile(r"[0-9a-f]{64}")
 
 
 class RelayError(WireFormatError):
@@ -168,7 +172,7 @@ def parse_relay(rec: Any) -> Relay:
         if e.parent != at:
             raise RelayError(f"relay: step {e.step} does not follow step {at}")
         at = e.step
-    if at != head or base < 0:
+    if at != head or not 0 <= base <= head < MAX_STEP:
         raise RelayError(f"relay: the steps from {base} do not end at {head}")
     wires = [e.wire for e in entries]
     if any(b <= a for a, b in zip(wires, wires[1:], strict=False)):
@@ -188,5 +192,7 @@ def parse_relay(rec: Any) -> Relay:
     if len(sealed) != len(blobs):
         raise RelayError("relay: an update is sealed twice")
     for name in ("base-hash", "head-hash"):
-        _field(rec, name, str)
+        value = _field(rec, name, str)
+        if value != ROOT_HASH and not _HASH.fullmatch(value):
+            raise RelayError(f"relay {name!r}: expected 64 hex digits or ''")
     return Relay(base, rec["base-hash"], head, rec["head-hash"], entries, sealed)

@@ -58,8 +58,8 @@ def test_twin_matches_and_is_what_participants_train_on(tmp_path):
     be, _ = keys.participant_backend(key_dir / keys.PARTICIPANT_FILE, PS, "ckks")
     dec = np.concatenate([be.decrypt_ct(c) for c in fed.theta])[: finals[0].size]
     assert 0 < np.max(np.abs(dec - finals[0])) < 1e-4
-    snapshots = sorted(p.name[:8] for p in key_dir.glob("guard-*-p0-twin/*.npz"))
-    assert snapshots == ["s0000001", "s0000002", "s0000003"]
+    snapshots = sorted(p.name[:10] for p in key_dir.glob("guard-*-p0-twin/*.npz"))
+    assert snapshots == ["s000000001", "s000000002", "s000000003"]
 
 
 def _crafted_at(step_to_craft: int):
@@ -123,25 +123,40 @@ def _swap_sealed(r: Relay) -> Relay:
 
 
 def _entry(r: Relay, **change) -> Relay:
+    """The relay's one step changed, its hash chain recomputed (the coordinator
+    can: the hashes are public)."""
     from dataclasses import replace
 
-    entries = [replace(r.entries[-1], **change)]
-    return Relay(r.base, r.base_hash, r.head, r.head_hash, entries, r.sealed)
+    from protocol.relay import entry_hash
+
+    (entry,) = [replace(r.entries[-1], **change)]
+    head = entry.step
+    return Relay(
+        r.base, r.base_hash, head, entry_hash(r.base_hash, entry), [entry], r.sealed
+    )
 
 
 FORGERIES = {
     "sealed updates swapped": (_swap_sealed, "does not open"),
     "an update left out": (
         lambda r: _entry(r, updates=r.entries[-1].updates[:1]),
+        "sums 1 updates",
+    ),
+    "k changed": (lambda r: _entry(r, k=1.5), "sums 2 updates with k = 1.5"),
+    "k above K": (lambda r: _entry(r, k=3.0), "sums 2 updates with k = 3.0"),
+    "head hash not the chain's": (
+        lambda r: Relay(r.base, r.base_hash, r.head, "ab" * 32, r.entries, r.sealed),
         "hash chain",
     ),
-    "k changed": (lambda r: _entry(r, k=1.5), "hash chain"),
-    "k above K": (lambda r: _entry(r, k=3.0), "above the federation size"),
     "a base never replayed": (
         lambda r: Relay(
             7, "ab" * 32, 8, r.head_hash, _entry(r, step=8, parent=7).entries, r.sealed
         ),
         "has not replayed",
+    ),
+    "a hash that is not one": (
+        lambda r: Relay(r.base, "../x", r.head, r.head_hash, r.entries, r.sealed),
+        "64 hex digits",
     ),
 }
 
@@ -184,6 +199,51 @@ def test_malicious_relay_naming_an_older_step_gets_a_refusal(tmp_path):
     row = next(h for h in fed.history if h["round"] == 3)
     assert sorted(row["refused"]) == [1000, 1001]
     assert _refusals(tmp_path) == [1, 1]
+
+
+def test_malicious_relay_moving_past_the_bound_is_a_charged_refusal(tmp_path):
+    """Whether a relayed step moves θ past the bound depends on the updates'
+    values, so it is answered like a decryption: with the one constant,
+    charged refusal, once per round (the audit's free gradient oracle)."""
+    from tests.participants.malicious import deployed_federation
+
+    refusal = f"Refused: {msg.REFUSED_CODE}"
+
+    fed = deployed_federation(tmp_path, participants=2, rounds=2)
+    victim = fed.nodes[1]
+    fed.grid.contexts[victim].run_config["lr"] = 10.0  # the twin's steps blow up
+    honest = [m for m in fed.grid.sent if m.metadata.message_type == msg.TRAIN]
+    last = [m for m in honest if m.metadata.dst_node_id == victim][-1]
+    from tests.participants.malicious import Attacker
+
+    a = Attacker(fed, tmp_path)
+    content = a.train(victim)
+    content[msg.RELAY] = last.content[msg.RELAY]  # with its step: replayed again
+    twin_dir = next((tmp_path / "state-1").glob("guard-*-twin"))
+    before = sorted(p.name for p in twin_dir.iterdir())
+    reply = a.send(victim, msg.TRAIN, content)
+    assert reply.error.reason == refusal
+    assert a.guard(1).refusals == 1
+    again = a.send(victim, msg.TRAIN, content)  # the same round: not answered again
+    assert "already handled" in again.error.reason and a.guard(1).refusals == 1
+    # a refused message keeps no snapshot
+    assert sorted(p.name for p in twin_dir.iterdir()) == before
+
+
+def test_twin_store_keeps_the_newest_snapshots(tmp_path, monkeypatch):
+    """Snapshots are pruned by count, newest kept, whatever their numbers."""
+    from participants import twin
+
+    monkeypatch.setattr(twin, "KEEP_STEPS", 3)
+    store = twin.TwinStore(tmp_path / "guard-x-p0")
+    z = np.zeros(2)
+    store.save([(s, f"{s:02d}" * 32, z, (z, z, z)) for s in (5, 1, 9, 3, 7)])
+    assert [p.name[:10] for p in sorted(store.dir.iterdir())] == [
+        "s000000005",
+        "s000000007",
+        "s000000009",
+    ]
+    assert store.newest() == (9, "09" * 32) and not store.has(3, "03" * 32)
 
 
 def _simulated_update(raw: dict, index: int, theta0: np.ndarray, be) -> np.ndarray:
