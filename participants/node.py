@@ -18,11 +18,12 @@ from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
-from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 from participants.final import confirm, final
 from participants.guard import Guard, OutOfOrder, Terminal
 from participants.learner import GradientSource, Learner, clip_and_scale
+from participants.metrics import reply_metrics
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
 from participants.twin import (
@@ -62,10 +63,6 @@ from protocol.wire import Expect
 log = logging.getLogger("flwr.hedrl.participant")
 
 STATE_KEY = "hedrl"
-#: reported returns are rounded to this (docs/threat-model.md counts their bits)
-RETURN_QUANTUM = 0.01
-#: reported stage seconds are rounded to this
-SECONDS_QUANTUM = 1e-3
 
 
 class Node:
@@ -313,7 +310,9 @@ class Node:
             saved = self._learn_into(be, fp, twin, t, init, out)
             if state_in is not None:
                 refresh_into(self, be, fp, state_in, t, out)
-            out[msg.METRICS] = self._metrics()
+            out[msg.METRICS] = reply_metrics(
+                self._stats, self.timings, self.trust.report_metrics
+            )
             TwinStore(guard.stem).save(snapshots)
             guard.accept_theta(theta, t, digest(theta_in.chunks))
         # the learner moves on only with an accepted message: Flower keeps the
@@ -363,28 +362,6 @@ class Node:
             {"sealed": relay.seal(relay_key(be.mac_key), t, self.index, update)}
         )
         return new_saved
-
-    def _metrics(self) -> MetricRecord:
-        """Environment steps always; episodes, returns and stage seconds only if
-        this participant's operator allows it (they depend on the decrypted θ)."""
-        stats = self._stats
-        record: dict[str, int | float] = {"env-steps": int(stats["env_steps"])}
-        if self.trust.report_metrics:
-            ret = round(float(stats["return_sum"]) / RETURN_QUANTUM) * RETURN_QUANTUM
-            record.update(
-                {
-                    "episodes": int(stats["episodes"]),
-                    "return-sum": ret,
-                    **{
-                        msg.stage_time_key(k): round(
-                            self.timings.get(k, 0.0) / SECONDS_QUANTUM
-                        )
-                        * SECONDS_QUANTUM
-                        for k in msg.PARTICIPANT_STAGES
-                    },
-                }
-            )
-        return MetricRecord(record)
 
     def refresh(self, content: RecordDict) -> RecordDict:
         """Spare refresher (:func:`participants.state.refresh`)."""
