@@ -11,6 +11,10 @@ import pytest
 
 from benchmarks import fidelity, fidelity_common
 
+# the sweep runner's resume paths, each a few short federations: CI runs them,
+# the fast loop does not
+pytestmark = pytest.mark.slow
+
 EVERY, TRACE, ROUNDS, STOP = 10, 5, 30, 25
 
 
