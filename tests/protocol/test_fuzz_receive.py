@@ -244,6 +244,7 @@ def fuzz(
     }
 
 
+@pytest.mark.slow  # CI-sized: CI runs it, the fast loop does not
 def test_fuzz_receiving_paths_only_typed_errors(ckks_pair):
     """A CI-sized run: no untyped exception, crash or hang on any path, no
     accepted chunk that fails the checks; every category produced inputs, and
