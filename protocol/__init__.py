@@ -1,6 +1,6 @@
 """What participants and coordinator agree on: parameter sets, keys, wire format.
 
-Exactly one package here, :mod:`protocol.ckks`, imports ``tenseal``; the rest is
+Exactly one module here, :mod:`protocol.ckks`, imports ``tenseal``; the rest is
 plain Python and numpy so that the plaintext twin and the tests of the wire
 format need no cryptography at all.
 """
