@@ -105,7 +105,7 @@ def make_app(gradients: GradientSource | None = None) -> ClientApp:
 
     @app.query("final")
     def final(message: Message, context: Context) -> Message:
-        """After the last round: check the final θ, keep it, tag its ciphertext."""
+        """After the last round: check the final θ, keep its twin, tag it."""
         return _handle("final", message, context, gradients)
 
     @app.query("confirm")
