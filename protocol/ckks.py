@@ -1,31 +1,20 @@
 """The only module that imports TenSEAL: contexts, keys and the CKKS backend.
 
-Wire chunks are SEAL's own ciphertext serialisations, one per slot-chunk.
-Participants encrypt with *seeded symmetric* encryption through
-``tenseal.sealapi`` (half the bytes of TenSEAL's public-key ciphertexts,
-docs/design.md#tenseal-facts); the coordinator loads those bytes as SEAL
-ciphertexts under its public context and evaluates on them with ``sealapi``.
-
-Every chunk a peer sends passes two checks before it is used
-(docs/threat-model.md, "What participants do"): its SEAL header is read here
-before SEAL parses anything (:func:`check_seal_header`), and the parsed
-ciphertext must be exactly what hedrl sends at the expected level
-(:meth:`CkksBackend.check`) — on the coordinator before it computes with it,
-on a participant before it decrypts.
-
-Key files: ``coordinator.ctx`` is TenSEAL's serialisation of the evaluation
-context (public and relinearisation keys); ``participant.ctx`` holds the
-TenSEAL context with the secret key plus SEAL's serialisation of the
-relinearisation keys in ``coordinator.ctx`` (:func:`serialize_secret`), so that
-both sides hash the same keys into the fingerprint (:func:`fingerprint`).
+Wire chunks are SEAL's own ciphertext serialisations, one per slot-chunk,
+encrypted by participants with seeded symmetric encryption through
+``tenseal.sealapi`` and evaluated on by the coordinator under its public
+context (docs/design.md#tenseal-facts). Every chunk a peer sends has its SEAL
+header checked before SEAL parses it and must parse to exactly what hedrl sends
+at the expected level (:meth:`CkksBackend.check`), on the coordinator before it
+computes, on a participant before it decrypts (docs/threat-model.md).
+``coordinator.ctx`` is TenSEAL's serialisation of the evaluation context;
+``participant.ctx`` is laid out in :mod:`protocol.keyfile`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import struct
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,29 +22,22 @@ import numpy as np
 import tenseal as ts
 import tenseal.sealapi as sealapi
 
+from protocol import keyfile
 from protocol.backend import Backend, Ct
 from protocol.errors import CiphertextError, KeyMaterialError, SecretKeyRefused
+from protocol.files import saved_bytes, through_file
 from protocol.params import ParamSet
 from protocol.seal_format import (
     SEAL_HEADER,
+    check_ciphertext,
     check_record,
     check_seal_header,
-    describe_scale,
-    hex_id,
+    read_seal_header,
 )
-
-_TMP_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 #: the SEAL version this TenSEAL's SEAL writes into its headers
-SEAL_VERSION = (
-    sealapi.Serialization.SEALHeader().version_major,
-    sealapi.Serialization.SEALHeader().version_minor,
-)
-#: first bytes of a participant.ctx (protocol 4 on): the TenSEAL secret context
-#: and the evaluation context's relinearisation keys follow
-PARTICIPANT_MAGIC = b"HEDRL-CKKS-PARTICIPANT-4\n"
-_LENGTH = struct.Struct("<Q")
-_CHECKSUM_BYTES = 32  # participant.ctx ends with a SHA-256 of what precedes it
+_HEADER = sealapi.Serialization.SEALHeader()
+SEAL_VERSION = (_HEADER.version_major, _HEADER.version_minor)
 
 
 def _check_seal_header(head: bytes, total: int) -> None:
@@ -64,27 +46,8 @@ def _check_seal_header(head: bytes, total: int) -> None:
 
 
 def _save_bytes(obj: Any) -> bytes:
-    """Serialise a sealapi object (they only save to a path)."""
-    fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
-    os.close(fd)
-    try:
-        obj.save(path)
-        with open(path, "rb") as fh:
-            return fh.read()
-    finally:
-        os.unlink(path)
-
-
-def _load_bytes(obj: Any, seal_ctx: Any, data: bytes) -> None:
-    """Load ``data`` into the sealapi object ``obj`` (they only load from a path);
-    SEAL validates it for ``seal_ctx``."""
-    fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        obj.load(seal_ctx, path)
-    finally:
-        os.unlink(path)
+    """SEAL's serialisation of the sealapi object ``obj``."""
+    return saved_bytes(obj.save)
 
 
 def create_context(params: ParamSet) -> ts.Context:
@@ -107,21 +70,12 @@ def relin_key_bytes(ctx: ts.Context) -> bytes:
 
 
 def fingerprint(ctx: ts.Context, param_set_id: str, relin_keys: bytes) -> str:
-    """SHA-256 (hex) over the parameter-set id and SEAL's serialisations of the
-    public key and of the relinearisation keys ``relin_keys``: every key the
-    coordinator loads.
-
-    Both serialisations are deterministic (the same bytes after load → save,
-    tests/protocol/test_keys.py), so a participant hashes the relinearisation
-    keys as stored in its participant.ctx and the coordinator the ones it
-    loaded.
-    """
-    h = hashlib.sha256()
-    h.update(param_set_id.encode() + b"\0")
-    for part in (_save_bytes(ctx.public_key().data), relin_keys):
-        h.update(_LENGTH.pack(len(part)))
-        h.update(part)
-    return h.hexdigest()
+    """:func:`protocol.keyfile.fingerprint` of ``ctx``'s public key and
+    ``relin_keys``: every key the coordinator loads. SEAL's serialisations are
+    deterministic (tests/protocol/test_keys.py), so a participant hashes the
+    keys its participant.ctx stores and the coordinator the ones it loaded."""
+    public_key = _save_bytes(ctx.public_key().data)
+    return keyfile.fingerprint(param_set_id, public_key, relin_keys)
 
 
 def secret_key_bytes(ctx: ts.Context) -> bytes:
@@ -130,16 +84,9 @@ def secret_key_bytes(ctx: ts.Context) -> bytes:
 
 
 def serialize_secret(ctx: ts.Context, relin_keys: bytes) -> bytes:
-    """Bytes of participant.ctx: :data:`PARTICIPANT_MAGIC`, the length of the
-    TenSEAL context with the secret key (without relinearisation keys: TenSEAL
-    regenerates them at random when it loads a secret context), that context,
-    then ``relin_keys``, the evaluation context's relinearisation keys, and a
-    SHA-256 of all that: the fingerprint covers the public keys, the checksum
-    the secret key (a damaged one would decrypt garbage, or tag the final θ
-    with a MAC key no other participant shares)."""
+    """Bytes of participant.ctx (:func:`protocol.keyfile.frame_secret`)."""
     body = ctx.serialize(save_secret_key=True, save_relin_keys=False)
-    data = PARTICIPANT_MAGIC + _LENGTH.pack(len(body)) + body + relin_keys
-    return data + hashlib.sha256(data).digest()
+    return keyfile.frame_secret(body, relin_keys)
 
 
 def serialize_public(ctx: ts.Context, relin_keys: bytes) -> bytes:
@@ -148,8 +95,9 @@ def serialize_public(ctx: ts.Context, relin_keys: bytes) -> bytes:
     pub = ctx.copy()
     if not pub.has_relin_keys():  # a participant's context loads without them
         pub.generate_relin_keys()  # a slot the stored keys are loaded into
+    slot, seal_ctx = pub.relin_keys().data, pub.seal_context().data
     try:
-        _load_bytes(pub.relin_keys().data, pub.seal_context().data, relin_keys)
+        through_file(relin_keys, lambda path: slot.load(seal_ctx, path))
     except Exception as exc:  # SEAL raises bare ValueError/RuntimeError
         raise KeyMaterialError(f"stored relinearisation keys unusable: {exc}") from exc
     pub.make_context_public()
@@ -172,36 +120,10 @@ class SecretContext:
 
 
 def load_secret_context(data: bytes) -> SecretContext:
-    """Load a participant context; it must hold the secret key.
-
-    Relinearisation keys stay bytes: participants only encrypt and decrypt
-    (generating them cost ~35 ms per message in deployment, where every
-    message is a fresh process); they are hashed into the fingerprint and
-    copied into the evaluation context (:func:`serialize_public`).
-    """
-    if not data.startswith(PARTICIPANT_MAGIC):
-        raise KeyMaterialError(
-            "participant context is not a protocol-4 key file (it must start with "
-            f"{PARTICIPANT_MAGIC!r} and store the relinearisation keys); "
-            "provision a new key with hedrl-keygen"
-        )
-    at = len(PARTICIPANT_MAGIC)
-    if len(data) < at + _LENGTH.size + _CHECKSUM_BYTES:
-        raise KeyMaterialError(f"participant context truncated at {len(data)} bytes")
-    data, checksum = data[:-_CHECKSUM_BYTES], data[-_CHECKSUM_BYTES:]
-    if hashlib.sha256(data).digest() != checksum:
-        raise KeyMaterialError(
-            "participant context damaged (its checksum does not match): restore "
-            "it from the provisioned bundle"
-        )
-    (n,) = _LENGTH.unpack_from(data, at)
-    at += _LENGTH.size
-    body, relin_keys = data[at : at + n], data[at + n :]
-    if len(body) != n or not relin_keys:
-        raise KeyMaterialError(
-            f"participant context: a {n}-byte TenSEAL context and relinearisation "
-            f"keys expected, {len(data) - at} bytes follow the length"
-        )
+    """Load a participant context; it must hold the secret key. Its
+    relinearisation keys stay bytes (participants never multiply): they are
+    hashed into the fingerprint and copied into the evaluation context."""
+    body, relin_keys = keyfile.unframe_secret(data)
     check_record(body, None, secret=True)
     try:
         ctx = ts.context_from(body)
@@ -213,16 +135,29 @@ def load_secret_context(data: bytes) -> SecretContext:
 
 
 def check_params(ctx: ts.Context, params: ParamSet) -> None:
-    """Raise KeyMaterialError unless ``ctx`` was made for parameter set ``params``."""
-    parms = ctx.seal_context().data.key_context_data().parms()
-    degree = int(parms.poly_modulus_degree())
-    bits = tuple(int(m.bit_count()) for m in parms.coeff_modulus())
-    if (degree, bits) != (params.poly_modulus_degree, params.coeff_mod_bit_sizes):
+    """Raise KeyMaterialError unless ``ctx`` is a CKKS context with the degree
+    and coefficient moduli of parameter set ``params``."""
+    try:  # TenSEAL raises bare ValueError for a field it did not load
+        parms = ctx.seal_context().data.key_context_data().parms()
+        scheme, degree = parms.scheme().name, int(parms.poly_modulus_degree())
+        primes = [int(m.value()) for m in parms.coeff_modulus()]
+    except Exception as exc:
+        raise KeyMaterialError(f"context incomplete: {exc}") from exc
+    want = [int(m.value()) for m in _coeff_modulus(params)]
+    if (scheme, degree, primes) != ("CKKS", params.poly_modulus_degree, want):
+        bits = [p.bit_length() for p in primes]
         raise KeyMaterialError(
-            f"key has N={degree} and primes of {bits} bits; parameter set "
-            f"{params.id!r} has N={params.poly_modulus_degree} and "
-            f"{params.coeff_mod_bit_sizes}"
+            f"key is {scheme} with N={degree} and primes of {bits} bits; parameter "
+            f"set {params.id!r} is CKKS with N={params.poly_modulus_degree} and "
+            f"primes of {list(params.coeff_mod_bit_sizes)} bits"
+            + (" (other primes of the same sizes)" if bits == want else "")
         )
+
+
+def _coeff_modulus(params: ParamSet) -> Any:
+    return sealapi.CoeffModulus.Create(
+        params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)
+    )
 
 
 def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
@@ -230,7 +165,7 @@ def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
     key, lacks relinearisation keys, differs from the parameter set, or is not
     exactly what :func:`serialize_public` writes for the keys it holds (so that
     every byte of it is covered by the fingerprint)."""
-    if data.startswith(PARTICIPANT_MAGIC):
+    if data.startswith(keyfile.PARTICIPANT_MAGIC):
         raise SecretKeyRefused(
             "evaluation context is a participant.ctx, which holds a secret key; the "
             "coordinator only accepts a public context (coordinator.ctx)"
@@ -246,7 +181,7 @@ def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
         raise KeyMaterialError(
             "evaluation context: relinearisation keys and no Galois keys expected"
         )
-    _check_parameters(ctx, params)
+    check_params(ctx, params)
     try:
         again = _public_bytes(ctx)
     except Exception as exc:
@@ -260,49 +195,13 @@ def load_public_context(data: bytes, params: ParamSet) -> ts.Context:
     return ctx
 
 
-def _check_parameters(ctx: ts.Context, params: ParamSet) -> None:
-    """The loaded context's CKKS parameters are those of ``params``."""
-    try:  # TenSEAL raises bare ValueError for a field it did not load
-        parms = ctx.seal_context().data.key_context_data().parms()
-        got = {
-            "scheme": parms.scheme().name,
-            "poly_modulus_degree": parms.poly_modulus_degree(),
-            "coeff_modulus": [m.value() for m in parms.coeff_modulus()],
-        }
-    except Exception as exc:
-        raise KeyMaterialError(f"evaluation context incomplete: {exc}") from exc
-    primes = sealapi.CoeffModulus.Create(
-        params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)
-    )
-    want = {
-        "scheme": "CKKS",
-        "poly_modulus_degree": params.poly_modulus_degree,
-        "coeff_modulus": [m.value() for m in primes],
-    }
-    for name, expected in want.items():
-        if got[name] != expected:
-            raise KeyMaterialError(
-                f"evaluation context {name} {got[name]}, expected {expected} "
-                f"(parameter set {params.id!r})"
-            )
-
-
 class CkksBackend(Backend):
-    """CKKS on ``tenseal.sealapi`` ciphertexts, one per chunk of ``slots`` values.
-
-    The circuit works on SEAL ciphertexts directly (not TenSEAL's
-    ``CKKSVector``): modulus switching needs no serialise/parse round trip, and
-    chunks below the top level are saved in a fraction of a millisecond
-    (TenSEAL's vector serialisation took ~6 ms per chunk, measured). Products are
-    relinearised and rescaled, and the scale is reset to the nominal Δ after
-    each rescale like TenSEAL does; the resulting bias Δ/q_l is what
-    :meth:`rescale_bias` reports and the circuit folds into its scalars. So every
-    ciphertext hedrl produces — fresh encryptions, the circuit's outputs, masked
-    state — has scale exactly Δ, which :meth:`check` requires of every chunk.
-
-    ``relin_keys`` (participants): the stored relinearisation keys of the
-    evaluation context, as bytes (:class:`SecretContext`).
-    """
+    """CKKS on ``tenseal.sealapi`` ciphertexts, one per chunk of ``slots`` values
+    (docs/design.md#tenseal-facts). Products are relinearised and rescaled and
+    the scale reset to Δ; the bias Δ/q_l is :meth:`rescale_bias`, folded into
+    the circuit's scalars, so every ciphertext hedrl produces has scale exactly
+    Δ, which :meth:`check` requires of every chunk. ``relin_keys``
+    (participants): the evaluation context's relinearisation keys as bytes."""
 
     name = "ckks"
 
@@ -317,13 +216,8 @@ class CkksBackend(Backend):
         self._evaluator = sealapi.Evaluator(seal_ctx)
         self._encoder = sealapi.CKKSEncoder(seal_ctx)
         self._relin_keys = ctx.relin_keys().data if ctx.has_relin_keys() else None
-        primes = [
-            m.value()
-            for m in sealapi.CoeffModulus.Create(
-                params.poly_modulus_degree, list(params.coeff_mod_bit_sizes)
-            )
-        ][:-1]  # the last prime is the special (key-switching) one
-        self._primes = primes
+        # the last prime is the special (key-switching) one
+        self._primes = [m.value() for m in _coeff_modulus(params)][:-1]
         self._parms_by_level: dict[int, Any] = {}
         cd = seal_ctx.first_context_data()
         while cd is not None:
@@ -331,6 +225,10 @@ class CkksBackend(Backend):
             cd = cd.next_context_data()
         self._encryptor: Any = None
         self._decryptor: Any = None
+        if ctx.is_private():
+            secret = ctx.secret_key().data
+            self._encryptor = sealapi.Encryptor(seal_ctx, secret)
+            self._decryptor = sealapi.Decryptor(seal_ctx, secret)
 
     # ---- bookkeeping ----------------------------------------------------
     def rescale_bias(self, level: int) -> float:
@@ -376,22 +274,27 @@ class CkksBackend(Backend):
         self._evaluator.multiply_plain(a.data, self._plain(float(c), a.level), out)
         return self._rescaled(out)
 
-    def _add(self, a: Ct, b: Ct) -> Any:
+    def _binary(self, op: Callable[[Any, Any, Any], None], a: Ct, b: Ct) -> Any:
         lvl = min(a.level, b.level)
         out = sealapi.Ciphertext()
-        self._evaluator.add(self._at(a, lvl), self._at(b, lvl), out)
+        op(self._at(a, lvl), self._at(b, lvl), out)
         return out
+
+    def _add(self, a: Ct, b: Ct) -> Any:
+        return self._binary(self._evaluator.add, a, b)
 
     def _sub(self, a: Ct, b: Ct) -> Any:
-        lvl = min(a.level, b.level)
-        out = sealapi.Ciphertext()
-        self._evaluator.sub(self._at(a, lvl), self._at(b, lvl), out)
-        return out
+        return self._binary(self._evaluator.sub, a, b)
 
     def _add_plain(self, a: Ct, values: np.ndarray) -> Any:
+        return self._plus(a, np.asarray(values, dtype=np.float64).tolist())
+
+    def _add_const(self, a: Ct, c: float) -> Any:
+        return self._plus(a, float(c))
+
+    def _plus(self, a: Ct, value: Any) -> Any:
         out = sealapi.Ciphertext()
-        pt = self._plain(np.asarray(values, dtype=np.float64).tolist(), a.level)
-        self._evaluator.add_plain(a.data, pt, out)
+        self._evaluator.add_plain(a.data, self._plain(value, a.level), out)
         return out
 
     def _neg(self, a: Ct) -> Any:
@@ -399,25 +302,13 @@ class CkksBackend(Backend):
         self._evaluator.negate(a.data, out)
         return out
 
-    def _add_const(self, a: Ct, c: float) -> Any:
-        out = sealapi.Ciphertext()
-        self._evaluator.add_plain(a.data, self._plain(float(c), a.level), out)
-        return out
-
-    def _to_level(self, a: Ct, level: int) -> Any:
-        return self._at(a, level)
+    _to_level = _at
 
     # ---- serialisation and the checks of every received chunk ---------------
     def _parse(self, chunk: bytes) -> Any:
         """A SEAL ciphertext from its serialisation (header checked first)."""
         _check_seal_header(chunk[: SEAL_HEADER.size], len(chunk))
-        fd, path = tempfile.mkstemp(dir=_TMP_DIR, prefix="hedrl-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(chunk)
-            return self._parse_file(path, len(chunk))
-        finally:
-            os.unlink(path)
+        return through_file(chunk, lambda path: self._parse_file(path, len(chunk)))
 
     def _parse_file(self, path: str, size: int) -> Any:
         ct = sealapi.Ciphertext()
@@ -436,71 +327,50 @@ class CkksBackend(Backend):
     def load_file(self, path: str | os.PathLike[str], *, level: int) -> Ct:
         # SEAL reads the file itself: no copy through Python and a temporary file
         path = os.fspath(path)
-        try:
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
-                head = fh.read(SEAL_HEADER.size)
-        except OSError as exc:
-            raise CiphertextError(
-                f"chunk of no bytes is not a ciphertext: {exc}"
-            ) from exc
+        head, size = read_seal_header(path)
         _check_seal_header(head, size)
         return self.check(self._parse_file(path, size), level)
 
     def check(self, ct: Any, level: int) -> Ct:
         """``ct`` as a chunk at ``level``, or :class:`CiphertextError` naming the
-        field that differs from what hedrl sends: polynomial degree, level
-        (coefficient moduli), parms_id of that level, size 2, NTT form, and a
-        scale of exactly Δ (finite; a product's true scale Δ²/q is refused)."""
-        n, want_n = ct.poly_modulus_degree(), self.params.poly_modulus_degree
-        if n != want_n:
-            raise CiphertextError(
-                f"ciphertext polynomial degree {n}, expected {want_n}"
-            )
-        got = self._level_of(ct)
-        if got != level:
-            raise CiphertextError(f"ciphertext at level {got}, expected level {level}")
-        want_id = self._parms_by_level.get(level)
-        if want_id is None or list(ct.parms_id()) != list(want_id):
-            raise CiphertextError(
-                f"ciphertext parms_id {hex_id(ct.parms_id())}, expected "
-                f"{'none' if want_id is None else hex_id(want_id)} (level {level})"
-            )
-        if ct.size() != 2:
-            raise CiphertextError(f"ciphertext of size {ct.size()}, expected 2")
-        if not ct.is_ntt_form():
-            raise CiphertextError("ciphertext not in NTT form, expected NTT form")
-        scale = ct.scale
-        if scale != self.params.scale:  # also NaN
-            raise CiphertextError(
-                f"ciphertext scale {describe_scale(scale, self.params.scale)}, "
-                f"expected 2^{self.params.scale_bits}"
-            )
+        field that differs from what hedrl sends
+        (:func:`protocol.seal_format.check_ciphertext`)."""
+        check_ciphertext(
+            self.params,
+            level,
+            self._parms_by_level.get(level),
+            degree=ct.poly_modulus_degree(),
+            at_level=self._level_of(ct),
+            parms_id=ct.parms_id(),
+            size=ct.size(),
+            ntt=ct.is_ntt_form(),
+            scale=ct.scale,
+        )
         return Ct(ct, level)
 
-    def dump(self, a: Ct) -> bytes:
+    @staticmethod
+    def _unit(a: Ct) -> Any:
         if abs(a.factor - 1.0) > 1e-12:
             raise ValueError(f"refusing to serialise a chunk with factor {a.factor}")
-        return _save_bytes(a.data)
+        return a.data
+
+    def dump(self, a: Ct) -> bytes:
+        return _save_bytes(self._unit(a))
 
     def dump_file(self, a: Ct, path: str | os.PathLike[str]) -> None:
-        if abs(a.factor - 1.0) > 1e-12:
-            raise ValueError(f"refusing to serialise a chunk with factor {a.factor}")
-        a.data.save(os.fspath(path))
+        self._unit(a).save(os.fspath(path))
 
     # ---- participant side --------------------------------------------------
-    def _need_secret(self) -> None:
-        if not self.ctx.is_private():
+    @staticmethod
+    def _secret(tool: Any) -> Any:
+        if tool is None:
             raise KeyMaterialError(
                 "encrypting and decrypting need the participant's context"
             )
+        return tool
 
     def encrypt(self, values: np.ndarray, level: int | None = None) -> bytes:
-        if self._encryptor is None:
-            self._need_secret()
-            self._encryptor = sealapi.Encryptor(
-                self._seal_ctx, self.ctx.secret_key().data
-            )
+        encryptor = self._secret(self._encryptor)
         pt = sealapi.Plaintext()
         lvl = self.top_level if level is None else level
         self._encoder.encode(
@@ -509,20 +379,15 @@ class CkksBackend(Backend):
             self.params.scale,
             pt,
         )
-        return _save_bytes(self._encryptor.encrypt_symmetric(pt))
+        return _save_bytes(encryptor.encrypt_symmetric(pt))
 
     def decrypt_ct(self, a: Ct) -> np.ndarray:
         """Decrypt a handle (participant side and tests); the factor is removed."""
-        if self._decryptor is None:
-            self._need_secret()
-            self._decryptor = sealapi.Decryptor(
-                self._seal_ctx, self.ctx.secret_key().data
-            )
         pt = sealapi.Plaintext()
-        self._decryptor.decrypt(a.data, pt)
+        self._secret(self._decryptor).decrypt(a.data, pt)
         values = np.asarray(self._encoder.decode_double(pt), dtype=np.float64)
         return values / a.factor
 
     def decrypt(self, chunk: bytes, *, level: int) -> np.ndarray:
-        self._need_secret()
+        self._secret(self._decryptor)
         return self.decrypt_ct(self.load(chunk, level=level))

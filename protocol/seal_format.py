@@ -10,6 +10,7 @@ records, SEAL accepts a few things hedrl never writes).
 from __future__ import annotations
 
 import math
+import os
 import struct
 from typing import Any
 
@@ -58,6 +59,16 @@ def check_seal_header(head: bytes, total: int, version: tuple[int, int]) -> None
             f"chunk of {total} bytes is not a ciphertext: SEAL header compr_mode "
             f"{compr}, expected {modes}"
         )
+
+
+def read_seal_header(path: str) -> tuple[bytes, int]:
+    """(the first bytes of the file at ``path`` — SEAL's header —, its size), or
+    :class:`CiphertextError` if it cannot be read."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(SEAL_HEADER.size), os.fstat(fh.fileno()).st_size
+    except OSError as exc:
+        raise CiphertextError(f"chunk of no bytes is not a ciphertext: {exc}") from exc
 
 
 #: TenSEAL's context record (fields as in TenSEAL's tensealcontext.proto),
@@ -160,6 +171,46 @@ def check_record(data: bytes, params: ParamSet | None, *, secret: bool) -> None:
                 f"{'participant' if secret else 'evaluation'} context {name} "
                 f"{got[name]}, expected {expected}"
             )
+
+
+def check_ciphertext(
+    params: ParamSet,
+    level: int,
+    want_id: Any,
+    *,
+    degree: int,
+    at_level: int,
+    parms_id: Any,
+    size: int,
+    ntt: bool,
+    scale: float,
+) -> None:
+    """Raise :class:`CiphertextError` naming the first field of a parsed
+    ciphertext that differs from what hedrl sends at ``level`` (parms_id
+    ``want_id``): polynomial degree, level (coefficient moduli), parms_id, size
+    2, NTT form, and a scale of exactly Δ (finite; a product's true scale Δ²/q
+    is refused)."""
+    if degree != params.poly_modulus_degree:
+        raise CiphertextError(
+            f"ciphertext polynomial degree {degree}, expected "
+            f"{params.poly_modulus_degree}"
+        )
+    if at_level != level:
+        raise CiphertextError(f"ciphertext at level {at_level}, expected level {level}")
+    if want_id is None or list(parms_id) != list(want_id):
+        raise CiphertextError(
+            f"ciphertext parms_id {hex_id(parms_id)}, expected "
+            f"{'none' if want_id is None else hex_id(want_id)} (level {level})"
+        )
+    if size != 2:
+        raise CiphertextError(f"ciphertext of size {size}, expected 2")
+    if not ntt:
+        raise CiphertextError("ciphertext not in NTT form, expected NTT form")
+    if scale != params.scale:  # also NaN
+        raise CiphertextError(
+            f"ciphertext scale {describe_scale(scale, params.scale)}, "
+            f"expected 2^{params.scale_bits}"
+        )
 
 
 def hex_id(parms_id: Any) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import multiprocessing as mp
 import stat
 import subprocess
@@ -275,3 +276,38 @@ def test_damaged_public_key_tag_refused_before_tenseal_parses(ckks_pair, ps, bit
     damaged[at] ^= 1 << bit
     with pytest.raises(KeyMaterialError, match="as TenSEAL writes it"):
         keys.coordinator_backend(bytes(damaged), ps, "ckks")
+
+
+def test_participant_key_of_other_parameters_refused(tmp_path, ps):
+    """A participant key made for another parameter set is refused naming both
+    sets of primes."""
+    other = get_param_set("8k-40x2")
+    info = keys.write_keys(tmp_path / "k", other, "ckks", force=False)
+    with pytest.raises(KeyMaterialError) as err:
+        keys.participant_backend(info.participant_path, ps, "ckks")
+    assert str(err.value) == (
+        "key is CKKS with N=8192 and primes of [60, 40, 40, 60] bits; parameter "
+        "set '8k-35x3' is CKKS with N=8192 and primes of [60, 35, 35, 35, 53] bits"
+    )
+
+
+def test_participant_file_framing_refuses_every_cut_and_flip():
+    """participant.ctx's framing (protocol/keyfile.py) round-trips, and every
+    truncation or flipped byte of it is a KeyMaterialError before TenSEAL sees
+    a byte."""
+    from protocol import keyfile
+
+    data = keyfile.frame_secret(b"context" * 5, b"relin")
+    assert keyfile.unframe_secret(data) == (b"context" * 5, b"relin")
+    for cut in range(len(data)):
+        with pytest.raises(KeyMaterialError):
+            keyfile.unframe_secret(data[:cut])
+    for pos in range(len(data)):
+        flipped = bytearray(data)
+        flipped[pos] ^= 0x01
+        with pytest.raises(KeyMaterialError):
+            keyfile.unframe_secret(bytes(flipped))
+    # a consistent checksum over a wrong length is refused too
+    bad = keyfile.PARTICIPANT_MAGIC + keyfile._LENGTH.pack(10**6) + b"context" * 5
+    with pytest.raises(KeyMaterialError, match="bytes follow the length"):
+        keyfile.unframe_secret(bad + b"relin" + hashlib.sha256(bad + b"relin").digest())

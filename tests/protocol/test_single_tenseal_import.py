@@ -1,4 +1,5 @@
-"""Exactly one module imports TenSEAL (protocol/ckks.py)."""
+"""House rules the code keeps: one module imports TenSEAL (protocol/ckks.py),
+the two apps do not import each other, no module over 400 lines."""
 
 import re
 from pathlib import Path
@@ -29,3 +30,16 @@ def test_packages_do_not_import_each_other():
             assert not re.search(
                 rf"^\s*(from|import)\s+{other}\b", text, re.MULTILINE
             ), p
+
+
+def test_size_rule_no_module_over_400_lines_and_a_short_readme():
+    """The house's size rule (issue 26): no module of the product packages over
+    400 lines, and the README stays a user's document of at most 400."""
+    long = {
+        str(p.relative_to(ROOT)): n
+        for pkg in ("protocol", "coordinator", "participants", "benchmarks")
+        for p in (ROOT / pkg).rglob("*.py")
+        if (n := len(p.read_text().splitlines())) > 400
+    }
+    assert long == {}
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 400
