@@ -1,8 +1,11 @@
-"""PPO-FedSGD on one participant (docs/design.md#rl-side), plaintext only.
+"""PPO on one participant (docs/design.md#rl-side), plaintext only.
 
-Each iteration the participant collects a rollout with the current global θ;
-then for each of the E×M rounds that follow it sends one fresh
-clipped-surrogate gradient, computed at that round's θ on the next minibatch.
+``participant-update = 'gradient'`` (PPO-FedSGD): each iteration the
+participant collects a rollout with the current global θ; then for each of the
+E×M rounds that follow it sends one fresh clipped-surrogate gradient, computed
+at that round's θ on the next minibatch. ``'delta'``: every round it collects a
+rollout at θ, runs all E×M minibatch updates locally with the local optimiser
+and sends the pseudo-gradient Δ = θ − θ_local (:meth:`Learner.delta_step`).
 The rollout buffer and the environments (pickled) live in the node's
 ``context.state`` between rounds, so a round that lands in a fresh process (in
 deployment every message does) continues the same episodes; Box2D/MuJoCo envs
@@ -93,6 +96,33 @@ def clip_and_scale(
     return out
 
 
+class LocalOptimizer:
+    """'delta' mode's optimiser of the local copy: ``local-optimizer`` 'sgd'
+    (a step of local-lr·g) or 'adam' (β 0.9, 0.999, ε 1e-8, bias-corrected),
+    after scaling g to a global norm of at most ``local-grad-norm`` (0: off)."""
+
+    def __init__(self, cfg: RunConfig, size: int) -> None:
+        self.kind, self.lr, self.max_norm = (
+            cfg.local_optimizer,
+            cfg.local_lr,
+            cfg.local_grad_norm,
+        )
+        self.t, self.m, self.v = 0, np.zeros(size), np.zeros(size)
+
+    def step(self, grad: np.ndarray) -> np.ndarray:
+        """The change to subtract from the local parameters."""
+        norm = float(np.linalg.norm(grad))
+        if self.max_norm > 0 and norm > self.max_norm:
+            grad = grad * (self.max_norm / norm)
+        if self.kind == "sgd":
+            return self.lr * grad
+        self.t += 1
+        self.m = 0.9 * self.m + 0.1 * grad
+        self.v = 0.999 * self.v + 0.001 * grad * grad
+        m_hat, v_hat = self.m / (1 - 0.9**self.t), self.v / (1 - 0.999**self.t)
+        return self.lr * m_hat / (np.sqrt(v_hat) + 1e-8)
+
+
 @dataclass
 class _NodeState:
     worker: RolloutWorker
@@ -176,49 +206,79 @@ class Learner:
     def step(
         self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
     ) -> tuple[np.ndarray, dict[str, Any], bytes]:
-        """One round's gradient at ``theta``: (grad, env stats, new saved state),
-        from the injected gradient source if there is one."""
+        """One round's update at ``theta``: (gradient or Δ, env stats, new saved
+        state), from the injected gradient source if there is one."""
         if self.gradients is not None:
             return self.gradients(self, theta, saved, cache_scope)
+        if self.cfg.participant_update == "delta":
+            return self.delta_step(theta, saved, cache_scope)
         return self.ppo_step(theta, saved, cache_scope)
+
+    def _rollout(
+        self, st: _NodeState, theta: np.ndarray
+    ) -> tuple[dict[str, np.ndarray], list[np.ndarray], dict[str, Any]]:
+        """A rollout at ``theta``: (batch, the E×M minibatch indices, stats)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([*self.root, 2, self.index, st.rollouts])
+        batch, returns, _lengths, steps = st.worker.collect(
+            self.policy, theta, cfg.num_steps, rng
+        )
+        size = len(batch["obs"])
+        order = [
+            idx
+            for epoch in range(cfg.update_epochs)
+            for idx in minibatches(
+                size,
+                cfg.num_minibatches,
+                np.random.default_rng([*self.root, 3, self.index, st.rollouts, epoch]),
+            )
+        ]
+        st.worker_bytes, st.rollouts = None, st.rollouts + 1
+        stats = {
+            "episodes": len(returns),
+            "return_sum": float(np.sum(returns)),
+            "env_steps": int(steps),
+        }
+        return batch, order, stats
+
+    def _grad(
+        self, theta: np.ndarray, batch: dict[str, np.ndarray], idx: np.ndarray
+    ) -> tuple[np.ndarray, dict[str, float]]:
+        cfg = self.cfg
+        mb = {k: batch[k][idx] for k in _BATCH_KEYS}
+        _, grad, info = self.policy.loss_and_grad(
+            theta, mb, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef
+        )
+        return grad, info
+
+    def delta_step(
+        self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
+    ) -> tuple[np.ndarray, dict[str, Any], bytes]:
+        """'delta' mode: a rollout at ``theta``, then E×M PPO minibatch updates
+        of a local copy with the local optimiser (fresh each round);
+        (Δ = θ − θ_local, env stats, new saved state)."""
+        cache_key = (cache_scope, self.cfg.env_id, self.cfg.seed, self.index)
+        st = self._load(saved, cache_key)
+        batch, order, stats = self._rollout(st, theta)
+        local = np.array(theta, dtype=np.float64)
+        opt = LocalOptimizer(self.cfg, local.size)
+        for idx in order:
+            grad, info = self._grad(local, batch, idx)
+            local -= opt.step(grad)
+        stats.update({f"train/{k}": float(v) for k, v in info.items()})
+        return theta - local, stats, self._save(st, cache_key)
 
     def ppo_step(
         self, theta: np.ndarray, saved: bytes | None, cache_scope: object = None
     ) -> tuple[np.ndarray, dict[str, Any], bytes]:
         """One PPO minibatch gradient at ``theta`` (a rollout first, every E×M)."""
-        cfg = self.cfg
         cache_key = (cache_scope, self.cfg.env_id, self.cfg.seed, self.index)
         st = self._load(saved, cache_key)
         stats: dict[str, Any] = {"episodes": 0, "return_sum": 0.0, "env_steps": 0}
         if st.batch is None or st.pos >= len(st.order):
-            rng = np.random.default_rng([*self.root, 2, self.index, st.rollouts])
-            batch, returns, _lengths, steps = st.worker.collect(
-                self.policy, theta, cfg.num_steps, rng
-            )
-            st.batch, st.worker_bytes = batch, None
-            size = len(batch["obs"])
-            st.order = [
-                idx
-                for epoch in range(cfg.update_epochs)
-                for idx in minibatches(
-                    size,
-                    cfg.num_minibatches,
-                    np.random.default_rng(
-                        [*self.root, 3, self.index, st.rollouts, epoch]
-                    ),
-                )
-            ]
-            st.pos, st.rollouts = 0, st.rollouts + 1
-            stats.update(
-                episodes=len(returns),
-                return_sum=float(np.sum(returns)),
-                env_steps=int(steps),
-            )
-        idx = st.order[st.pos]
+            st.batch, st.order, stats = self._rollout(st, theta)
+            st.pos = 0
+        grad, info = self._grad(theta, st.batch, st.order[st.pos])
         st.pos += 1
-        mb = {k: st.batch[k][idx] for k in _BATCH_KEYS}
-        _, grad, info = self.policy.loss_and_grad(
-            theta, mb, cfg.clip_coef, cfg.vf_coef, cfg.ent_coef
-        )
         stats.update({f"train/{k}": float(v) for k, v in info.items()})
         return grad, stats, self._save(st, cache_key)

@@ -213,6 +213,11 @@ def circuit_reference(
     return theta_new, m_new, v_new, r_new
 
 
+#: server optimisers that step on the plain mean of the updates (no normalisation):
+#: fedavg θ' = θ − lr·x, fedavgm m' = β1·m + x, θ' = θ − lr·m'
+SUM_OPTIMIZERS = ("fedavg", "fedavgm")
+
+
 def twin_step(
     theta: np.ndarray,
     state: tuple[np.ndarray, np.ndarray, np.ndarray],
@@ -230,6 +235,9 @@ def twin_step(
     (coordinator/he_adam.py's ``exact_step_chunk``).
     """
     m, v_big, r = state
+    if optimizer in SUM_OPTIMIZERS:  # x = Σ w·clip(u, ±G), in θ's units
+        m = k * x + (hp.beta1 * m if optimizer == "fedavgm" else 0.0)
+        return theta - hp.lr_at(t) * m, (m, v_big, r)
     if optimizer == "he-adam":
         theta, m, v_big, r = circuit_reference(theta, m, v_big, r, k * x, t, hp)
         return theta, (m, v_big, r)

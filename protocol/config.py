@@ -18,6 +18,29 @@ from protocol.backend import BACKENDS
 from protocol.errors import ConfigError
 from protocol.params import HE_ADAM_DEPTH, get_param_set
 
+#: run-config values that mean "the update mode's default" ...
+UNSET: dict[str, float] = {
+    "lr": 0.0,
+    "beta1": -1.0,
+    "adam_floor": 0.0,
+    "update_epochs": 0,
+    "num_minibatches": 0,
+}
+#: ... and those defaults (docs/configuration.md#update-modes): gradient mode is
+#: PPO-FedSGD; delta mode's server step is HE-Adam with a floor of 1 on the
+#: normalised Δ, so small Δ step like server momentum and large ones are capped
+#: (benchmarks/results/rounds.md)
+MODE_DEFAULTS: dict[str, dict[str, float]] = {
+    "gradient": {"lr": 2e-3, "beta1": 0.9, "update_epochs": 2, "num_minibatches": 2},
+    "delta": {
+        "lr": 0.2,
+        "beta1": 0.2,
+        "adam_floor": 1.0,
+        "update_epochs": 4,
+        "num_minibatches": 4,
+    },
+}
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -41,16 +64,31 @@ class RunConfig:
     """Stop when the last-20 non-null return_mean mean reaches this (0: never)."""
     seed: int = 0
     """Root seed: θ0 and every participant's environments derive from it."""
+    participant_update: str = "gradient"
+    """gradient: one PPO minibatch gradient per round (PPO-FedSGD); delta: a
+    rollout and E×M local PPO minibatch updates per round, participants send
+    Δ = θ − θ_local and the server optimiser steps on their mean."""
+    local_optimizer: str = "sgd"
+    """delta mode: sgd or adam, on the participant's local copy."""
+    local_lr: float = 0.2
+    """delta mode: the local optimiser's learning rate."""
+    local_grad_norm: float = 0.0
+    """delta mode: scale each local gradient to this global norm at most (0: off)."""
     optimizer: str = "he-adam"
     """he-adam (the circuit), or exact-adam (exact √; backend plain only)."""
-    lr: float = 2e-3
-    """HE-Adam learning rate."""
+    lr: float = 0.0
+    """HE-Adam learning rate (0: the update mode's default)."""
     anneal_lr: bool = False
     """Decay the learning rate linearly over num-rounds (a public scalar)."""
-    beta1: float = 0.9
-    """HE-Adam β1."""
+    beta1: float = -1.0
+    """HE-Adam β1 (-1: the update mode's default)."""
     beta2: float = 0.999
     """HE-Adam β2."""
+    adam_floor: float = 0.0
+    """δ inside Adam's root, in units of the normalised update clip(u, ±G)/G
+    squared (0: the update mode's default; gradient mode's is c² = (1−β2)/β2).
+    A floor above the updates' squares makes small updates step like server
+    momentum, lr/√δ per unit, while large ones stay normalised."""
     rsqrt_a: float = 3.0
     """HE-Adam's constant A in r' = r·(A − P)/((A − 1)·√β2): 3 = one Newton step
     (exact for small gradients, 29 % low right after a spike); 4.16 bounds the
@@ -64,10 +102,11 @@ class RunConfig:
     """Vector envs per participant."""
     num_steps: int = 128
     """Steps per env per rollout."""
-    update_epochs: int = 2
-    """PPO epochs per rollout (E)."""
-    num_minibatches: int = 2
-    """PPO minibatches per epoch (M); one round per minibatch."""
+    update_epochs: int = 0
+    """PPO epochs per rollout (E; 0: the update mode's default)."""
+    num_minibatches: int = 0
+    """PPO minibatches per epoch (M; 0: the update mode's default); gradient
+    mode: one round per minibatch."""
     gamma: float = 0.99
     """Discount."""
     gae_lambda: float = 0.95
@@ -125,6 +164,11 @@ class RunConfig:
     """Simulation only: participants report episode counts and returns (these
     depend on the decrypted policy; off by default in deployment)."""
 
+    def __post_init__(self) -> None:
+        for name, value in MODE_DEFAULTS.get(self.participant_update, {}).items():
+            if getattr(self, name) == UNSET[name]:
+                object.__setattr__(self, name, value)
+
     def min_participants_for(self, k: int) -> int:
         """Resolved min-participants for k registered participants."""
         return self.min_participants or max(1, -(-k // 2))
@@ -142,6 +186,9 @@ class RunConfig:
             beta1=self.beta1,
             beta2=self.beta2,
             rsqrt_a=self.rsqrt_a,
+            u_max=(1 - self.beta2) / self.beta2 / self.adam_floor
+            if self.adam_floor > 0
+            else 1.0,
             anneal_steps=self.num_rounds if self.anneal_lr else 0,
         )
 
@@ -192,6 +239,20 @@ class RunConfig:
                 f"optimizer: expected 'he-adam' or 'exact-adam', "
                 f"received {self.optimizer!r}"
             )
+        for key, value, allowed in (
+            ("participant-update", self.participant_update, ("gradient", "delta")),
+            ("local-optimizer", self.local_optimizer, ("sgd", "adam")),
+        ):
+            if value not in allowed:
+                raise ConfigError(
+                    f"{key}: expected one of {allowed}, received {value!r}"
+                )
+        if not 0 <= self.adam_floor < float("inf"):
+            raise ConfigError(f"adam-floor: must be >= 0, received {self.adam_floor!r}")
+        if not self.local_grad_norm >= 0:
+            raise ConfigError(
+                f"local-grad-norm: must be >= 0, received {self.local_grad_norm!r}"
+            )
         if self.optimizer == "exact-adam" and self.backend != "plain":
             raise ConfigError("optimizer 'exact-adam' runs only with backend 'plain'")
         if self.backend == "ckks" and ps.depth < HE_ADAM_DEPTH:
@@ -203,6 +264,7 @@ class RunConfig:
             "num-participants": self.num_participants,
             "num-rounds": self.num_rounds,
             "lr": self.lr,
+            "local-lr": self.local_lr,
             "clip-bound": self.clip_bound,
             "num-envs": self.num_envs,
             "num-steps": self.num_steps,
@@ -215,9 +277,10 @@ class RunConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}: must be > 0, received {value!r}")
+        # m is stored scaled by β1 and gradients by c = √((1 − β2)/β2): never 0
         for key, value in {"beta1": self.beta1, "beta2": self.beta2}.items():
-            if not 0.0 <= value < 1.0:
-                raise ConfigError(f"{key}: must be in [0, 1), received {value!r}")
+            if not 0.0 < value < 1.0:
+                raise ConfigError(f"{key}: must be in (0, 1), received {value!r}")
         for key, value in {"gamma": self.gamma, "gae-lambda": self.gae_lambda}.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1], received {value!r}")
