@@ -24,56 +24,79 @@ import argparse
 import json
 import math
 import sys
+import tempfile
 import time
 from typing import Any
 
 import numpy as np
 
 from participants.learner import Learner, clip_and_scale
-from protocol.adam import SUM_OPTIMIZERS, initial_state, twin_step
+from protocol.adam import OPTIMIZERS, initial_state, twin_step
 from protocol.config import RunConfig
 
 WINDOW = 20
 THRESHOLDS = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0}
 
 
-def update_unit(learner: Learner, server: str) -> np.ndarray:
-    """Per element, what a participant multiplies clip(u, ±G)/G by (with its
-    weight): Adam's pre-scale c, or G itself for the optimisers that step on
-    the plain mean of the updates (:data:`protocol.adam.SUM_OPTIMIZERS`)."""
-    if server not in SUM_OPTIMIZERS:
-        return np.full(learner.layout.size, learner.cfg.hyper.c)
-    out = np.empty(learner.layout.size)
-    for (_, sl), g in zip(learner.layout.slices(), learner.bounds, strict=True):
-        out[sl] = g
-    return out
+class Tracker:
+    """R, the env steps to R and stability from a run's rounds, as they come."""
+
+    def __init__(self, threshold: float, max_rounds: int) -> None:
+        self.threshold, self.stop = threshold, max_rounds
+        self.means: list[float] = []  # per-round mean return (rounds with episodes)
+        self.window = -math.inf
+        self.env_steps = self.solved_at = self.solved_steps = self.t = 0
+        self.low = math.inf
+
+    def add(self, return_mean: float | None, env_steps: int) -> bool:
+        """Record a round; whether the run should go on."""
+        self.t += 1
+        self.env_steps += env_steps
+        if return_mean is not None:
+            self.means.append(return_mean)
+        if len(self.means) >= WINDOW:
+            self.window = float(np.mean(self.means[-WINDOW:]))
+        t = self.t
+        if not self.solved_at and self.window >= self.threshold:
+            self.solved_at, self.solved_steps = t, self.env_steps
+            self.stop = min(self.stop, max(math.ceil(1.5 * t), t + 20))
+        elif self.solved_at and t <= math.ceil(1.5 * self.solved_at):
+            self.low = min(self.low, self.window)
+        return t < self.stop
+
+    def result(self, seed: int) -> dict[str, Any]:
+        # stable: never more than 10 % worse than the threshold after R
+        th = self.threshold
+        margin = 0.9 * th if th > 0 else th / 0.9
+        return {
+            "seed": seed,
+            "rounds": self.solved_at or None,
+            "env_steps": self.solved_steps or None,
+            "stable": bool(self.solved_at) and self.low >= margin,
+            "lowest_after": None if math.isinf(self.low) else self.low,
+            "final_last20": None if math.isinf(self.window) else self.window,
+            "ran": self.t,
+        }
 
 
 def run(
-    cfg: RunConfig,
-    threshold: float,
-    max_rounds: int,
-    server: str = "",
-    verbose: bool = False,
+    cfg: RunConfig, threshold: float, max_rounds: int, verbose: bool = False
 ) -> dict[str, Any]:
-    """One run of ``cfg`` (its seed) with server optimiser ``server`` (default:
-    the run config's); the rounds and env steps to the threshold."""
-    server = server or cfg.optimizer
+    """One run of ``cfg`` (its seed) on the float64 twin; rounds and env steps
+    to the threshold."""
     k = cfg.num_participants
     learners = [Learner(cfg, i) for i in range(k)]
     hp, w = cfg.hyper, 1.0 / k
-    unit = update_unit(learners[0], server)
+    unit = learners[0].update_unit()
     theta = learners[0].initial_theta()
     saved: list[bytes | None] = [None] * k
     state = None
-    means: list[float] = []  # per-round mean episode return (rounds with episodes)
-    curve: list[float] = []  # last-20 mean after each round
-    env_steps, solved_at, solved_steps, stop = 0, 0, 0, max_rounds
-    low = math.inf
-    for t in range(1, max_rounds + 1):
+    track = Tracker(threshold, max_rounds)
+    going = True
+    while going and np.all(np.isfinite(theta)):
         x = np.zeros_like(theta)
         squares = np.zeros_like(theta)
-        episodes, total = 0, 0.0
+        episodes, total, steps = 0, 0.0, 0
         for i, lr_ in enumerate(learners):
             update, stats, saved[i] = lr_.step(theta, saved[i])
             g_n = clip_and_scale(update, lr_.layout, lr_.bounds)
@@ -81,41 +104,66 @@ def run(
             squares += w * g_n * g_n
             episodes += stats["episodes"]
             total += stats["return_sum"]
-            env_steps += stats["env_steps"]
+            steps += stats["env_steps"]
         if state is None:
             state = initial_state(np.clip(squares, 0.0, 1.0), hp)
-        theta, state = twin_step(theta, state, x, t, hp, 1.0, server)
-        if episodes:
-            means.append(total / episodes)
-        window = float(np.mean(means[-WINDOW:])) if len(means) >= WINDOW else -math.inf
-        curve.append(window)
-        if not solved_at and window >= threshold:
-            solved_at, solved_steps = t, env_steps
-            stop = max(math.ceil(1.5 * t), t + 20)
-        elif solved_at and t <= math.ceil(1.5 * solved_at):
-            low = min(low, window)
-        if verbose and t % 10 == 0:
-            print(f"round {t} last-20 {window:.1f}", file=sys.stderr)
-        if t >= stop or not np.all(np.isfinite(theta)):
-            break
-    margin = 0.9 * threshold if threshold > 0 else threshold / 0.9
-    return {
-        "seed": cfg.seed,
-        "rounds": solved_at or None,
-        "env_steps": solved_steps or None,
-        "stable": bool(solved_at) and low >= margin,
-        "lowest_after": None if math.isinf(low) else low,
-        "final_last20": curve[-1],
-        "ran": t,
-    }
+        theta, state = twin_step(theta, state, x, track.t + 1, hp, 1.0, cfg.optimizer)
+        going = track.add(total / episodes if episodes else None, steps)
+        if verbose and track.t % 10 == 0:
+            print(f"round {track.t} last-20 {track.window:.1f}", file=sys.stderr)
+    return track.result(cfg.seed)
+
+
+class _Done(Exception):
+    pass
+
+
+def run_encrypted(
+    raw: dict[str, Any], threshold: float, max_rounds: int, verbose: bool = False
+) -> dict[str, Any]:
+    """One encrypted run of the real coordinator and participants in one
+    process (:class:`benchmarks.local_grid.LocalGrid`, fresh keys), stopped
+    as :class:`Tracker` says; the metrics rows give R."""
+    from benchmarks.local_grid import LocalGrid
+    from coordinator.federation import Federation
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = {
+            **raw,
+            "backend": "ckks",
+            "num-rounds": max_rounds,
+            "results-dir": f"{tmp}/results",
+            "keys-dir": f"{tmp}/keys",
+            "run-name": "study",
+            "checkpoint-every": 10**6,
+        }
+        cfg = RunConfig.from_mapping(raw)
+        track = Tracker(threshold, max_rounds)
+
+        def on_round(t: int, fed: Federation) -> None:
+            row = fed.history[-1]
+            going = track.add(row["return_mean"], row["env_steps"])
+            if verbose and t % 10 == 0:
+                print(f"round {t} last-20 {track.window:.1f}", file=sys.stderr)
+            if not going:
+                raise _Done
+
+        grid = LocalGrid(1, raw, cfg.num_participants, keep_history=False)
+        fed = Federation(grid, cfg, 1, on_round=on_round)
+        try:
+            fed.run()
+        except _Done:
+            pass
+        refused = sum(len(r["refused"]) for r in fed.history)
+        return {**track.result(cfg.seed), "refused": refused}
 
 
 def report(lines: list[str]) -> str:
     """A markdown table of study summaries (the JSON lines ``--out`` writes)."""
     out = [
-        "| env | update | server | settings | R per seed | median R | env steps "
-        "to R (median) | stable |",
-        "|---|---|---|---|---|---|---|---|",
+        "| env | run | update | server | settings | R per seed | median R | env "
+        "steps to R (median) | stable |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for line in lines:
         d = json.loads(line)
@@ -125,7 +173,8 @@ def report(lines: list[str]) -> str:
         steps = [r["env_steps"] for r in d["runs"] if r["env_steps"]]
         med = d["median_rounds"]
         out.append(
-            f"| {d['env']} | {mode} | {d['server']} | "
+            f"| {d['env']} | {'CKKS' if d.get('encrypted') else 'twin'} | {mode} | "
+            f"{d['server']} | "
             f"{' '.join(f'{k}={v}' for k, v in kv.items()) or 'defaults'} | "
             f"{', '.join('—' if r is None else str(r) for r in rounds)} | "
             f"{'—' if med is None else f'{med:g}'} | "
@@ -143,9 +192,15 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--server",
         default="",
-        choices=["", "he-adam", "exact-adam", *SUM_OPTIMIZERS],
-        help="server optimiser (default: the run config's; fedavg and fedavgm "
-        "step on the plain mean of the updates, lr = η)",
+        choices=["", *OPTIMIZERS],
+        help="server optimiser: the run config's optimizer key (default: the "
+        "run config's; fedavg and fedavgm step on the plain mean, lr = η)",
+    )
+    ap.add_argument(
+        "--encrypted",
+        action="store_true",
+        help="run the real coordinator and participants under CKKS (in one "
+        "process) instead of the float64 twin; the run config's optimiser",
     )
     ap.add_argument("--set", nargs="*", default=[], help="run-config key=value")
     ap.add_argument("--out", default="")
@@ -160,18 +215,29 @@ def main(argv: list[str] | None = None) -> None:
         return
     raw: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
     raw["env-id"] = args.env
+    if args.server:
+        raw["optimizer"] = args.server
     rows = []
     for seed in args.seeds:
         cfg = RunConfig.from_mapping({**raw, "seed": seed, "backend": "plain"})
         start = time.perf_counter()
-        row = run(cfg, THRESHOLDS[args.env], args.max_rounds, args.server, args.verbose)
+        if args.encrypted:
+            row = run_encrypted(
+                {**raw, "seed": seed},
+                THRESHOLDS[args.env],
+                args.max_rounds,
+                args.verbose,
+            )
+        else:
+            row = run(cfg, THRESHOLDS[args.env], args.max_rounds, args.verbose)
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps({"server": args.server, **row}))
     solved = [r["rounds"] for r in rows if r["rounds"]]
     summary = {
         "env": args.env,
-        "server": args.server or RunConfig.from_mapping(raw).optimizer,
+        "server": RunConfig.from_mapping(raw).optimizer,
+        "encrypted": args.encrypted,
         "set": args.set,
         "median_rounds": float(np.median(solved)) if len(solved) == len(rows) else None,
         "solved": len(solved),

@@ -179,7 +179,57 @@ def exact_step_chunk(
     )
 
 
-OPTIMIZERS = {"he-adam": step_chunk, "exact-adam": exact_step_chunk}
+def sum_step_chunk(
+    be: Backend,
+    st: ChunkState,
+    x: Ct,
+    t: int,
+    hp: AdamHyper,
+    k: float = 1.0,
+    *,
+    momentum: bool,
+) -> ChunkState:
+    """The baselines on the encrypted mean x (participants send w·clip(u, ±G)):
+    m' = β1·m + ((1−β1)/c)·k·x as in HE-Adam (free at k = 1), then
+    θ' = θ − lr·k·x (fedavg) or θ' = θ − lr·m'/((1−β1)/c) (fedavgm: server
+    momentum M' = β1·M + k·x). V and r pass through unchanged in value (one
+    scalar product each into the units :class:`StateUnits` stores them in)."""
+    units = StateUnits.of(be, hp)
+    _check_units(be, st, x, units)
+    f_m, f_v, f_r = units.out
+    kx_coef = (1 - hp.beta1) / hp.c
+    kx = x if k == 1.0 else be.scal(x, k, out_factor=x.factor)
+    m_new = _as(be.add(st.m, kx), f_m)
+    if momentum:
+        theta_new = be.add(st.theta, be.scal(m_new, -hp.lr_at(t) / kx_coef))
+    else:
+        theta_new = be.add(st.theta, be.scal(x, -hp.lr_at(t) * k))
+    return ChunkState(
+        theta=theta_new,
+        m=m_new,
+        V=be.scal(st.V, 1.0, out_factor=f_v),
+        r=be.scal(st.r, 1.0, out_factor=f_r),
+    )
+
+
+def fedavg_step_chunk(
+    be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper, k: float = 1.0
+) -> ChunkState:
+    return sum_step_chunk(be, st, x, t, hp, k, momentum=False)
+
+
+def fedavgm_step_chunk(
+    be: Backend, st: ChunkState, x: Ct, t: int, hp: AdamHyper, k: float = 1.0
+) -> ChunkState:
+    return sum_step_chunk(be, st, x, t, hp, k, momentum=True)
+
+
+OPTIMIZERS = {
+    "he-adam": step_chunk,
+    "exact-adam": exact_step_chunk,
+    "fedavg": fedavg_step_chunk,
+    "fedavgm": fedavgm_step_chunk,
+}
 
 
 # ---- float64 references -------------------------------------------------------

@@ -31,6 +31,7 @@ from participants.envs import make_envs
 from participants.layout import Layout, init_params, make_layout
 from participants.policy import ActorCritic
 from participants.rollout import RolloutWorker, minibatches
+from protocol.adam import SUM_OPTIMIZERS
 from protocol.config import RunConfig
 from protocol.errors import ConfigError
 from protocol.packing import layout_digest
@@ -166,6 +167,17 @@ class Learner:
         )
         self.policy = ActorCritic(self.layout, self.continuous)
         self.bounds = layer_bounds(self.layout, cfg.clip_bound, cfg.layer_bound_rules)
+
+    def update_unit(self) -> np.ndarray:
+        """Per element, what the normalised update clip(u, ±G)/G is sent as a
+        multiple of: Adam's pre-scale c, or G itself for the server optimisers
+        that step on the plain mean (:data:`protocol.adam.SUM_OPTIMIZERS`)."""
+        if self.cfg.optimizer not in SUM_OPTIMIZERS:
+            return np.full(self.layout.size, self.cfg.hyper.c)
+        out = np.empty(self.layout.size)
+        for (_, sl), g in zip(self.layout.slices(), self.bounds, strict=True):
+            out[sl] = g
+        return out
 
     def initial_theta(self) -> np.ndarray:
         """θ0 from the run's root seed (the same on every participant)."""

@@ -340,7 +340,7 @@ class Node:
             weight = 1.0 / self.cfg.num_participants
             g_n = clip_and_scale(grad, self.learner.layout, self.learner.bounds)
         sent: dict[str, np.ndarray] = {
-            msg.GRADIENT: self.cfg.hyper.c * weight * be.gradient_factor * g_n
+            msg.GRADIENT: self.learner.update_unit() * weight * be.gradient_factor * g_n
         }
         if init:
             sent[msg.SQUARES] = weight * g_n * g_n

@@ -21,14 +21,24 @@ from typing import Any
 
 import numpy as np
 
-from protocol.adam import step_sup
+from protocol.adam import max_step
 from protocol.config import RunConfig, expand_dir
 from protocol.errors import ConfigError
 
 AUTO_BOUND_MARGIN = 1.25
 """theta-step-bound 0 means this many times the largest step the run config's
-Adam constants allow (:func:`protocol.adam.step_sup`: ≈ 11.2·lr at β1 0.9, β2
-0.999; measured on the presets: at most 7.7·lr)."""
+server optimiser allows (:func:`protocol.adam.max_step`: ≈ 11.2·lr for Adam at
+β1 0.9, β2 0.999, measured on the presets: at most 7.7·lr)."""
+
+
+def auto_bound(cfg: RunConfig) -> float:
+    """Simulation's theta-step-bound 0: :data:`AUTO_BOUND_MARGIN` × the largest
+    step of the run's optimiser (dropouts weight by up to K/min-participants)."""
+    k_max = cfg.num_participants / cfg.min_participants_for(cfg.num_participants)
+    bounds = [cfg.clip_bound, *(g for _, g in cfg.layer_bound_rules)]
+    return AUTO_BOUND_MARGIN * max_step(cfg.optimizer, cfg.hyper, max(bounds), k_max)
+
+
 KEY_FILE = "participant.ctx"
 #: what Flower's simulation puts in a node config (nothing else: a deployment's)
 SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
@@ -94,8 +104,7 @@ class Trust:
             key_path=key_dir / KEY_FILE,
             state_dir=key_dir,
             index=int(node_config.get("partition-id", 0)),
-            theta_step_bound=cfg.theta_step_bound
-            or AUTO_BOUND_MARGIN * step_sup(cfg.hyper) * cfg.lr,
+            theta_step_bound=cfg.theta_step_bound or auto_bound(cfg),
             max_round_gap=cfg.max_round_gap,
             max_rounds=cfg.max_rounds,
             refusal_budget=cfg.refusal_budget,

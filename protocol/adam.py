@@ -213,9 +213,25 @@ def circuit_reference(
     return theta_new, m_new, v_new, r_new
 
 
-#: server optimisers that step on the plain mean of the updates (no normalisation):
-#: fedavg θ' = θ − lr·x, fedavgm m' = β1·m + x, θ' = θ − lr·m'
+#: server optimisers that step on the plain mean x of the updates (participants
+#: send w·clip(u, ±G), in θ's units): fedavg θ' = θ − lr·x (FedAvg at lr 1),
+#: fedavgm M' = β1·M + x, θ' = θ − lr·M' (server momentum)
 SUM_OPTIMIZERS = ("fedavg", "fedavgm")
+#: every server optimiser; exact-adam runs on the plaintext twin only
+OPTIMIZERS = ("he-adam", "exact-adam", *SUM_OPTIMIZERS)
+
+
+def max_step(
+    optimizer: str, hp: AdamHyper, bound: float, k_max: float, horizon: int = 64
+) -> float:
+    """The largest |θ' − θ| per element one step can make: Adam's
+    :func:`step_sup` × lr, or for the sum optimisers lr × the largest mean of
+    updates clipped to ±``bound`` (the largest G) weighted up by dropouts
+    (k ≤ ``k_max``), summed over the momentum's geometric series."""
+    if optimizer not in SUM_OPTIMIZERS:
+        return step_sup(hp, horizon) * hp.lr
+    series = 1.0 / (1.0 - hp.beta1) if optimizer == "fedavgm" else 1.0
+    return hp.lr * bound * k_max * series
 
 
 def twin_step(
@@ -236,8 +252,10 @@ def twin_step(
     """
     m, v_big, r = state
     if optimizer in SUM_OPTIMIZERS:  # x = Σ w·clip(u, ±G), in θ's units
-        m = k * x + (hp.beta1 * m if optimizer == "fedavgm" else 0.0)
-        return theta - hp.lr_at(t) * m, (m, v_big, r)
+        kx = (1 - hp.beta1) / hp.c  # m as HE-Adam keeps it: kx × the momentum sum
+        m = hp.beta1 * m + kx * k * x
+        step = m / kx if optimizer == "fedavgm" else k * x
+        return theta - hp.lr_at(t) * step, (m, v_big, r)
     if optimizer == "he-adam":
         theta, m, v_big, r = circuit_reference(theta, m, v_big, r, k * x, t, hp)
         return theta, (m, v_big, r)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from protocol.adam import AdamHyper
+from protocol.adam import OPTIMIZERS, AdamHyper
 from protocol.backend import BACKENDS
 from protocol.errors import ConfigError
 from protocol.params import HE_ADAM_DEPTH, get_param_set
@@ -75,7 +75,9 @@ class RunConfig:
     local_grad_norm: float = 0.0
     """delta mode: scale each local gradient to this global norm at most (0: off)."""
     optimizer: str = "he-adam"
-    """he-adam (the circuit), or exact-adam (exact √; backend plain only)."""
+    """Server optimiser: he-adam (the circuit), exact-adam (exact √; backend
+    plain only), or the baselines on the plain mean of the updates: fedavg
+    (θ − lr·mean; FedAvg at lr 1) and fedavgm (server momentum β1)."""
     lr: float = 0.0
     """HE-Adam learning rate (0: the update mode's default)."""
     anneal_lr: bool = False
@@ -234,10 +236,9 @@ class RunConfig:
                 f"env-id: expected a registered gymnasium id without ':', received "
                 f"{self.env_id!r}"
             )
-        if self.optimizer not in ("he-adam", "exact-adam"):
+        if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
-                f"optimizer: expected 'he-adam' or 'exact-adam', "
-                f"received {self.optimizer!r}"
+                f"optimizer: expected one of {OPTIMIZERS}, received {self.optimizer!r}"
             )
         for key, value, allowed in (
             ("participant-update", self.participant_update, ("gradient", "delta")),

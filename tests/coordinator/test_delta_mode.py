@@ -68,3 +68,20 @@ def test_encrypted_delta_run_follows_the_plaintext_twin(runs):
     assert moved > 0.05
     rel = float(np.max(np.abs(theta_c - theta_p))) / moved
     assert rel < 4 * ckks_theta_rel_tol(get_param_set("8k-35x3")), rel
+
+
+@pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm"])
+def test_encrypted_baselines_are_accepted_and_move_theta(tmp_path, optimizer):
+    """The baselines under CKKS in delta mode: every participant checked each θ
+    against its twin (none refused), all tagged the final θ, and θ moved by the
+    mean Δ's scale (lr 1, G 1: FedAvg)."""
+    raw = {**_raw(tmp_path, "ckks"), "optimizer": optimizer, "lr": 1.0}
+    raw["clip-bound"] = 1.0
+    fed = local_federation(raw, RUN_ID)
+    summary = fed.run()
+    assert all(r["refused"] == [] and r["rejected"] == {} for r in fed.history)
+    assert [r["participants"] for r in fed.history] == [3] * ROUNDS
+    assert summary["final"]["tagged"] == 3
+    theta = decrypt_theta(fed, local_key_file(tmp_path, RUN_ID), "ckks")
+    theta0 = Learner(RunConfig.from_mapping(raw), 0).initial_theta()
+    assert 0.01 < float(np.max(np.abs(theta - theta0))) < 3 * ROUNDS
