@@ -57,9 +57,9 @@ coordinator):
                             relative to the bundle directory (default: state)
   --theta-step-bound X      largest change per θ element and round between
                             the θ a participant last accepted and a new one
-                            (> 0; default: 0.06). Must exceed the largest
-                            step the run's Adam can take: 11.2 x lr at
-                            beta1 0.9, beta2 0.999 (0.06 serves lr <= 0.0043;
+                            (> 0; default: 0.065). Must exceed the largest
+                            step the run's Adam can take: 12.8 x lr at
+                            beta1 0.9, beta2 0.999 (0.065 serves lr <= 0.0040;
                             docs/threat-model.md)
   --max-round-gap N         the most rounds that bound is multiplied by when
                             rounds were skipped (default: 64)
@@ -120,7 +120,7 @@ def fail(message):
 DEFAULTS = {
     "secret-context": "participant.ctx",
     "state-dir": "state",
-    "theta-step-bound": 0.06,
+    "theta-step-bound": 0.065,
     "max-round-gap": 64,
     "max-rounds": 100000,
     "refusal-budget": 3,

@@ -27,7 +27,7 @@ from protocol.errors import ConfigError
 
 AUTO_BOUND_MARGIN = 1.25
 """theta-step-bound 0 means this many times the largest step the run config's
-server optimiser allows (:func:`protocol.adam.max_step`: ≈ 11.2·lr for Adam at
+server optimiser allows (:func:`protocol.adam.max_step`: ≈ 12.8·lr for Adam at
 β1 0.9, β2 0.999, measured on the presets: at most 7.7·lr)."""
 
 
@@ -45,8 +45,8 @@ SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 
 # Node-config keys of a deployed participant and their defaults (deployment).
 NODE_DEFAULTS: dict[str, Any] = {
-    # ≥ 1.25 × step_sup × lr for lr up to 0.0043 at the default Adam constants
-    "theta-step-bound": 0.06,
+    # ≥ 1.25 × step_sup × lr for lr up to 0.0040 at the default Adam constants
+    "theta-step-bound": 0.065,
     "max-round-gap": 64,
     "max-rounds": 100_000,
     "refusal-budget": 3,
