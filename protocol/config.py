@@ -154,7 +154,8 @@ class RunConfig:
     theta_step_bound: float = 0.0
     """Simulation only (deployed participants read their node config): the
     largest change per element and round a participant accepts in θ (0: 1.25×
-    the largest step the server optimiser allows, ≈ 16·lr for Adam at β1 0.9, β2 0.999)."""
+    the largest step the server optimiser allows, ≈ 16·lr for Adam at β1 0.9,
+    β2 0.999)."""
     max_round_gap: int = 64
     """Simulation only: rounds the θ bound may grow over at most (G)."""
     max_rounds: int = 100_000
