@@ -189,9 +189,12 @@ def script(name: str, /, *args: str, **opts: object) -> list[str]:
     return argv
 
 
-def provision(lab: Lab, backend: str, host: str, out: Path, n: int) -> None:
-    """Run provision.sh as the operator (on this machine, outside the hosts)."""
-    argv = script("provision.sh", out=out, participants=n, backend=backend)
+def provision(
+    lab: Lab, backend: str, host: str, out: Path, n: int, **opts: object
+) -> None:
+    """Run provision.sh as the operator (on this machine, outside the hosts);
+    ``opts`` are more of its options (preset=..., report_metrics="true")."""
+    argv = script("provision.sh", out=out, participants=n, backend=backend, **opts)
     lab.run(None, [*argv, "--coordinator-host", host], lab.tmp)
 
 

@@ -11,6 +11,10 @@ started is stopped afterwards.
 
     python -m benchmarks.round_times --backend ckks --rounds 8 \
         --run-config "update-epochs=2 num-minibatches=1 lr=0.003"
+    # a whole deployed training run with a preset (provisioned from it, with
+    # episode metrics so that its stop-return ends the run once solved):
+    python -m benchmarks.round_times --preset deploy/presets/cartpole-delta.toml \
+        --rounds 150 --json run.json
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import re
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.deploy_lab import (
@@ -54,12 +59,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run-config", default="", help="more run-config overrides")
     ap.add_argument("--json", type=Path, help="write the measurements here")
     ap.add_argument("--timeout", type=float, default=900.0)
+    ap.add_argument(
+        "--preset",
+        type=Path,
+        help="run-config preset: provision.sh --preset (θ-step bound) and "
+        "submit.sh --preset; participants then report episode metrics",
+    )
     args = ap.parse_args(argv)
 
     with tempfile.TemporaryDirectory(prefix="hedrl-round-times-") as tmp:
         lab = Lab(Path(tmp))
         try:
-            provision(lab, args.backend, "127.0.0.1", lab.tmp / "operator", 3)
+            extra: dict[str, object] = {}
+            if args.preset:
+                extra = {"preset": args.preset.resolve(), "report_metrics": "true"}
+            provision(lab, args.backend, "127.0.0.1", lab.tmp / "operator", 3, **extra)
+            started = time.perf_counter()
             dirs = hand_out(lab, lab.tmp / "operator")
             coord = dirs["coordinator"]
             bundle = coord / "bundle"
@@ -94,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                 results_dir=coord / "results",
                 run_name="timed",
                 run_config=config,
+                **({"preset": args.preset.resolve()} if args.preset else {}),
             )
+            submitted = time.perf_counter()
             proc = lab.run(None, argv_, coord, timeout=args.timeout)
+            finished = time.perf_counter()
             run_dir = coord / "results" / "timed"
             rows = [
                 json.loads(x)
@@ -107,6 +125,15 @@ def main(argv: list[str] | None = None) -> int:
     times = [r["round_s"] for r in rows]
     timings = clientapp_timings(logs)
     print(proc.stdout.strip().splitlines()[-1])
+    returns = [r["return_mean"] for r in rows if r.get("return_mean") is not None]
+    wall = {
+        "start_s": round(submitted - started, 1),
+        "run_s": round(finished - submitted, 1),
+        "rounds": len(rows),
+        "last20": round(statistics.mean(returns[-20:]), 1) if returns else None,
+        "env_steps": sum(r["env_steps"] for r in rows),
+    }
+    print("wall:", json.dumps(wall))
     print("round_s:", " ".join(f"{t:.2f}" for t in times))
     print(
         f"median round_s {statistics.median(times):.2f}, "
@@ -122,7 +149,10 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.json:
         args.json.write_text(
-            json.dumps({"config": config, "rows": rows, "clientapp": timings}, indent=1)
+            json.dumps(
+                {"config": config, "wall": wall, "rows": rows, "clientapp": timings},
+                indent=1,
+            )
         )
     return 0
 

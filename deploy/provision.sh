@@ -57,10 +57,14 @@ coordinator):
                             relative to the bundle directory (default: state)
   --theta-step-bound X      largest change per θ element and round between
                             the θ a participant last accepted and a new one
-                            (> 0; default: 0.065). Must exceed the largest
-                            step the run's Adam can take: 12.8 x lr at
-                            beta1 0.9, beta2 0.999 (0.065 serves lr <= 0.0040;
-                            docs/threat-model.md)
+                            (> 0; default: 0.065, or from --preset). Must
+                            exceed the largest step the run's optimiser can
+                            take: 12.8 x lr for Adam at beta1 0.9, beta2 0.999
+                            (0.065 serves lr <= 0.0040; docs/threat-model.md)
+  --preset FILE             the run-config preset the runs will use (e.g.
+                            deploy/presets/cartpole-delta.toml): unless
+                            --theta-step-bound is given, it is 1.25 x the
+                            largest step of that preset's server optimiser
   --max-round-gap N         the most rounds that bound is multiplied by when
                             rounds were skipped (default: 64)
   --max-rounds N            highest round number a participant handles
@@ -77,7 +81,7 @@ EOF
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="" ; hosts=() ; n=3 ; param_set="8k-35x3" ; backend="ckks" ; days=365
-keys_only=0 ; force=0 ; app="$here/.." ; node_opts=()
+keys_only=0 ; force=0 ; app="$here/.." ; node_opts=() ; preset=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -89,6 +93,7 @@ while [[ $# -gt 0 ]]; do
     --days) days="$2"; shift 2 ;;
     --force) force=1; shift ;;
     --app) app="$2"; shift 2 ;;
+    --preset) preset="$2"; shift 2 ;;
     --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics)
       node_opts+=("${1#--}=$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -101,6 +106,27 @@ done
 for tool in openssl ssh-keygen hedrl-keygen python; do
   command -v "$tool" >/dev/null || { echo "provision.sh: $tool not found" >&2; exit 2; }
 done
+if [[ -n "$preset" ]] && ! printf '%s\n' "${node_opts[@]}" | grep -q '^theta-step-bound='; then
+  [[ -r "$preset" ]] || { echo "provision.sh: cannot read --preset $preset" >&2; exit 2; }
+  bound="$(python - "$preset" <<'PY'
+import sys
+import tomllib
+
+from participants.trust import auto_bound
+from protocol.config import RunConfig
+from protocol.errors import ConfigError
+
+try:
+    with open(sys.argv[1], "rb") as fh:
+        raw = tomllib.load(fh)
+    print(f"{auto_bound(RunConfig.from_mapping(raw)):.6g}")
+except (OSError, ValueError, ConfigError) as exc:
+    sys.exit(f"provision.sh: --preset {sys.argv[1]}: {exc}")
+PY
+)"
+  node_opts+=("theta-step-bound=$bound")
+  echo "provision.sh: theta-step-bound $bound from $preset" >&2
+fi
 # Writes participant-N/node.toml; with CHECK_ONLY=1 only validates the settings.
 write_node_configs=$(cat <<'PY'
 import json

@@ -83,6 +83,7 @@ class Node:
         self.params = get_param_set(self.cfg.param_set)
         self.run_id = int(context.run_id)
         self.trust = Trust.from_context(context.node_config, self.cfg, self.run_id)
+        self.trust.admit_run(self.cfg)
         self.index = self.trust.index
         self.learner = Learner(
             self.cfg, self.index, gradients, salt=self.trust.seed_salt

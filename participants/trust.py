@@ -31,12 +31,17 @@ server optimiser allows (:func:`protocol.adam.max_step`: ≈ 12.8·lr for Adam a
 β1 0.9, β2 0.999, measured on the presets: at most 7.7·lr)."""
 
 
-def auto_bound(cfg: RunConfig) -> float:
-    """Simulation's theta-step-bound 0: :data:`AUTO_BOUND_MARGIN` × the largest
-    step of the run's optimiser (dropouts weight by up to K/min-participants)."""
-    k_max = cfg.num_participants / cfg.min_participants_for(cfg.num_participants)
+def largest_step(cfg: RunConfig) -> float:
+    """The largest change per θ element an honest step of ``cfg`` can make
+    (:func:`protocol.adam.max_step`; every G of the run config counts)."""
     bounds = [cfg.clip_bound, *(g for _, g in cfg.layer_bound_rules)]
-    return AUTO_BOUND_MARGIN * max_step(cfg.optimizer, cfg.hyper, max(bounds), k_max)
+    return max_step(cfg.optimizer, cfg.hyper, max(bounds))
+
+
+def auto_bound(cfg: RunConfig) -> float:
+    """Simulation's theta-step-bound 0: :data:`AUTO_BOUND_MARGIN` × the
+    largest step of the run's optimiser."""
+    return AUTO_BOUND_MARGIN * largest_step(cfg)
 
 
 KEY_FILE = "participant.ctx"
@@ -176,6 +181,28 @@ class Trust:
             federation_size=1,
             deployed=True,
         )
+
+    def admit_run(self, cfg: RunConfig) -> None:
+        """Refuse a run config whose honest steps this participant's bound
+        could not take, before anything is decrypted and with nothing charged
+        (a function of the run config and the node config alone): otherwise
+        whether a relayed step crossed the bound would depend on the sealed
+        updates' values, and a coordinator that dials lr_t could read their
+        magnitudes from charged refusals (docs/threat-model.md)."""
+        k, f = cfg.num_participants, self.federation_size
+        if k < f:
+            raise ConfigError(
+                f"run config num-participants {k} is below this participant's "
+                f"federation-size {f}: its updates would be weighted by 1/{k}"
+            )
+        need = largest_step(cfg)
+        if need > self.theta_step_bound:
+            raise ConfigError(
+                f"run config steps θ by up to {need:.4g} per round (optimizer "
+                f"{cfg.optimizer!r}, lr {cfg.lr:g}); this participant's "
+                f"theta-step-bound is {self.theta_step_bound:g}: raise it in its "
+                "node config (deploy/provision.sh --preset) or run a smaller lr"
+            )
 
     def validate(self) -> None:
         """Raise ConfigError naming the first impossible setting."""

@@ -222,17 +222,16 @@ SUM_OPTIMIZERS = ("fedavg", "fedavgm")
 OPTIMIZERS = ("he-adam", "exact-adam", *SUM_OPTIMIZERS)
 
 
-def max_step(
-    optimizer: str, hp: AdamHyper, bound: float, k_max: float, horizon: int = 64
-) -> float:
-    """The largest |θ' − θ| per element one step can make: Adam's
-    :func:`step_sup` × lr, or for the sum optimisers lr × the largest mean of
-    updates clipped to ±``bound`` (the largest G) weighted up by dropouts
-    (k ≤ ``k_max``), summed over the momentum's geometric series."""
+def max_step(optimizer: str, hp: AdamHyper, bound: float, horizon: int = 64) -> float:
+    """The largest |θ' − θ| per element one step can make when every update is
+    clipped and weighted as participants do: Adam's :func:`step_sup` × lr, or
+    for the sum optimisers lr × the largest mean of updates clipped to
+    ±``bound`` (the largest G; k·x is a mean whatever the dropouts), summed
+    over the momentum's geometric series."""
     if optimizer not in SUM_OPTIMIZERS:
         return step_sup(hp, horizon) * hp.lr
     series = 1.0 / (1.0 - hp.beta1) if optimizer == "fedavgm" else 1.0
-    return hp.lr * bound * k_max * series
+    return hp.lr * bound * series
 
 
 def twin_step(

@@ -8,6 +8,7 @@ mid-run.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from protocol.backend import BACKENDS
 from protocol.errors import ConfigError
 from protocol.params import HE_ADAM_DEPTH, get_param_set
 
+#: the most minibatch updates a round (delta) or a rollout (gradient) may take
+MAX_MINIBATCHES = 1024
 #: run-config values that mean "the update mode's default" ...
 UNSET: dict[str, float] = {
     "lr": 0.0,
@@ -216,7 +219,7 @@ class RunConfig:
                         raise ValueError(value)
                     value = value.lower() == "true"
                 kwargs[name] = type(default)(value)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise ConfigError(
                     f"run config {key!r}: expected {type(default).__name__}, "
                     f"received {value!r}"
@@ -249,8 +252,20 @@ class RunConfig:
                 raise ConfigError(
                     f"{key}: expected one of {allowed}, received {value!r}"
                 )
-        if not 0 <= self.adam_floor < float("inf"):
-            raise ConfigError(f"adam-floor: must be >= 0, received {self.adam_floor!r}")
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                key = f.name.replace("_", "-")
+                raise ConfigError(f"{key}: must be finite, received {value!r}")
+        if not (self.adam_floor == 0 or 1e-9 <= self.adam_floor <= 1e6):
+            raise ConfigError(
+                f"adam-floor: must be 0 or in [1e-9, 1e6], received {self.adam_floor!r}"
+            )
+        if self.update_epochs * self.num_minibatches > MAX_MINIBATCHES:
+            raise ConfigError(
+                f"update-epochs × num-minibatches: at most {MAX_MINIBATCHES}, "
+                f"received {self.update_epochs} × {self.num_minibatches}"
+            )
         if not self.local_grad_norm >= 0:
             raise ConfigError(
                 f"local-grad-norm: must be >= 0, received {self.local_grad_norm!r}"
@@ -279,10 +294,16 @@ class RunConfig:
         for key, value in positive.items():
             if not value > 0:
                 raise ConfigError(f"{key}: must be > 0, received {value!r}")
-        # m is stored scaled by β1 and gradients by c = √((1 − β2)/β2): never 0
-        for key, value in {"beta1": self.beta1, "beta2": self.beta2}.items():
-            if not 0.0 < value < 1.0:
-                raise ConfigError(f"{key}: must be in (0, 1), received {value!r}")
+        # m is stored scaled by β1 and gradients by c = √((1 − β2)/β2): never 0;
+        # fedavgm's steps add up to 1/(1 − β1) times one
+        for key, value, low, high in (
+            ("beta1", self.beta1, 0.0, 0.999),
+            ("beta2", self.beta2, 0.5, 0.99999),
+        ):
+            if not low < value <= high:
+                raise ConfigError(
+                    f"{key}: must be in ({low:g}, {high:g}], received {value!r}"
+                )
         for key, value in {"gamma": self.gamma, "gae-lambda": self.gae_lambda}.items():
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key}: must be in [0, 1], received {value!r}")

@@ -74,7 +74,7 @@ def test_sum_step_matches_the_twin(optimizer, k, ckks_pair, plain, ps):
     np.testing.assert_allclose(
         pnew.m.data / pnew.m.factor, ref_m, rtol=1e-12, atol=1e-14
     )
-    momentum_bound = max_step(optimizer, HP, bound, k_max=k)
+    momentum_bound = max_step(optimizer, HP, bound)
     assert np.max(np.abs(ref_theta - theta0)) <= momentum_bound + 1e-12
 
 

@@ -130,3 +130,32 @@ def test_supernode_refuses_a_bundle_without_a_pin(tmp_path):
     proc = _sh(DEPLOY / "supernode.sh", "--bundle", bundle, "--superlink", "x:1")
     assert proc.returncode == 2
     assert "node.toml has no app-sha256: re-run provision.sh" in proc.stderr
+
+
+def test_preset_sets_the_step_bound_unless_it_is_given(tmp_path):
+    """--preset: theta-step-bound is 1.25 × the largest step of the preset's
+    server optimiser (delta mode: HE-Adam at lr 0.2, β1 0.2, floor 1); an
+    explicit --theta-step-bound wins; an unreadable preset stops provisioning."""
+    from participants.trust import AUTO_BOUND_MARGIN
+    from protocol.adam import step_sup
+    from protocol.config import RunConfig
+
+    preset = DEPLOY / "presets" / "cartpole-delta.toml"
+    cfg = RunConfig.from_mapping(tomllib.loads(preset.read_text()))
+    want = AUTO_BOUND_MARGIN * step_sup(cfg.hyper) * cfg.lr
+    base = ("--coordinator-host", "10.0.0.1", "--participants", "1", "--backend")
+    for extra, bound in (((), want), (("--theta-step-bound", "0.5"), 0.5)):
+        out = tmp_path / f"b{len(extra)}"
+        proc = _sh(
+            DEPLOY / "provision.sh",
+            *("--out", out, *base, "plain", "--preset", preset, *extra),
+        )
+        assert proc.returncode == 0, proc.stderr
+        got = _node(out, 0)["theta-step-bound"]
+        assert got == pytest.approx(bound, rel=1e-5) and got > 0.2
+    proc = _sh(
+        DEPLOY / "provision.sh",
+        *("--out", tmp_path / "c", *base, "plain", "--preset", tmp_path / "none"),
+    )
+    assert proc.returncode == 2 and "cannot read --preset" in proc.stderr
+    assert not (tmp_path / "c").exists()

@@ -73,3 +73,30 @@ def test_every_round_is_a_rollout_and_the_episodes_continue():
 def test_delta_mode_keys_are_checked(key, value):
     with pytest.raises(ConfigError, match=key):
         _cfg(**{key: value})
+
+
+def test_participant_refuses_a_run_config_its_bound_cannot_take(tmp_path):
+    """Before decrypting anything and charging nothing, a participant refuses
+    a run config whose honest steps exceed its own theta-step-bound, or that
+    weights updates up (num-participants below its federation-size)."""
+    from participants.trust import AUTO_BOUND_MARGIN, Trust, largest_step
+
+    cfg = _cfg(**{"participant-update": "delta"})
+    node = {
+        "secret-context": str(tmp_path / "participant.ctx"),
+        "participant-index": 0,
+        "federation-size": 4,
+        "theta-step-bound": 0.1,
+    }
+    trust = Trust.from_context(node, cfg, 1)
+    assert largest_step(cfg) == pytest.approx(0.9973 * 0.2, rel=1e-3)
+    with pytest.raises(ConfigError, match="theta-step-bound is 0.1: raise it"):
+        trust.admit_run(cfg)
+    Trust.from_context({**node, "theta-step-bound": 0.25}, cfg, 1).admit_run(cfg)
+    few = _cfg(**{"participant-update": "delta", "num-participants": 3})
+    with pytest.raises(ConfigError, match="num-participants 3 is below"):
+        Trust.from_context({**node, "theta-step-bound": 0.25}, few, 1).admit_run(few)
+    # simulation: the automatic bound takes every honest step with a margin
+    sim = Trust.from_context({"partition-id": 0, "num-partitions": 4}, cfg, 1)
+    assert sim.theta_step_bound == pytest.approx(AUTO_BOUND_MARGIN * largest_step(cfg))
+    sim.admit_run(cfg)

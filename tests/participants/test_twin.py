@@ -201,11 +201,19 @@ def test_malicious_relay_naming_an_older_step_gets_a_refusal(tmp_path):
     assert _refusals(tmp_path) == [1, 1]
 
 
-def test_malicious_relay_moving_past_the_bound_is_a_charged_refusal(tmp_path):
+def test_malicious_relay_moving_past_the_bound_is_a_charged_refusal(
+    tmp_path, monkeypatch
+):
     """Whether a relayed step moves θ past the bound depends on the updates'
     values, so it is answered like a decryption: with the one constant,
-    charged refusal, once per round (the audit's free gradient oracle)."""
+    charged refusal, once per round (the audit's free gradient oracle). The
+    run-config check before decryption (Trust.admit_run) refuses an lr whose
+    honest steps could pass the bound, so it is switched off here to reach
+    this second line."""
+    from participants import trust
     from tests.participants.malicious import deployed_federation
+
+    monkeypatch.setattr(trust, "largest_step", lambda cfg: 0.0)
 
     refusal = f"Refused: {msg.REFUSED_CODE}"
 
