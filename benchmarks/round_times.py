@@ -14,7 +14,7 @@ started is stopped afterwards.
     # a whole deployed training run with a preset (provisioned from it, with
     # episode metrics so that its stop-return ends the run once solved):
     python -m benchmarks.round_times --preset deploy/presets/cartpole-delta.toml \
-        --rounds 150 --json run.json
+        --rounds 150 --json run.json --namespaces   # hosts as network namespaces
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from benchmarks.deploy_lab import (
     script,
 )
 
+SUBNET = "10.78.0"  # the namespaces' bridge (the multi-host test uses 10.77.0)
 TIMING = re.compile(r"hedrl: participant \d+ (\w+)(?: round \d+)?: (.*)")
 
 
@@ -65,7 +66,16 @@ def main(argv: list[str] | None = None) -> int:
         help="run-config preset: provision.sh --preset (θ-step bound) and "
         "submit.sh --preset; participants then report episode metrics",
     )
+    ap.add_argument(
+        "--namespaces",
+        action="store_true",
+        help="put every host in its own network namespace on a bridge, as the "
+        "multi-host test does (needs root and iproute2); default: loopback",
+    )
     args = ap.parse_args(argv)
+    names = ["coordinator"] + [f"participant-{i}" for i in range(PARTICIPANTS)]
+    ips = [f"{SUBNET}.1"] + [f"{SUBNET}.{11 + i}" for i in range(PARTICIPANTS)]
+    coord_ip = ips[0] if args.namespaces else "127.0.0.1"
 
     with tempfile.TemporaryDirectory(prefix="hedrl-round-times-") as tmp:
         lab = Lab(Path(tmp))
@@ -73,31 +83,35 @@ def main(argv: list[str] | None = None) -> int:
             extra: dict[str, object] = {}
             if args.preset:
                 extra = {"preset": args.preset.resolve(), "report_metrics": "true"}
-            provision(lab, args.backend, "127.0.0.1", lab.tmp / "operator", 3, **extra)
+            ns: dict[str, str | None] = dict.fromkeys(names)
+            if args.namespaces:
+                ns.update(lab.make_hosts(names, ips))
+            provision(lab, args.backend, coord_ip, lab.tmp / "operator", 3, **extra)
             started = time.perf_counter()
             dirs = hand_out(lab, lab.tmp / "operator")
-            coord = dirs["coordinator"]
+            coord, cns = dirs["coordinator"], ns["coordinator"]
             bundle = coord / "bundle"
-            address = f"127.0.0.1:{free_port()}"
-            port = address.rsplit(":", 1)[1]
-            argv_ = script("superlink.sh", bundle=bundle, host="127.0.0.1", port=port)
-            lab.start("superlink", None, argv_, coord)
+            port = 8000 if args.namespaces else free_port()
+            address = f"{coord_ip}:{port}"
+            listen = "0.0.0.0" if args.namespaces else "127.0.0.1"
+            argv_ = script("superlink.sh", bundle=bundle, host=listen, port=port)
+            lab.start("superlink", cns, argv_, coord)
             lab.wait_for_log("superlink", "Uvicorn running on https://")
             argv_ = script(
                 "connect.sh", name="hedrl", address=address, ca=bundle / "ca.crt"
             )
-            lab.run(None, argv_, coord)
+            lab.run(cns, argv_, coord)
             pubs = sorted(str(p) for p in (bundle / "supernodes").glob("*.pub"))
-            lab.run(None, script("register.sh", *pubs, connection="hedrl"), coord)
+            lab.run(cns, script("register.sh", *pubs, connection="hedrl"), coord)
             for i in range(PARTICIPANTS):
-                host = dirs[f"participant-{i}"]
+                host, hns = dirs[f"participant-{i}"], ns[f"participant-{i}"]
                 argv_ = script(
                     "supernode.sh",
                     bundle=host / "bundle",
                     superlink=address,
-                    port=free_port(),
+                    port=9094 if hns else free_port(),
                 )
-                lab.start(f"supernode-{i}", None, argv_, host)
+                lab.start(f"supernode-{i}", hns, argv_, host)
             config = (
                 f"backend='{args.backend}' num-participants={PARTICIPANTS} "
                 f"num-rounds={args.rounds} round-timeout=120.0 node-wait=60.0 "
@@ -112,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 **({"preset": args.preset.resolve()} if args.preset else {}),
             )
             submitted = time.perf_counter()
-            proc = lab.run(None, argv_, coord, timeout=args.timeout)
+            proc = lab.run(cns, argv_, coord, timeout=args.timeout)
             finished = time.perf_counter()
             run_dir = coord / "results" / "timed"
             rows = [
