@@ -75,24 +75,36 @@ def _drop(node_index: int, rnd: int):
     return tamper
 
 
-def test_dropout_round_matches_plaintext_twin(tmp_path):
-    """Participant 2 drops in round 2: both backends step with k = 3/2, θ agrees."""
-    fed_c, rows_c = _run(tmp_path / "c", "ckks", _drop(2, 2))
-    fed_p, rows_p = _run(tmp_path / "p", "plain", _drop(2, 2))
+MODES = {
+    "gradient": {},
+    "delta": {"participant-update": "delta"},
+    "delta-fedavgm": {"participant-update": "delta", "optimizer": "fedavgm"},
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_dropout_round_matches_plaintext_twin(tmp_path, mode):
+    """Participant 2 drops in round 2: both backends step with k = 3/2, every
+    participant accepts the θ its twin replays, θ agrees; in every update mode
+    and server optimiser."""
+    extra = MODES[mode]
+    fed_c, rows_c = _run(tmp_path / "c", "ckks", _drop(2, 2), **extra)
+    fed_p, rows_p = _run(tmp_path / "p", "plain", _drop(2, 2), **extra)
     for rows in (rows_c, rows_p):
         assert rows[1]["participants"] == 2 and rows[1]["missing"] == [1002]
-        assert all(r["stepped"] for r in rows)
+        assert all(r["stepped"] and r["refused"] == [] for r in rows)
     theta_c = _theta(tmp_path / "c", fed_c, "ckks")
     theta_p = _theta(tmp_path / "p", fed_p, "plain")
-    theta0 = _theta0(tmp_path)
+    theta0 = _theta0(tmp_path, **extra)
     rel = np.max(np.abs(theta_c - theta_p)) / np.max(np.abs(theta_p - theta0))
     assert rel < ckks_theta_rel_tol(get_param_set("8k-35x3")), rel
 
 
-def _theta0(tmp: Path) -> np.ndarray:
+def _theta0(tmp: Path, **extra) -> np.ndarray:
     from participants.learner import Learner
 
-    return Learner(RunConfig.from_mapping(_raw(tmp, "plain")), 0).initial_theta()
+    cfg = RunConfig.from_mapping(_raw(tmp, "plain", **extra))
+    return Learner(cfg, 0).initial_theta()
 
 
 def _corrupt_gradient(node_index: int, rnd: int, how: str):

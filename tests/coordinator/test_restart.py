@@ -87,13 +87,19 @@ def _record_masks(fed: Federation) -> dict[int, list[np.ndarray]]:
     return drawn
 
 
-def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"participant-update": "delta", "optimizer": "fedavgm"}],
+    ids=["gradient", "delta-fedavgm"],
+)
+def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path, extra):
     """Killed after round 3; resumed from the round-2 checkpoint to 5 steps in all.
 
     The round-2 checkpoint holds θ_2, the θ every participant accepted in round 2
-    (with m, V, r after step 1), so the resumed run starts at round 2.
+    (with m, V, r after step 1), so the resumed run starts at round 2; in
+    gradient mode with HE-Adam and in delta mode with server momentum.
     """
-    raw = _raw(tmp_path, **{"run-name": "first"})
+    raw = _raw(tmp_path, **{"run-name": "first", **extra})
 
     def die(t: int, fed: Federation) -> None:
         if t == 3:
@@ -107,7 +113,7 @@ def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
     meta, vectors = read_checkpoint(ckpt)
     assert meta["step"] == 1 and set(vectors) == {"theta", "m", "V", "r"}
 
-    raw2 = _raw(tmp_path, **{"run-name": "resumed", "resume-from": str(ckpt)})
+    raw2 = _raw(tmp_path, **{"run-name": "resumed", "resume-from": str(ckpt), **extra})
     fed = local_federation(raw2, RUN_ID + 1)  # a new run: fresh participant state
     masks = _record_masks(fed)
     fed.run()
@@ -118,7 +124,9 @@ def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path):
         assert not any(
             np.array_equal(a, b) for a in first_masks[t] for b in masks[t]
         ), f"round {t}: a refresh mask of the crashed run was reused"
-    assert all(h["stepped"] and not h["rejected"] for h in fed.history)
+    assert all(
+        h["stepped"] and not h["rejected"] and not h["refused"] for h in fed.history
+    )
     # no new key was made for the resumed run: it uses the checkpoint's
     assert not (tmp_path / "keys" / f"run-{RUN_ID + 1}").exists()
 
