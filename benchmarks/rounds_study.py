@@ -35,14 +35,23 @@ from protocol.adam import OPTIMIZERS, initial_state, twin_step
 from protocol.config import RunConfig
 
 WINDOW = 20
-THRESHOLDS = {"CartPole-v1": 475.0, "Acrobot-v1": -100.0}
+#: the solve thresholds of benchmarks/presets (their [benchmark] tables)
+THRESHOLDS = {
+    "CartPole-v1": 475.0,
+    "Acrobot-v1": -100.0,
+    "Pendulum-v1": -200.0,
+    "MountainCar-v0": -110.0,
+    "LunarLander-v3": 200.0,
+}
 
 
 class Tracker:
     """R, the env steps to R and stability from a run's rounds, as they come."""
 
-    def __init__(self, threshold: float, max_rounds: int) -> None:
-        self.threshold, self.stop = threshold, max_rounds
+    def __init__(self, threshold: float, max_rounds: int, full: bool = False) -> None:
+        """``full``: run all ``max_rounds`` and judge stability over every
+        round after R (a long run's late collapse), not (R, 1.5R] only."""
+        self.threshold, self.stop, self.full = threshold, max_rounds, full
         self.means: list[float] = []  # per-round mean return (rounds with episodes)
         self.window = -math.inf
         self.env_steps = self.solved_at = self.solved_steps = self.t = 0
@@ -59,8 +68,9 @@ class Tracker:
         t = self.t
         if not self.solved_at and self.window >= self.threshold:
             self.solved_at, self.solved_steps = t, self.env_steps
-            self.stop = min(self.stop, max(math.ceil(1.5 * t), t + 20))
-        elif self.solved_at and t <= math.ceil(1.5 * self.solved_at):
+            if not self.full:
+                self.stop = min(self.stop, max(math.ceil(1.5 * t), t + 20))
+        elif self.solved_at and (self.full or t <= math.ceil(1.5 * self.solved_at)):
             self.low = min(self.low, self.window)
         return t < self.stop
 
@@ -80,7 +90,11 @@ class Tracker:
 
 
 def run(
-    cfg: RunConfig, threshold: float, max_rounds: int, verbose: bool = False
+    cfg: RunConfig,
+    threshold: float,
+    max_rounds: int,
+    verbose: bool = False,
+    full: bool = False,
 ) -> dict[str, Any]:
     """One run of ``cfg`` (its seed) on the float64 twin; rounds and env steps
     to the threshold."""
@@ -91,7 +105,7 @@ def run(
     theta = learners[0].initial_theta()
     saved: list[bytes | None] = [None] * k
     state = None
-    track = Tracker(threshold, max_rounds)
+    track = Tracker(threshold, max_rounds, full)
     going = True
     while going and np.all(np.isfinite(theta)):
         x = np.zeros_like(theta)
@@ -186,7 +200,7 @@ def report(lines: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--env", default="CartPole-v1")
+    ap.add_argument("--env", default="CartPole-v1", choices=sorted(THRESHOLDS))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--max-rounds", type=int, default=300)
     ap.add_argument(
@@ -205,6 +219,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--set", nargs="*", default=[], help="run-config key=value")
     ap.add_argument("--out", default="")
     ap.add_argument("--verbose", action="store_true")
+    ap.add_argument(
+        "--full",
+        action="store_true",
+        help="run every --max-rounds round; stable = never 10 %% below the "
+        "threshold after R (twin runs only)",
+    )
     ap.add_argument(
         "--report", default="", help="print a markdown table of this --out file"
     )
@@ -229,7 +249,9 @@ def main(argv: list[str] | None = None) -> None:
                 args.verbose,
             )
         else:
-            row = run(cfg, THRESHOLDS[args.env], args.max_rounds, args.verbose)
+            row = run(
+                cfg, THRESHOLDS[args.env], args.max_rounds, args.verbose, args.full
+            )
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps({"server": args.server, **row}))
