@@ -70,6 +70,7 @@ def test_encrypted_delta_run_follows_the_plaintext_twin(runs):
     assert rel < 4 * ckks_theta_rel_tol(get_param_set("8k-35x3")), rel
 
 
+@pytest.mark.slow  # CI runs it, the fast loop does not
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm"])
 def test_encrypted_baselines_are_accepted_and_move_theta(tmp_path, optimizer):
     """The baselines under CKKS in delta mode: every participant checked each θ

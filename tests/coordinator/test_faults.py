@@ -82,7 +82,13 @@ MODES = {
 }
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize(
+    "mode",  # the delta modes in CI only: the fast loop keeps gradient's
+    [
+        pytest.param(m, marks=[pytest.mark.slow] if m != "gradient" else [])
+        for m in MODES
+    ],
+)
 def test_dropout_round_matches_plaintext_twin(tmp_path, mode):
     """Participant 2 drops in round 2: both backends step with k = 3/2, every
     participant accepts the θ its twin replays, θ agrees; in every update mode

@@ -89,8 +89,14 @@ def _record_masks(fed: Federation) -> dict[int, list[np.ndarray]]:
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"participant-update": "delta", "optimizer": "fedavgm"}],
-    ids=["gradient", "delta-fedavgm"],
+    [
+        pytest.param({}, id="gradient"),
+        pytest.param(
+            {"participant-update": "delta", "optimizer": "fedavgm"},
+            id="delta-fedavgm",
+            marks=pytest.mark.slow,  # CI runs it, the fast loop does not
+        ),
+    ],
 )
 def test_restart_resumes_from_checkpoint_with_same_theta(tmp_path, extra):
     """Killed after round 3; resumed from the round-2 checkpoint to 5 steps in all.
