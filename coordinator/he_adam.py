@@ -197,11 +197,10 @@ def sum_step_chunk(
     units = StateUnits.of(be, hp)
     _check_units(be, st, x, units)
     f_m, f_v, f_r = units.out
-    kx_coef = (1 - hp.beta1) / hp.c
     kx = x if k == 1.0 else be.scal(x, k, out_factor=x.factor)
     m_new = _as(be.add(st.m, kx), f_m)
     if momentum:
-        theta_new = be.add(st.theta, be.scal(m_new, -hp.lr_at(t) / kx_coef))
+        theta_new = be.add(st.theta, be.scal(m_new, -hp.lr_at(t) / hp.m_coef))
     else:
         theta_new = be.add(st.theta, be.scal(x, -hp.lr_at(t) * k))
     return ChunkState(

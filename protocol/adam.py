@@ -48,6 +48,11 @@ class AdamHyper:
         return math.sqrt((1 - self.beta2) / self.beta2)
 
     @property
+    def m_coef(self) -> float:
+        """x's weight (1−β1)/c in m' = β1·m + m_coef·x (x = c·w·g)."""
+        return (1 - self.beta1) / self.c
+
+    @property
     def s(self) -> float:
         """r's update constant β2^(−½)/(A − 1) (Newton, A = 3: β2^(−½)/2)."""
         return 1.0 / ((self.rsqrt_a - 1.0) * math.sqrt(self.beta2))
@@ -129,7 +134,7 @@ def _step_sup(
         age = np.arange(t)[::-1]  # g_1 (oldest) … g_t
         w = (1 - beta1) * beta1**age / (1 - beta1**t)
         u = (1 - beta2) * beta2**age
-        u[0] += beta2**t  # v0 ≥ g_1² + δ, decayed t times
+        u[0] += beta2**t  # v0 ≥ g_1², decayed t times
         g = np.minimum(1.0, lam * (w / u))
         steps = (g @ w) / np.sqrt(delta + (g * g) @ u)  # V_t = v_t + δ
         best = max(best, float(steps.max()))
@@ -170,7 +175,7 @@ class StateUnits:
         top = be.top_level
         b_top, b_1, b_2 = (be.rescale_bias(top - i) for i in range(3))
         fx = be.gradient_factor  # x's factor: x·x carries factor 1
-        kx = (1 - hp.beta1) / hp.c  # m' = β1·m + kx·x
+        kx = hp.m_coef  # m' = β1·m + kx·x
         f_r = R_SCALE / math.sqrt(b_top * b_1)  # r·r·W then carries R_SCALE²
         return cls(
             inp=(hp.beta1 * fx / kx, 1.0, f_r),
@@ -252,9 +257,9 @@ def twin_step(
     """
     m, v_big, r = state
     if optimizer in SUM_OPTIMIZERS:  # x = Σ w·clip(u, ±G), in θ's units
-        kx = (1 - hp.beta1) / hp.c  # m as HE-Adam keeps it: kx × the momentum sum
-        m = hp.beta1 * m + kx * k * x
-        step = m / kx if optimizer == "fedavgm" else k * x
+        # m as HE-Adam keeps it: m_coef × the momentum sum
+        m = hp.beta1 * m + hp.m_coef * k * x
+        step = m / hp.m_coef if optimizer == "fedavgm" else k * x
         return theta - hp.lr_at(t) * step, (m, v_big, r)
     if optimizer == "he-adam":
         theta, m, v_big, r = circuit_reference(theta, m, v_big, r, k * x, t, hp)
