@@ -285,7 +285,7 @@ class Node:
             twin, snapshots = replay(store, checked, theta0, self._limits(be))
         with self._timed("decrypt"):
             theta = decrypt_received(be, got)
-            guard.check_theta(theta, t, self.learner.initial_theta)
+            guard.check_theta(theta, t, lambda: theta0)
             if not matches(twin, theta, theta0, self.params):
                 raise ThetaRejected("θ is not its twin")
         return theta, twin, snapshots
