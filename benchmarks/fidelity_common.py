@@ -21,6 +21,9 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parent
 PRESETS = ROOT / "presets"
+#: per preset: solve-threshold, random-return, max-rounds (the presets hold
+#: run-config keys only)
+TARGETS = ROOT / "targets.toml"
 RESULTS = ROOT / "results"
 VARIANTS = {
     "ckks": {"backend": "ckks", "optimizer": "he-adam"},
@@ -40,8 +43,10 @@ def load_preset(
     """(run-config overrides, benchmark settings) of a preset, with ``extra``
     (``--set``) run-config values on top."""
     data = tomllib.loads((PRESETS / f"{name}.toml").read_text())
-    bench = data.pop("benchmark")
-    return {**data, **(extra or {})}, bench
+    targets = tomllib.loads(TARGETS.read_text())
+    if name not in targets:
+        raise KeyError(f"preset {name!r} has no [{name}] table in {TARGETS}")
+    return {**data, **(extra or {})}, targets[name]
 
 
 def sweep_settings(

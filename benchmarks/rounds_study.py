@@ -26,23 +26,30 @@ import math
 import sys
 import tempfile
 import time
+import tomllib
 from typing import Any
 
 import numpy as np
 
+from benchmarks.fidelity_common import PRESETS, TARGETS
 from participants.learner import Learner, clip_and_scale
 from protocol.adam import OPTIMIZERS, initial_state, twin_step
 from protocol.config import RunConfig
 
 WINDOW = 20
-#: the solve thresholds of benchmarks/presets (their [benchmark] tables)
-THRESHOLDS = {
-    "CartPole-v1": 475.0,
-    "Acrobot-v1": -100.0,
-    "Pendulum-v1": -200.0,
-    "MountainCar-v0": -110.0,
-    "LunarLander-v3": 200.0,
-}
+
+
+def _thresholds() -> dict[str, float]:
+    """Each env id's solve threshold, from benchmarks/targets.toml."""
+    targets = tomllib.loads(TARGETS.read_text())
+    out: dict[str, float] = {}
+    for name, target in targets.items():
+        env = tomllib.loads((PRESETS / f"{name}.toml").read_text())["env-id"]
+        out[env] = float(target["solve-threshold"])
+    return out
+
+
+THRESHOLDS = _thresholds()
 
 
 class Tracker:

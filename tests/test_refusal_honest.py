@@ -30,7 +30,6 @@ ROUNDS = 30
 
 def _preset(path: Path) -> dict:
     raw = tomllib.loads(path.read_text())
-    raw.pop("benchmark", None)
     for key in ("num-rounds", "stop-return"):
         raw.pop(key, None)
     return raw

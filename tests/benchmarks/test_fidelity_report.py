@@ -24,11 +24,13 @@ TOY_PRESET = {"env-id": "Toy-v0", "lr": 0.001}
 def out(tmp_path, monkeypatch):
     presets = tmp_path / "presets"
     presets.mkdir()
-    (presets / "toy.toml").write_text(
-        'env-id = "Toy-v0"\nlr = 0.001\n\n[benchmark]\nsolve-threshold = 100.0\n'
-        "random-return = 0.0\nmax-rounds = 10\n"
+    (presets / "toy.toml").write_text('env-id = "Toy-v0"\nlr = 0.001\n')
+    targets = tmp_path / "targets.toml"
+    targets.write_text(
+        "[toy]\nsolve-threshold = 100.0\nrandom-return = 0.0\nmax-rounds = 10\n"
     )
     monkeypatch.setattr(fidelity_common, "PRESETS", presets)
+    monkeypatch.setattr(fidelity_common, "TARGETS", targets)
     for variant, seeds in FINALS.items():
         d = tmp_path / "fidelity" / "toy"
         d.mkdir(parents=True, exist_ok=True)

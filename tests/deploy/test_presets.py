@@ -1,4 +1,5 @@
-"""Deployment presets: valid run-config files that submit.sh hands to flwr run."""
+"""Presets: valid run-config files, deploy/'s for submit.sh and benchmarks/'s for
+the benchmarks; flwr run takes either with ``--run-config FILE``."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from flwr.common.config import parse_config_args
 from protocol.config import RunConfig
 
 REPO = Path(__file__).resolve().parents[2]
-PRESETS = sorted((REPO / "deploy" / "presets").glob("*.toml"))
+PRESETS = sorted((REPO / "deploy" / "presets").glob("*.toml")) + sorted(
+    (REPO / "benchmarks" / "presets").glob("*.toml")
+)
 
 
 def _app_config() -> dict:
@@ -25,7 +28,25 @@ def test_there_is_a_cartpole_preset():
     assert REPO / "deploy" / "presets" / "cartpole-fast.toml" in PRESETS
 
 
-@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "preset", PRESETS, ids=lambda p: p.parent.parent.name + "/" + p.stem
+)
+def test_flwr_reads_the_preset_as_a_run_config_file(preset: Path):
+    assert parse_config_args([str(preset)]) == tomllib.loads(preset.read_text())
+
+
+def test_every_benchmark_preset_has_targets_and_every_target_a_preset():
+    targets = tomllib.loads((REPO / "benchmarks" / "targets.toml").read_text())
+    names = {p.stem for p in PRESETS if p.parent.parent.name == "benchmarks"}
+    assert names == set(targets)
+    for name, target in targets.items():
+        assert set(target) == {"solve-threshold", "random-return", "max-rounds"}, name
+        assert target["solve-threshold"] > target["random-return"], name
+
+
+@pytest.mark.parametrize(
+    "preset", PRESETS, ids=lambda p: p.parent.parent.name + "/" + p.stem
+)
 def test_preset_holds_only_run_config_keys(preset: Path):
     """flwr refuses keys the app does not declare; RunConfig range-checks values."""
     data = tomllib.loads(preset.read_text())
