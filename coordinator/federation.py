@@ -39,15 +39,16 @@ from coordinator.persistence import (
 )
 from coordinator.relay import RelayStore
 from coordinator.rounds import Round, broadcast, collect, decide
+from coordinator.run_dir import open_metrics, run_dir
 from coordinator.setup import agree, first_wire_round, make_pool, setup_info
 from coordinator.step import ledger_entry, take_step
-from coordinator.summary import Progress, log_round, summary
+from coordinator.summary import log_round, progress_for, summary
 from coordinator.workers import ChunkPool
 from protocol import keys, ledger
 from protocol import messages as msg
 from protocol.backend import Backend, Ct
 from protocol.codec import receive_cts, send_cts
-from protocol.config import RunConfig, expand_dir
+from protocol.config import RunConfig
 from protocol.errors import FingerprintMismatch, HedrlError, RunEnded
 from protocol.memory import retain_freed_memory
 from protocol.packing import n_chunks
@@ -74,8 +75,7 @@ class Federation:
         self.grid, self.cfg, self.run_id = grid, cfg, run_id
         self.params = get_param_set(cfg.param_set)
         self.hp = cfg.hyper
-        self.out_dir = expand_dir(cfg.results_dir) / (cfg.run_name or f"run-{run_id}")
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.out_dir = run_dir(cfg)
         self.start_round = 0
         self.wire_offset = 0  # set at setup (first_wire_round)
         self.key_run_id = run_id
@@ -283,9 +283,9 @@ class Federation:
         try:
             self.setup()
             metrics_path = self.out_dir / "metrics.jsonl"
-            progress = Progress()
+            progress = progress_for(self)
             t = self.start_round
-            with open(metrics_path, "w") as fh:
+            with open_metrics(self.out_dir, self.start_round) as fh:
                 for t in range(self.start_round + 1, self.cfg.num_rounds + 1):
                     try:
                         row = self.run_round(t)
@@ -299,7 +299,7 @@ class Federation:
                     if self.on_round is not None:
                         self.on_round(t, self)
                     last20 = progress.add(t, row)
-                    log_round(self, t, row, last20)
+                    log_round(self, t, row, progress)
                     if t % self.cfg.checkpoint_every == 0:
                         checkpoint(self, t)
                     stop = self.cfg.stop_return

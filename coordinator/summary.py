@@ -9,33 +9,51 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from coordinator.curve import Curve
+
 if TYPE_CHECKING:
     from coordinator.federation import Federation
 
 log = logging.getLogger("flwr.hedrl.coordinator")
 
-#: summary.json reports the first round whose last-20 mean return reached these
-MILESTONES = ("195", "475")
 LAST_N = 20
+
+
+def solve_threshold(env_id: str, stop_return: float) -> float | None:
+    """The return an env counts as solved at: gymnasium's ``reward_threshold``
+    for the env id, else ``stop-return`` when set, else None."""
+    try:
+        import gymnasium
+
+        threshold = gymnasium.spec(env_id).reward_threshold
+    except Exception:  # noqa: BLE001 (an unknown id or a broken registry: no threshold)
+        threshold = None
+    if threshold is not None:
+        return float(threshold)
+    return stop_return if stop_return > 0 else None
 
 
 @dataclass
 class Progress:
-    """Mean returns so far and when the last-20 mean first reached each milestone."""
+    """Mean returns so far, and when the last-20 mean first reached the threshold."""
 
+    threshold: float | None = None
+    curve: Curve | None = None
     returns: list[float] = field(default_factory=list)
-    reached: dict[str, int | None] = field(
-        default_factory=lambda: dict.fromkeys(MILESTONES)
-    )
+    round_s: list[float] = field(default_factory=list)
+    reached: int | None = None
 
     def add(self, t: int, row: dict[str, Any]) -> float | None:
         """Take round ``t``'s row; the mean of the last 20 non-null returns."""
         if row["return_mean"] is not None:
             self.returns.append(row["return_mean"])
+        self.round_s.append(row["round_s"])
+        if self.curve is not None:
+            self.curve.add(t, row)
         last = self.last20
-        for key in self.reached:
-            if self.reached[key] is None and last is not None and last >= float(key):
-                self.reached[key] = t
+        if self.reached is None and None not in (last, self.threshold):
+            if last >= self.threshold:  # type: ignore[operator]
+                self.reached = t
         return last
 
     @property
@@ -44,32 +62,72 @@ class Progress:
             return None
         return statistics.fmean(self.returns[-LAST_N:])
 
+    @property
+    def window(self) -> tuple[int, float] | None:
+        """(n, mean) of the last n ≤ 20 returns so far (None before any)."""
+        if not self.returns:
+            return None
+        last = self.returns[-LAST_N:]
+        return len(last), statistics.fmean(last)
 
-def log_round(
-    fed: Federation, t: int, row: dict[str, Any], last20: float | None
-) -> None:
-    """One line per round: returns, seconds, bytes."""
-    rm = row["return_mean"]
+    def eta(self, t: int, num_rounds: int) -> str:
+        """Time left at the median round time so far, as h:mm:ss or m:ss."""
+        left = round((num_rounds - t) * statistics.median(self.round_s))
+        h, rest = divmod(left, 3600)
+        return (
+            f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+            if h
+            else f"{rest // 60}:{rest % 60:02d}"
+        )
+
+
+def progress_for(fed: Federation) -> Progress:
+    """The run's progress, with its learning_curve.png."""
+    threshold = solve_threshold(fed.cfg.env_id, fed.cfg.stop_return)
+    title = f"{fed.cfg.env_id} · {fed.cfg.backend} · {fed.out_dir.name}"
+    curve = Curve(fed.out_dir / "learning_curve.png", title, threshold)
+    return Progress(threshold, curve)
+
+
+def log_round(fed: Federation, t: int, row: dict[str, Any], progress: Progress) -> None:
+    """One line per round: the windowed mean return, seconds, bytes, time left."""
+    window = progress.window
     log.info(
-        "hedrl: round %d/%d %s return %s (%d episodes) last-20 %s | "
-        "%.2f s/round, coordinator %.2f s | up %.1f kB, down %.1f kB",
+        "hedrl: round %d/%d %s %s (%d new episodes) | %.2f s/round, "
+        "coordinator %.2f s | up %.1f kB, down %.1f kB | ETA %s",
         t,
         fed.cfg.num_rounds,
         fed.cfg.backend,
-        "-" if rm is None else f"{rm:.1f}",
+        "return -" if window is None else f"last-{window[0]} return {window[1]:.1f}",
         row["episodes"],
-        "-" if last20 is None else f"{last20:.1f}",
         row["round_s"],
         row["coordinator_s"],
         row["upload_bytes"] / 1e3,
         row["broadcast_bytes"] / 1e3,
+        progress.eta(t, fed.cfg.num_rounds),
     )
+
+
+def versions() -> dict[str, str]:
+    """hedrl's, flwr's and TenSEAL's installed versions."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("hedrl", "flwr", "tenseal"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
 
 
 def summary(
     fed: Federation, t: int, progress: Progress, wall: float, ckpt: Path
 ) -> dict[str, Any]:
-    """The contents of summary.json: configuration, outcome, median costs."""
+    """The contents of summary.json: configuration, outcome, median costs
+    (and the learning curve's last drawing)."""
+    if progress.curve is not None:
+        progress.curve.draw()
     h = fed.history
     ups = [r["crypto/gradient_bytes"] for r in h if r["crypto/gradient_bytes"]]
     slots = fed.n_chunks * fed.params.slots
@@ -91,7 +149,10 @@ def summary(
         "final_return_mean_last20": statistics.fmean(returns[-LAST_N:])
         if returns
         else None,
-        **{f"rounds_to_{key}": progress.reached[key] for key in MILESTONES},
+        # the env's solve threshold (None: it has none) and the first round
+        # whose last-20 mean reached it
+        "solve_threshold": progress.threshold,
+        "rounds_to_threshold": progress.reached,
         "median_round_s": median("round_s"),
         "median_coordinator_s": median("coordinator_s"),
         # one participant's gradient upload, per parameter and per filled slot
@@ -103,4 +164,5 @@ def summary(
         "skipped_steps": sum(1 for r in h if not r["stepped"]),
         "checkpoint": str(ckpt),
         "fingerprint": fed.fingerprint,
+        "versions": versions(),
     }

@@ -127,7 +127,8 @@ class RunConfig:
     results_dir: str = "~/.hedrl/results"
     """Where <run-name>/metrics.jsonl goes; relative paths are under ~/.hedrl."""
     run_name: str = ""
-    """Name of the results folder (default: run-<run id>)."""
+    """Name of the results folder (default: <env id>-<UTC date>-<time>); an
+    existing run's folder is refused unless resuming."""
     keys_dir: str = "~/.hedrl/keys"
     """Participants provision run-<run id>/ here unless node-config names a context."""
     expect_fingerprint: str = ""

@@ -48,7 +48,7 @@ def test_cartpole_federation_reaches_195(tmp_path, backend):
     """4 participants reach a mean return ≥ 195 within the round budget."""
     rows, summary, out = _run(tmp_path, backend)
     assert summary["backend"] == backend
-    assert summary["rounds_to_195"] is not None, (
+    assert summary["final_return_mean_last20"] >= 195, (
         f"{backend}: last-20 mean {summary['final_return_mean_last20']} after "
         f"{summary['rounds']} rounds\n{out[-3000:]}"
     )

@@ -85,6 +85,7 @@ def test_coordinator_never_holds_a_secret_key(runs):
         "summary.json",
         "checkpoint.npz",
         "ledger.jsonl",
+        "learning_curve.png",
     }
     # the ledger names updates by digest only: nothing but JSON of ints,
     # floats and 64-hex-digit strings

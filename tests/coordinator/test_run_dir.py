@@ -1,0 +1,116 @@
+"""A run's folder, progress line, learning curve and summary fields."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from coordinator.curve import Curve
+from coordinator.run_dir import default_name, open_metrics, run_dir
+from coordinator.summary import Progress, solve_threshold, versions
+from protocol.config import RunConfig
+from protocol.errors import ConfigError
+
+
+def _cfg(tmp_path: Path, **extra) -> RunConfig:
+    return RunConfig.from_mapping({"results-dir": str(tmp_path), **extra})
+
+
+def _row(ret: float | None, steps: int = 512, round_s: float = 2.0) -> dict:
+    return {"return_mean": ret, "env_steps": steps, "round_s": round_s}
+
+
+def test_default_names_are_dated_and_never_reused(tmp_path):
+    first = run_dir(_cfg(tmp_path))
+    second = run_dir(_cfg(tmp_path))
+    assert re.fullmatch(r"CartPole-v1-\d{8}-\d{6}(-2)?", first.name)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert default_name("Acrobot-v1", 0.0) == "Acrobot-v1-19700101-000000"
+
+
+@pytest.mark.parametrize("held", ["metrics.jsonl", "summary.json", "checkpoint.npz"])
+def test_a_named_folder_holding_a_run_is_refused_unless_resuming(tmp_path, held):
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / held).write_text("{}")
+    with pytest.raises(ConfigError, match=r"run-name 'r'.*already holds a run.*resume"):
+        run_dir(_cfg(tmp_path, **{"run-name": "r"}))
+    assert (tmp_path / "r" / held).read_text() == "{}"  # nothing overwritten
+    ckpt = str(tmp_path / "r" / "checkpoint.npz")
+    assert run_dir(_cfg(tmp_path, **{"run-name": "r", "resume-from": ckpt})).is_dir()
+    # an empty folder of that name is not a run
+    (tmp_path / "empty").mkdir()
+    assert run_dir(_cfg(tmp_path, **{"run-name": "empty"})) == tmp_path / "empty"
+
+
+def test_resuming_keeps_earlier_rows_and_sets_later_ones_aside(tmp_path):
+    rows = [json.dumps({"round": t, "x": t}) for t in range(1, 8)]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    with open_metrics(tmp_path, 5) as fh:
+        fh.write(json.dumps({"round": 6, "x": "new"}) + "\n")
+    kept = [
+        json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().split("\n") if x
+    ]
+    assert [r["round"] for r in kept] == [1, 2, 3, 4, 5, 6] and kept[-1]["x"] == "new"
+    later = (tmp_path / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in later] == [6, 7]
+    # a fresh run (start 0) starts the file anew
+    with open_metrics(tmp_path, 0) as fh:
+        fh.write("{}\n")
+    assert (tmp_path / "metrics.jsonl").read_text() == "{}\n"
+
+
+def test_progress_shows_the_window_it_has_and_an_eta():
+    p = Progress(threshold=100.0)
+    assert p.window is None
+    p.add(1, _row(10.0))
+    p.add(2, _row(None))  # no episode ended: the window stays
+    assert p.window == (1, 10.0) and p.last20 is None
+    for t in range(3, 25):
+        p.add(t, _row(100.0 + t))
+    assert p.window[0] == 20 and p.last20 == pytest.approx(114.5)  # 105 … 124
+    # round 21 has the first 20 returns, 10 and 103 … 121: mean 106.9 ≥ 100
+    assert p.reached == 21
+    assert p.eta(24, 24) == "0:00"
+    assert p.eta(0, 2000) == "1:06:40"  # 2000 rounds × 2 s
+
+
+def test_solve_threshold_from_gymnasium_else_stop_return():
+    assert solve_threshold("CartPole-v1", 0.0) == 475.0
+    assert solve_threshold("Acrobot-v1", 0.0) == -100.0
+    assert solve_threshold("Pendulum-v1", 0.0) is None  # gymnasium gives none
+    assert solve_threshold("Pendulum-v1", 150.0) == 150.0
+    assert solve_threshold("NoSuchEnv-v9", 0.0) is None
+
+
+def test_versions_name_the_installed_packages():
+    import flwr
+    import tenseal
+
+    v = versions()
+    assert v["flwr"] == flwr.__version__ and v["tenseal"] == tenseal.__version__
+    assert v["hedrl"] != "not installed"
+
+
+def test_curve_draws_a_png_with_both_axes(tmp_path):
+    path = tmp_path / "learning_curve.png"
+    curve = Curve(path, "CartPole-v1 · ckks · test", 475.0)
+    for t in range(1, 41):
+        curve.add(t, _row(None if t % 4 else 10.0 * t), last=t == 40)
+    with Image.open(path) as img:
+        assert img.format == "PNG" and img.size[0] > 2 * img.size[1] > 400
+    assert curve.rounds == list(range(4, 41, 4)) and curve.steps[-1] == 40 * 512
+    assert not (tmp_path / "learning_curve.tmp.png").exists()
+
+
+def test_a_curve_that_cannot_be_drawn_never_ends_the_run(tmp_path, caplog):
+    curve = Curve(tmp_path / "missing" / "learning_curve.png", "t", None)
+    with caplog.at_level(logging.WARNING, logger="flwr.hedrl.coordinator"):
+        curve.add(1, _row(5.0), last=True)
+        curve.add(2, _row(6.0), last=True)
+    warned = [r for r in caplog.records if "learning curve not drawn" in r.message]
+    assert len(warned) == 1 and curve.broken
