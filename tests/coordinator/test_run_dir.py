@@ -114,3 +114,27 @@ def test_a_curve_that_cannot_be_drawn_never_ends_the_run(tmp_path, caplog):
         curve.add(2, _row(6.0), last=True)
     warned = [r for r in caplog.records if "learning curve not drawn" in r.message]
     assert len(warned) == 1 and curve.broken
+
+
+def test_waiting_for_participants_says_how_many_are_connected(monkeypatch, caplog):
+    from coordinator import exchange
+
+    class Grid:
+        calls = 0
+
+        def get_node_ids(self):
+            Grid.calls += 1
+            return [11, 12] if Grid.calls < 40 else [11, 12, 13]
+
+    monkeypatch.setattr(exchange, "WAIT_REPORT_S", 0.05)
+    sleep = exchange.time.sleep
+    monkeypatch.setattr(exchange.time, "sleep", lambda s: sleep(0.01))
+    with caplog.at_level(logging.INFO, logger="flwr.hedrl.coordinator"):
+        assert exchange.wait_for_nodes(Grid(), 3, timeout=30) == [11, 12, 13]
+    said = [r.getMessage() for r in caplog.records if "connected" in r.getMessage()]
+    assert said and all(
+        m.startswith("hedrl: 2 of 3 participants connected") for m in said
+    )
+    with pytest.raises(TimeoutError, match=r"only 2 of 4 .*num-supernodes=4"):
+        Grid.calls = 0
+        exchange.wait_for_nodes(Grid(), 4, timeout=0.1)
