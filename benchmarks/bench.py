@@ -57,6 +57,7 @@ from benchmarks.bench_round import (
     Round,
 )
 from coordinator.workers import ChunkPool
+from protocol import hedrl_version
 from protocol.adam import AdamHyper
 from protocol.memory import retain_freed_memory
 
@@ -197,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
             "work (participants work in parallel; transport latency excluded)."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {hedrl_version()}"
     )
     ap.add_argument(
         "--participants",

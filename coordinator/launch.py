@@ -36,6 +36,7 @@ from coordinator.local_flwr import (
     local_superlink,
     status,
 )
+from protocol import hedrl_version
 from protocol.config import RunConfig
 from protocol.errors import ConfigError
 
@@ -205,15 +206,11 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from coordinator.summary import versions
-
     ap = argparse.ArgumentParser(
         prog="hedrl",
         description="Federated deep RL with a keyless coordinator (hedrl).",
     )
-    ap.add_argument(
-        "--version", action="version", version=f"hedrl {versions()['hedrl']}"
-    )
+    ap.add_argument("--version", action="version", version=f"hedrl {hedrl_version()}")
     sub = ap.add_subparsers(dest="command", required=True)
     r = sub.add_parser(
         "run",

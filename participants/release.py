@@ -28,7 +28,7 @@ import numpy as np
 
 from participants.guard import Guard
 from participants.trust import Trust
-from protocol import keys
+from protocol import hedrl_version, keys
 from protocol.errors import HedrlError, KeyMaterialError
 from protocol.params import get_param_set
 
@@ -214,6 +214,9 @@ def release_main(argv: list[str] | None = None) -> int:
         "with noise flooding and rounding (docs/threat-model.md, 'Release').",
     )
     ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {hedrl_version()}"
+    )
+    ap.add_argument(
         "--keys",
         required=True,
         type=Path,
@@ -273,6 +276,9 @@ def eval_main(argv: list[str] | None = None) -> int:
         prog="hedrl-eval",
         description="Run evaluation episodes of a released policy (hedrl-release) "
         "and print the mean return.",
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {hedrl_version()}"
     )
     ap.add_argument("policy", type=Path, help="POLICY.npz from hedrl-release")
     ap.add_argument(

@@ -15,3 +15,13 @@ one raw Array with their lengths beside it, not one Array per chunk
 STATE_UNITS_VERSION = 2
 """The first protocol version whose m, V, r are in :class:`protocol.adam.StateUnits`
 (a checkpoint's state from before it cannot be resumed)."""
+
+
+def hedrl_version() -> str:
+    """The installed hedrl's version (``--version`` of every console script)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("hedrl")
+    except PackageNotFoundError:
+        return "unknown (not installed)"

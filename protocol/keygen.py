@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from protocol import hedrl_version
 from protocol.errors import HedrlError
 from protocol.keys import COORDINATOR_FILE, PARTICIPANT_FILE, write_keys
 from protocol.params import DEFAULT_PARAM_SET, PARAM_SETS, get_param_set
@@ -22,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
             "Galois keys: the only file the coordinator host gets). Prints the "
             "context fingerprint both sides check."
         ),
+    )
+    ap.add_argument(
+        "--version", action="version", version=f"%(prog)s {hedrl_version()}"
     )
     ap.add_argument(
         "--param-set",
