@@ -23,7 +23,7 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from participants.final import confirm, final
 from participants.guard import Guard, OutOfOrder, Terminal
 from participants.learner import GradientSource, Learner, clip_and_scale
-from participants.metrics import reply_metrics
+from participants.metrics import reply_metrics, write_diagnostics
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
 from participants.twin import (
@@ -316,6 +316,7 @@ class Node:
             )
             TwinStore(guard.stem).save(snapshots)
             guard.accept_theta(theta, t, digest(theta_in.chunks))
+        write_diagnostics(self.trust.state_dir, self.index, t, self._stats)
         # the learner moves on only with an accepted message: Flower keeps the
         # context of a failed one too, and a refusal's cause must not show later
         self.context.state[STATE_KEY] = ConfigRecord({"blob": saved})
