@@ -161,7 +161,7 @@ class Learner:
         self.root = [cfg.seed, *salt]
         self.gradients = gradients
         obs_dim, act_dim, self.continuous = env_spec(cfg.env_id)
-        self.layout = make_layout(obs_dim, act_dim, self.continuous)
+        self.layout = make_layout(obs_dim, act_dim, self.continuous, cfg.hidden)
         self.layout_digest = layout_digest(
             zip(self.layout.names, self.layout.shapes, strict=True)
         )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
 import sys
 from pathlib import Path
@@ -138,9 +139,46 @@ def _release(
 
 
 def load_policy(path: Path) -> tuple[np.ndarray, dict[str, Any]]:
-    """(θ, info) of a released policy file."""
-    with np.load(path) as data:
-        return data["theta"].copy(), json.loads(bytes(data["info"]).decode())
+    """(θ, info) of a released policy file; ValueError naming what the file is
+    instead (the coordinator's checkpoint, or not a policy at all)."""
+    try:
+        with np.load(path) as data:
+            files = set(data.files)
+            if {"theta", "info"} <= files:
+                return data["theta"].copy(), json.loads(bytes(data["info"]).decode())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file") from None
+    except (OSError, ValueError, EOFError) as exc:
+        raise ValueError(
+            f"{path}: not a policy file of hedrl-release ({exc})"
+        ) from None
+    if "meta" in files and "theta/0" in files:
+        raise ValueError(
+            f"{path} is the coordinator's encrypted checkpoint, not a policy: "
+            "run hedrl-release on a participant's host and evaluate its --out file"
+        )
+    raise ValueError(f"{path}: not a policy file of hedrl-release (no theta/info)")
+
+
+def check_env_fits(info: dict[str, Any], env_id: str) -> None:
+    """ValueError if ``env_id``'s observation or action size differs from the
+    policy's (``info['env_id']`` is the env it was trained on)."""
+    from participants.learner import env_spec
+
+    shapes = dict(zip(info["names"], info["shapes"], strict=True))
+    depth = sum(
+        1 for n in info["names"] if n.startswith("actor.") and n.endswith(".weight")
+    )
+    want = (shapes["actor.0.weight"][1], shapes[f"actor.{depth - 1}.weight"][0])
+    try:
+        obs_dim, act_dim, continuous = env_spec(env_id)
+    except Exception as exc:  # noqa: BLE001 (gymnasium raises many kinds)
+        raise ValueError(f"--env-id {env_id!r}: {exc}") from None
+    if (obs_dim, act_dim) != tuple(want) or continuous != bool(info["continuous"]):
+        raise ValueError(
+            f"the policy was trained on {info['env_id']} ({want[0]} observations, "
+            f"{want[1]} actions); {env_id} has {obs_dim} and {act_dim}"
+        )
 
 
 def evaluate(
@@ -161,10 +199,14 @@ def evaluate(
     from participants.policy import ActorCritic, Layout
 
     theta, info = load_policy(path)
+    if env_id and env_id != info["env_id"]:
+        check_env_fits(info, env_id)
     layout = Layout(tuple(info["names"]), tuple(tuple(s) for s in info["shapes"]))
     policy = ActorCritic(layout, bool(info["continuous"]))
     frames: list[np.ndarray] = []
     if gif is not None:
+        # frames are drawn off-screen: no display, and no SDL warning about one
+        os.environ.setdefault("SDL_VIDEODRIVER", "dummy")
         try:
             from PIL import Image
         except ImportError as exc:

@@ -103,6 +103,9 @@ class RunConfig:
     layer_bounds: str = ""
     """Per-layer G overriding clip-bound: 'prefix=G,...' on dotted layer names
     (e.g. 'actor.0=0.1,critic=0.01'); the longest matching prefix wins."""
+    hidden_sizes: str = "64,64"
+    """Hidden layer widths of the actor and of the critic, e.g. '64,64' (1–3
+    tanh layers of 1–512 units)."""
     num_envs: int = 4
     """Vector envs per participant."""
     num_steps: int = 128
@@ -181,6 +184,20 @@ class RunConfig:
         return self.min_participants or max(1, -(-k // 2))
 
     @property
+    def hidden(self) -> tuple[int, ...]:
+        """hidden-sizes parsed (ConfigError if it is not 1–3 widths in 1–512)."""
+        try:
+            sizes = tuple(int(x) for x in self.hidden_sizes.split(","))
+        except ValueError:
+            sizes = ()
+        if not 1 <= len(sizes) <= 3 or not all(1 <= n <= 512 for n in sizes):
+            raise ConfigError(
+                "hidden-sizes: expected 1-3 comma-separated widths in 1..512, "
+                f"e.g. '64,64', received {self.hidden_sizes!r}"
+            )
+        return sizes
+
+    @property
     def layer_bound_rules(self) -> tuple[tuple[str, float], ...]:
         """layer-bounds parsed: (prefix, G) pairs, longest prefix first."""
         return parse_layer_bounds(self.layer_bounds)
@@ -241,6 +258,7 @@ class RunConfig:
                 f"env-id: expected a registered gymnasium id without ':', received "
                 f"{self.env_id!r}"
             )
+        self.hidden  # noqa: B018 (parses and checks hidden-sizes)
         if self.optimizer not in OPTIMIZERS:
             raise ConfigError(
                 f"optimizer: expected one of {OPTIMIZERS}, received {self.optimizer!r}"

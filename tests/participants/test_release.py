@@ -165,6 +165,30 @@ def test_eval_runs_released_policy(key_dir, capsys):
     assert all(1 <= r <= 500 for r in res["returns"])  # CartPole: +1 per step
 
 
+def test_eval_names_a_checkpoint_or_a_mismatched_env_in_one_line(
+    trained, key_dir, tmp_path, capsys
+):
+    """The coordinator's checkpoint, a file that is no policy, and an env whose
+    spaces differ from the policy's each end in one line that says so."""
+    _, _, ckpt, _ = trained
+    assert rel.eval_main([str(ckpt)]) == 2
+    assert "coordinator's encrypted checkpoint, not a policy" in capsys.readouterr().err
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip")
+    assert rel.eval_main([str(junk)]) == 2
+    assert "not a policy file of hedrl-release" in capsys.readouterr().err
+    out = key_dir.parent / "policy4.npz"
+    rel.release(key_dir, out)
+    assert rel.eval_main([str(out), "--env-id", "Acrobot-v1"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.count("\n") == 1
+        and "trained on CartPole-v1 (4 observations, 2 actions)" in err
+    )
+    assert rel.eval_main([str(out), "--env-id", "CartPol-v1"]) == 2
+    assert "--env-id 'CartPol-v1'" in capsys.readouterr().err
+
+
 def test_eval_records_gif(key_dir, tmp_path, capsys):
     """--gif writes an animated GIF of the first episode."""
     from PIL import Image  # in the test extra
