@@ -6,14 +6,16 @@ usage() {
   cat <<'EOF'
 Usage: deploy/provision.sh --out DIR --coordinator-host ADDR [options]
 
-Creates, under DIR:
+Creates, under DIR, one kit per host (copy each to its host, nothing else):
   ca/               the CA (ca.key stays with the operator: copy it nowhere)
   coordinator/      for the coordinator host: ca.crt, server.crt, server.key
                     (SAN: 127.0.0.1, localhost and every --coordinator-host),
                     coordinator.ctx (public CKKS context, no secret key),
                     fingerprint.txt, supernodes/participant-N.pub (to register),
                     app.sha256 (the app-sha256 participants accept; submit.sh
-                    --app-sha256 checks a tree against it before submitting)
+                    --bundle checks a tree against it before submitting and
+                    makes the run expect fingerprint.txt's key),
+                    start-superlink.sh and hedrl-superlink.service
   participant-N/    for participant host N (N = 0 .. participants-1): ca.crt,
                     supernode.key (+ .pub; EC P-384, the SuperNode's identity),
                     participant.ctx (the run's CKKS secret key, mode 0600),
@@ -21,8 +23,9 @@ Creates, under DIR:
                     node config supernode.sh hands to the hedrl ClientApp
                     (participant-index = N, federation-size = --participants,
                     secret-context, state-dir, the guard settings below,
-                    app-sha256). Relative paths in it are taken from the
-                    bundle directory.
+                    app-sha256), start-supernode.sh and
+                    hedrl-supernode.service. Relative paths in node.toml are
+                    taken from the bundle directory.
 
 The app pin: app-sha256 is a digest of the app bundle (FAB) that `flwr run`
 builds from the --app tree (deploy/app_pin.py). A participant's SuperNode
@@ -46,6 +49,10 @@ Options:
   --app DIR                 the app tree participants will accept (default:
                             the checkout this script is in)
   --days N                  certificate validity (default: 365)
+  --hedrl-home DIR          where the hedrl checkout lives on the hosts, for the
+                            start scripts (default: this checkout's path)
+  --kit-dir DIR             where the bundles will be copied on their hosts, for
+                            the systemd units (default: /opt/hedrl)
   --force                   replace an existing bundle
   -h, --help                this help
 
@@ -82,6 +89,7 @@ EOF
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 out="" ; hosts=() ; n=3 ; param_set="8k-35x3" ; backend="ckks" ; days=365
 keys_only=0 ; force=0 ; app="$here/.." ; node_opts=() ; preset=""
+hedrl_home="$(cd "$here/.." && pwd)" ; kit_dir="/opt/hedrl"
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --out) out="$2"; shift 2 ;;
@@ -94,6 +102,8 @@ while [[ $# -gt 0 ]]; do
     --force) force=1; shift ;;
     --app) app="$2"; shift 2 ;;
     --preset) preset="$2"; shift 2 ;;
+    --hedrl-home) hedrl_home="$2"; shift 2 ;;
+    --kit-dir) kit_dir="$2"; shift 2 ;;
     --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics)
       node_opts+=("${1#--}=$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
@@ -269,6 +279,52 @@ done
 OUT="$out" N="$n" PIN="$pin" KEYS_ONLY="$keys_only" python -c "$write_node_configs" "${node_opts[@]}"
 printf '%s\n' "$pin" >"$out/coordinator/app.sha256"
 chmod 0644 "$out/coordinator/app.sha256"
+# --- start scripts and systemd units, one per host --------------------------------
+# kit NAME UNIT WHAT SCRIPT ARGS: NAME/start-*.sh runs deploy/SCRIPT ARGS (in
+# which @KIT@ becomes the kit's own directory on its host), and NAME/UNIT.service
+kit() {
+  local name="$1" unit="$2" what="$3" script="$4" args="$5" start
+  start="$out/$name/start-${unit#hedrl-}.sh"
+  {
+    echo '#!/usr/bin/env bash'
+    echo "# Start $what from this kit (written by deploy/provision.sh)."
+    echo '# HEDRL_HOME: the hedrl checkout on this host (pip install -e . there).'
+    echo "# Extra arguments go to deploy/$script (see its --help)."
+    echo 'set -euo pipefail'
+    echo 'kit="$(cd "$(dirname "$0")" && pwd)"'
+    echo "exec \"\${HEDRL_HOME:-$hedrl_home}/deploy/$script\" ${args//@KIT@/\"\$kit\"} \"\$@\""
+  } >"$start"
+  chmod 0755 "$start"
+  cat >"$out/$name/$unit.service" <<EOS
+# systemd unit for $what (written by deploy/provision.sh): copy this kit to
+# $kit_dir/$name on its host, then
+#   sudo cp $unit.service /etc/systemd/system/ && sudo systemctl enable --now $unit
+[Unit]
+Description=hedrl: $what
+After=network-online.target
+Wants=network-online.target
+
+[Service]
+Environment=HEDRL_HOME=$hedrl_home
+ExecStart=$kit_dir/$name/$(basename "$start")
+Restart=on-failure
+RestartSec=5
+
+[Install]
+WantedBy=multi-user.target
+EOS
+  chmod 0644 "$out/$name/$unit.service"
+}
+if [[ -f "$out/coordinator/server.crt" ]]; then
+  superlink_host="$(openssl x509 -in "$out/coordinator/server.crt" -noout -subject \
+    | sed -n 's/.*CN *= *//p')"
+  kit coordinator hedrl-superlink "the coordinator's SuperLink" superlink.sh \
+    "--bundle @KIT@ --database @KIT@/superlink.db"
+  for ((i = 0; i < n; i++)); do
+    kit "participant-$i" hedrl-supernode "participant $i's SuperNode" supernode.sh \
+      "--bundle @KIT@ --superlink $superlink_host:8000"
+  done
+fi
 echo "CKKS key ($backend, $param_set): fingerprint $(cat "$out/coordinator/fingerprint.txt")"
 echo "App pin (app-sha256 of $(cd "$app" && pwd)): $pin"
 echo "Bundles in $out: coordinator/ and participant-0 .. participant-$((n - 1))/" \

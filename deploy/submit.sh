@@ -31,9 +31,12 @@ Options:
                       "num-participants=3 num-rounds=200 stop-return=195"
                       (num-participants must equal the number of SuperNodes)
   --app DIR           the hedrl checkout (default: this script's repository)
+  --bundle DIR        the coordinator kit from provision.sh: refuse to submit
+                      unless the app bundle's app-sha256 is DIR/app.sha256,
+                      and make the run refuse any key but DIR/fingerprint.txt's
+                      (expect-fingerprint)
   --app-sha256 PIN    refuse to submit unless the bundle's app-sha256 is PIN
-                      (64 hex digits, or a file holding them such as the
-                      coordinator bundle's app.sha256 from provision.sh)
+                      (64 hex digits, or a file holding them)
   -h, --help          this help
 Exit status: 0 when the run wrote its summary.json, 1 otherwise.
 EOT
@@ -41,7 +44,7 @@ EOT
 
 conn="" ; results="" ; preset="" ; run_name="deploy-$(date -u +%Y%m%dT%H%M%SZ)" ; extra="" ; rest=()
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-app="$here/.." ; expect=""
+app="$here/.." ; expect="" ; fingerprint=""
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --connection) conn="$2"; shift 2 ;;
@@ -51,6 +54,12 @@ while [[ $# -gt 0 ]]; do
     --preset) preset="$2"; shift 2 ;;
     --app) app="$2"; shift 2 ;;
     --app-sha256) expect="$2"; shift 2 ;;
+    --bundle)
+      [[ -f "$2/app.sha256" && -f "$2/fingerprint.txt" ]] || {
+        echo "submit.sh: --bundle $2 holds no app.sha256 and fingerprint.txt (the coordinator kit of provision.sh)" >&2
+        exit 2
+      }
+      expect="$2/app.sha256"; fingerprint="$(tr -d '[:space:]' <"$2/fingerprint.txt")"; shift 2 ;;
     -h|--help) usage; exit 0 ;;
     --) shift; rest=("$@"); break ;;
     *) echo "submit.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -103,9 +112,14 @@ if [[ -n "$expect" ]]; then
   fi
 fi
 
+[[ -z "$fingerprint" || "$fingerprint" =~ ^[0-9a-f]{64}$ ]] || {
+  echo "submit.sh: fingerprint.txt does not hold 64 hex digits" >&2; exit 2; }
+own="results-dir='$results' run-name='$run_name'"
+[[ -n "$fingerprint" ]] && own+=" expect-fingerprint='$fingerprint'"
+
 cd "$app"
 flwr run . "$conn" --stream "${preset_cfg[@]}" \
-  --run-config "results-dir='$results' run-name='$run_name' $extra" "${rest[@]}"
+  --run-config "$own $extra" "${rest[@]}"
 
 run_dir="$results/$run_name"
 if [[ ! -f "$run_dir/metrics.jsonl" ]]; then

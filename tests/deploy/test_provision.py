@@ -159,3 +159,66 @@ def test_preset_sets_the_step_bound_unless_it_is_given(tmp_path):
     )
     assert proc.returncode == 2 and "cannot read --preset" in proc.stderr
     assert not (tmp_path / "c").exists()
+
+
+def _fake_home(tmp_path: Path) -> tuple[Path, Path]:
+    """A HEDRL_HOME whose deploy scripts record their arguments."""
+    home, record = tmp_path / "home", tmp_path / "argv"
+    (home / "deploy").mkdir(parents=True)
+    for script in ("superlink.sh", "supernode.sh"):
+        fake = home / "deploy" / script
+        fake.write_text(f'#!/bin/sh\necho {script} "$@" > {record}\n')
+        fake.chmod(0o755)
+    return home, record
+
+
+def test_each_kit_starts_its_own_host_from_its_own_directory(bundles, tmp_path):
+    """start-*.sh run the checkout's script on the kit they sit in, wherever the
+    kit was copied; the systemd unit starts that script from --kit-dir."""
+    home, record = _fake_home(tmp_path)
+    env = {**os.environ, "HEDRL_HOME": str(home)}
+    for name, script, want in (
+        ("participant-1", "start-supernode.sh", "--superlink 10.0.0.1:8000"),
+        ("coordinator", "start-superlink.sh", "--database"),
+    ):
+        moved = shutil.copytree(bundles / name, tmp_path / "elsewhere" / name)
+        proc = subprocess.run(
+            [moved / script, "--port", "9999"], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr
+        argv = record.read_text().split()
+        assert argv[:3] == [script[6:], "--bundle", str(moved)], argv
+        assert want in " ".join(argv) and argv[-2:] == ["--port", "9999"]
+        unit = next(moved.glob("hedrl-*.service")).read_text()
+        assert f"ExecStart=/opt/hedrl/{name}/{script}\n" in unit
+        assert f"Environment=HEDRL_HOME={REPO}\n" in unit
+
+
+def test_submit_with_the_kit_expects_its_fingerprint(bundles, tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    argv_file = tmp_path / "argv"
+    fake = bin_dir / "flwr"  # records its arguments instead of submitting
+    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    kit = bundles / "coordinator"
+    proc = _sh(
+        DEPLOY / "submit.sh",
+        *("--connection", "hedrl", "--results-dir", tmp_path / "r", "--bundle", kit),
+        env=env,
+    )
+    fp = (kit / "fingerprint.txt").read_text().strip()
+    assert proc.returncode == 1, proc.stderr  # submitted (fake), no metrics.jsonl
+    assert f"expect-fingerprint='{fp}'" in argv_file.read_text()
+    # a checkout other than the provisioned one is refused before flwr runs
+    other = shutil.copytree(kit, tmp_path / "kit2")
+    (other / "app.sha256").write_text("0" * 64 + "\n")
+    argv_file.unlink()
+    proc = _sh(
+        DEPLOY / "submit.sh",
+        *("--connection", "hedrl", "--results-dir", tmp_path / "r", "--bundle", other),
+        env=env,
+    )
+    assert proc.returncode == 2 and "is not the provisioned" in proc.stderr
+    assert not argv_file.exists()
