@@ -129,6 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             proc = lab.run(cns, argv_, coord, timeout=args.timeout)
             finished = time.perf_counter()
             run_dir = coord / "results" / "timed"
+            if proc.returncode != 0 or not (run_dir / "metrics.jsonl").exists():
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
+                print(
+                    "the run did not complete; submit.sh ended with:", *tail, sep="\n"
+                )
+                return 1
             rows = [
                 json.loads(x)
                 for x in (run_dir / "metrics.jsonl").read_text().splitlines()

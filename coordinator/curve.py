@@ -9,6 +9,7 @@ is not drawn again.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import statistics
 import time
@@ -36,11 +37,12 @@ class Curve:
 
     def add(self, t: int, row: dict[str, Any], last: bool = False) -> None:
         """Take round ``t``'s metrics row; redraw if due (always when ``last``)."""
-        self.env_steps += int(row["env_steps"])
-        if row["return_mean"] is not None:
+        self.env_steps += max(0, int(row["env_steps"]))
+        ret = row["return_mean"]
+        if ret is not None and math.isfinite(ret):
             self.rounds.append(t)
             self.steps.append(self.env_steps)
-            self.returns.append(float(row["return_mean"]))
+            self.returns.append(float(ret))
         if last or time.monotonic() - self.drawn_at >= REDRAW_S:
             self.draw()
 
@@ -77,7 +79,8 @@ class Curve:
             ax.grid(alpha=0.3)
         axes[0].set_ylabel("episode return")
         axes[0].legend(loc="lower right", fontsize=8)
-        fig.suptitle(self.title, fontsize=10)
+        # a '$' would start matplotlib's math text
+        fig.suptitle(self.title.replace("$", r"\$"), fontsize=10)
         tmp = self.path.with_suffix(".tmp.png")
         fig.savefig(tmp, dpi=90)
         os.replace(tmp, self.path)  # readers never see half a file

@@ -7,7 +7,7 @@
    range, an env id gymnasium does not know, fewer SuperNodes than
    participants each end it with one line naming the fix;
 2. it starts its own ``flower-superlink --simulation`` on free ports (so two
-   users on one machine never share one) and stops it by PID at the end;
+   runs on one machine never share one) and stops it by PID at the end;
 3. it submits the run (``flwr run --format json`` gives the run id), prints
    the run's hedrl lines (``flwr log --stream``; ``--verbose``: every line),
    reads the final status (``flwr ls --run-id … --format json``) and exits 0
@@ -138,7 +138,9 @@ def toml_value(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int | float):
         return repr(value)
-    return json.dumps(str(value))  # JSON's escapes are TOML basic-string escapes
+    # JSON's escapes are TOML basic-string escapes; non-ASCII stays literal
+    # (TOML has no surrogate-pair escapes)
+    return json.dumps(str(value), ensure_ascii=False)
 
 
 def write_config(path: Path, overrides: dict[str, Any]) -> Path:

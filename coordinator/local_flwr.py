@@ -1,5 +1,9 @@
 """Flower's command line and a local SuperLink of our own, for ``hedrl run``.
 
+Like flwr's own local SuperLink, it listens on 127.0.0.1 without TLS or
+authentication: it is for a machine whose local users trust each other (on a
+shared host another local user could reach its port while it runs).
+
 The SuperLink is started on free ports in its own session (its children, the
 SuperExec and Ray, form its process group) and stopped by that group's id;
 flwr's CLI reaches it through ``FLWR_LOCAL_SUPERLINK_HTTP_API_PORT`` and
@@ -100,8 +104,7 @@ def local_superlink(work: Path, env: dict[str, str]) -> Iterator[dict[str, str]]
 
 def stop_group(proc: subprocess.Popen) -> None:
     """SIGTERM the process's group, SIGKILL what is left after 10 s."""
-    if proc.poll() is not None:
-        return
+    # the group may outlive its leader (SuperExec, Ray): signal it either way
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
     try:

@@ -33,7 +33,7 @@ ExpectFor = Callable[..., Expect]
 
 #: largest episode or environment-step count a reply may report for one round
 MAX_COUNT = 10**9
-#: largest |return| per reported episode (|return-sum| ≤ this · max(episodes, 1));
+#: largest |return| per reported episode (|return-sum| ≤ this · episodes);
 #: the rewards of the supported environments are orders of magnitude below
 MAX_ABS_RETURN_PER_EPISODE = 1e6
 #: largest seconds a participant may report for one stage
@@ -181,7 +181,7 @@ def read_metrics(
     ``env-steps`` is required; ``episodes`` and ``return-sum`` come together
     or not at all (None); ``time-<stage>`` keys are optional (unknown stages
     are checked, then ignored). Counts are integral in [0, :data:`MAX_COUNT`],
-    |return-sum| ≤ :data:`MAX_ABS_RETURN_PER_EPISODE` · max(episodes, 1),
+    |return-sum| ≤ :data:`MAX_ABS_RETURN_PER_EPISODE` · episodes (0 without episodes),
     seconds in [0, :data:`MAX_STAGE_SECONDS`); any other key is refused.
     """
     metrics = content.get(msg.METRICS)
@@ -217,7 +217,8 @@ def read_metrics(
         episodes = _count(metrics, "episodes")
         if episodes is None:
             raise bad("episodes", counts)
-        limit = MAX_ABS_RETURN_PER_EPISODE * max(episodes, 1)
+        # no episodes, no return: one reply must not move the round's mean
+        limit = MAX_ABS_RETURN_PER_EPISODE * episodes
         return_sum = _number(metrics["return-sum"])
         if return_sum is None or abs(return_sum) > limit:
             raise bad("return-sum", f"a number with |value| ≤ {limit:g}")

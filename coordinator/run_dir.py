@@ -22,27 +22,37 @@ RUN_FILES = ("metrics.jsonl", "summary.json", "checkpoint.npz")
 
 
 def default_name(env_id: str, now: float | None = None) -> str:
-    """``<env id>-YYYYMMDD-HHMMSS`` in UTC (sorts by start time)."""
+    """``<env id>-YYYYMMDD-HHMMSS`` in UTC (sorts by start time; a '/' of a
+    namespaced env id becomes '-')."""
     stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now))
-    return f"{env_id}-{stamp}"
+    return f"{env_id.replace('/', '-')}-{stamp}"
 
 
 def run_dir(cfg: RunConfig) -> Path:
     """Create and return the run's folder, or raise :class:`ConfigError`."""
     root = expand_dir(cfg.results_dir)
     if not cfg.run_name:
+        root.mkdir(parents=True, exist_ok=True)
         base = default_name(cfg.env_id)
-        path, n = root / base, 1
-        while path.exists():
-            n += 1
-            path = root / f"{base}-{n}"
-        path.mkdir(parents=True)
-        return path
-    path = root / cfg.run_name
-    held = [name for name in RUN_FILES if (path / name).exists()]
+        for n in range(1, 10_000):
+            path = root / (base if n == 1 else f"{base}-{n}")
+            try:
+                path.mkdir()  # never a folder another run just made
+            except FileExistsError:
+                continue
+            return path
+        raise ConfigError(f"no free run folder named {base}-N in {root}")
+    name = cfg.run_name
+    if name in (".", "..") or "/" in name or "\\" in name:
+        raise ConfigError(
+            f"run-name {name!r}: expected a folder name (no '/'); results-dir "
+            "chooses where it goes"
+        )
+    path = root / name
+    held = [f for f in RUN_FILES if (path / f).exists()]
     if held and not cfg.resume_from:
         raise ConfigError(
-            f"run-name {cfg.run_name!r}: {path} already holds a run ({held[0]}); "
+            f"run-name {name!r}: {path} already holds a run ({held[0]}); "
             "choose another run-name, leave it empty for a new dated folder, or "
             "resume that run with resume-from"
         )
@@ -62,7 +72,7 @@ def open_metrics(out_dir: Path, start_round: int):  # noqa: ANN201 (a text file)
             continue
         try:
             later_row = int(json.loads(line).get("round", 0)) > start_round
-        except (ValueError, AttributeError, TypeError):
+        except Exception:  # noqa: BLE001 (an unreadable row is set aside, not fatal)
             later_row = True
         (later if later_row else kept).append(line)
     if later:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,20 @@ def solve_threshold(env_id: str, stop_return: float) -> float | None:
     return stop_return if stop_return > 0 else None
 
 
+#: returns and seconds beyond this are clamped (participants' rows are checked
+#: far below it; the sums of 20 such values stay finite)
+CLAMP = 1e12
+
+
+def _bounded(value: Any) -> float | None:
+    """A finite float clamped to ±CLAMP, or None (missing or not finite)."""
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        return None
+    return max(-CLAMP, min(CLAMP, x)) if math.isfinite(x) else None
+
+
 @dataclass
 class Progress:
     """Mean returns so far, and when the last-20 mean first reached the threshold."""
@@ -45,9 +60,10 @@ class Progress:
 
     def add(self, t: int, row: dict[str, Any]) -> float | None:
         """Take round ``t``'s row; the mean of the last 20 non-null returns."""
-        if row["return_mean"] is not None:
-            self.returns.append(row["return_mean"])
-        self.round_s.append(row["round_s"])
+        ret = _bounded(row["return_mean"])
+        if ret is not None:
+            self.returns.append(ret)
+        self.round_s.append(_bounded(row["round_s"]) or 0.0)
         if self.curve is not None:
             self.curve.add(t, row)
         last = self.last20

@@ -81,6 +81,9 @@ coordinator):
                             constant refusal (default: 3)
   --report-metrics BOOL     true: send episode metrics (returns, counts) to the
                             coordinator; false (default): send none
+  --max-param-count N       largest policy (parameters) a run config may ask
+                            for through hidden-sizes and env-id (default:
+                            200000; the default 64,64 network has ~9-10k)
 
 Needs: openssl, ssh-keygen, hedrl-keygen and flwr (pip install -e . in the repo).
 EOF
@@ -104,7 +107,7 @@ while [[ $# -gt 0 ]]; do
     --preset) preset="$2"; shift 2 ;;
     --hedrl-home) hedrl_home="$2"; shift 2 ;;
     --kit-dir) kit_dir="$2"; shift 2 ;;
-    --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics)
+    --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics|--max-param-count)
       node_opts+=("${1#--}=$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "provision.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
@@ -161,6 +164,7 @@ DEFAULTS = {
     "max-rounds": 100000,
     "refusal-budget": 3,
     "report-metrics": False,
+    "max-param-count": 200000,
 }
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -53,30 +55,39 @@ def reply_metrics(
 DIAGNOSTICS = ("pg_loss", "v_loss", "entropy", "approx_kl", "clipfrac")
 
 
-def diagnostics_path(state_dir: Path, index: int) -> Path:
-    """``<state-dir>/diagnostics-p<index>.jsonl`` (state-dir: the participant's
-    own configuration: its node config deployed, keys-dir in simulation)."""
-    return state_dir / f"diagnostics-p{index}.jsonl"
+def diagnostics_path(state_dir: Path, fingerprint: str, index: int) -> Path:
+    """``<state-dir>/diagnostics-<key fingerprint[:16]>-p<index>.jsonl`` (one
+    file per key; state-dir: the participant's own configuration, its node
+    config deployed, keys-dir in simulation)."""
+    return state_dir / f"diagnostics-{fingerprint[:16]}-p{index}.jsonl"
 
 
-def write_diagnostics(
-    state_dir: Path, index: int, t: int, stats: Mapping[str, Any]
-) -> None:
+def _finite(value: Any) -> float | None:
+    x = float(value)
+    return x if math.isfinite(x) else None
+
+
+def write_diagnostics(path: Path, index: int, t: int, stats: Mapping[str, Any]) -> None:
     """Append one round's PPO statistics (of the last minibatch) and rollout
-    counts to the participant's diagnostics file. Never sent to anyone; a
-    failure to write is logged, never fatal."""
-    episodes = int(stats.get("episodes", 0))
-    row: dict[str, Any] = {
-        "round": t,
-        "env_steps": int(stats.get("env_steps", 0)),
-        "episodes": episodes,
-        "return_mean": float(stats.get("return_sum", 0.0)) / episodes
-        if episodes
-        else None,
-        **{k: float(stats[f"train/{k}"]) for k in DIAGNOSTICS if f"train/{k}" in stats},
-    }
+    counts to the participant's diagnostics file (mode 0600; non-finite values
+    as null). Never sent to anyone; a failure to write is logged, never fatal."""
     try:
-        with open(diagnostics_path(state_dir, index), "a") as fh:
+        episodes = int(stats.get("episodes", 0))
+        row: dict[str, Any] = {
+            "round": t,
+            "env_steps": int(stats.get("env_steps", 0)),
+            "episodes": episodes,
+            "return_mean": _finite(stats.get("return_sum", 0.0)) / episodes
+            if episodes and _finite(stats.get("return_sum", 0.0)) is not None
+            else None,
+            **{
+                k: _finite(stats[f"train/{k}"])
+                for k in DIAGNOSTICS
+                if f"train/{k}" in stats
+            },
+        }
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with os.fdopen(fd, "a") as fh:
             fh.write(json.dumps(row) + "\n")
-    except OSError as exc:
+    except Exception as exc:  # noqa: BLE001 (diagnostics never fail a message)
         log.warning("hedrl: participant %d: diagnostics not written (%s)", index, exc)

@@ -23,7 +23,11 @@ from flwr.app import ConfigRecord, Context, RecordDict
 from participants.final import confirm, final
 from participants.guard import Guard, OutOfOrder, Terminal
 from participants.learner import GradientSource, Learner, clip_and_scale
-from participants.metrics import reply_metrics, write_diagnostics
+from participants.metrics import (
+    diagnostics_path,
+    reply_metrics,
+    write_diagnostics,
+)
 from participants.state import initial_state, refresh, refresh_into
 from participants.trust import Trust
 from participants.twin import (
@@ -88,6 +92,7 @@ class Node:
         self.learner = Learner(
             self.cfg, self.index, gradients, salt=self.trust.seed_salt
         )
+        self.trust.admit_layout(self.learner.layout.size)
         self.guard: Guard | None = None
         self.timings["node"] = time.perf_counter() - t0
 
@@ -316,7 +321,8 @@ class Node:
             )
             TwinStore(guard.stem).save(snapshots)
             guard.accept_theta(theta, t, digest(theta_in.chunks))
-        write_diagnostics(self.trust.state_dir, self.index, t, self._stats)
+        path = diagnostics_path(self.trust.state_dir, fp, self.index)
+        write_diagnostics(path, self.index, t, self._stats)
         # the learner moves on only with an accepted message: Flower keeps the
         # context of a failed one too, and a refusal's cause must not show later
         self.context.state[STATE_KEY] = ConfigRecord({"blob": saved})

@@ -56,6 +56,9 @@ NODE_DEFAULTS: dict[str, Any] = {
     "max-rounds": 100_000,
     "refusal-budget": 3,
     "report-metrics": False,
+    # the policy size a run config may ask for (hidden-sizes, env-id): each
+    # parameter costs ciphertext traffic and ~1 kB of kept twin snapshots
+    "max-param-count": 200_000,
 }
 
 
@@ -88,6 +91,8 @@ class Trust:
     """Create the key if it is missing (simulation, for the run's own key)."""
     seed_salt: tuple[int, ...] = ()
     """Mixed into the rollout seeds (deployment: :func:`rollout_salt`)."""
+    max_param_count: int = NODE_DEFAULTS["max-param-count"]
+    """Largest policy (parameters) a run config may make this participant train."""
     min_updates: int = 1
     """Fewest updates a step may sum (a step of one update would put that
     participant's gradient into the released policy)."""
@@ -156,6 +161,7 @@ class Trust:
             refusal_budget=get("refusal-budget", int),
             report_metrics=get("report-metrics", bool),
             federation_size=get("federation-size", int),
+            max_param_count=get("max-param-count", int),
             deployed=True,
             seed_salt=rollout_salt(key_path),
             min_updates=get("min-updates", int)
@@ -181,6 +187,17 @@ class Trust:
             federation_size=1,
             deployed=True,
         )
+
+    def admit_layout(self, size: int) -> None:
+        """Refuse, before anything is decrypted and with nothing charged, a
+        policy of more than max-param-count parameters (the run config's
+        hidden-sizes and env-id set its size)."""
+        if size > self.max_param_count:
+            raise ConfigError(
+                f"the run config's policy has {size} parameters, above this "
+                f"participant's max-param-count {self.max_param_count} (node config): "
+                "use smaller hidden-sizes, or raise max-param-count"
+            )
 
     def admit_run(self, cfg: RunConfig) -> None:
         """Refuse a run config whose honest steps this participant's bound
@@ -216,6 +233,7 @@ class Trust:
             ("refusal-budget", self.refusal_budget),
             ("federation-size", self.federation_size),
             ("min-updates", self.min_updates),
+            ("max-param-count", self.max_param_count),
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, received {value}")

@@ -187,13 +187,14 @@ class RunConfig:
     def hidden(self) -> tuple[int, ...]:
         """hidden-sizes parsed (ConfigError if it is not 1–3 widths in 1–512)."""
         try:
-            sizes = tuple(int(x) for x in self.hidden_sizes.split(","))
+            ok = len(self.hidden_sizes) <= 32 and self.hidden_sizes.isascii()
+            sizes = tuple(int(x) for x in (self.hidden_sizes if ok else "").split(","))
         except ValueError:
             sizes = ()
         if not 1 <= len(sizes) <= 3 or not all(1 <= n <= 512 for n in sizes):
             raise ConfigError(
                 "hidden-sizes: expected 1-3 comma-separated widths in 1..512, "
-                f"e.g. '64,64', received {self.hidden_sizes!r}"
+                f"e.g. '64,64', received {self.hidden_sizes[:40]!r}"
             )
         return sizes
 

@@ -220,6 +220,26 @@ def test_bad_stage_timing_rejects_reply_before_ciphertexts(plain, ps, value):
         )
 
 
+@pytest.mark.parametrize(("episodes", "ret"), [(0, 1e6), (0, -0.5), (2, 2.1e6)])
+def test_a_return_without_its_episodes_rejects_the_reply(plain, episodes, ret):
+    """A reply with no episodes carries no return (one such reply would set the
+    round's mean return alone); with some, at most 1e6 per episode."""
+    metrics = {"episodes": episodes, "return-sum": ret, "env-steps": 4}
+    content = RecordDict({msg.METRICS: ConfigRecord(metrics)})
+    with pytest.raises(
+        ReplyRejected, match=r"participant 7: metrics field 'return-sum'"
+    ):
+        parse_reply(
+            content,
+            t=2,
+            node=7,
+            masks=None,
+            be=plain,
+            expect=lambda *a, **k: None,
+            squares=False,
+        )
+
+
 def test_participant_stages_are_the_slowest_reply_per_stage():
     """Per stage the maximum over replies; busy is the largest per-reply sum;
     replies without timings (or none at all) add nothing."""

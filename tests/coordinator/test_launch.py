@@ -75,7 +75,7 @@ def test_presets_by_name_or_file_and_strings_survive_toml(tmp_path):
     own = tmp_path / "mine.toml"
     own.write_text("lr = 0.001\n")
     assert launch.preset_path(str(own)) == own
-    tricky = {"run-name": 'a "quoted" \\ name ü\n', "anneal-lr": False, "lr": 1e-05}
+    tricky = {"run-name": 'a "quoted" \\ name ü🚀\n', "anneal-lr": False, "lr": 1e-05}
     path = launch.write_config(tmp_path / "t.toml", tricky)
     assert tomllib.loads(path.read_text()) == tricky
 

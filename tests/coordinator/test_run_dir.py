@@ -138,3 +138,31 @@ def test_waiting_for_participants_says_how_many_are_connected(monkeypatch, caplo
     with pytest.raises(TimeoutError, match=r"only 2 of 4 .*num-supernodes=4"):
         Grid.calls = 0
         exchange.wait_for_nodes(Grid(), 4, timeout=0.1)
+
+
+def test_run_names_stay_inside_results_dir_and_odd_env_ids_make_one_folder(tmp_path):
+    for name in ("../x", "a/b", "..", "/abs"):
+        with pytest.raises(ConfigError, match="expected a folder name"):
+            run_dir(_cfg(tmp_path, **{"run-name": name}))
+    path = run_dir(_cfg(tmp_path, **{"env-id": "ALE/Pong-v5"}))
+    assert path.parent == tmp_path and path.name.startswith("ALE-Pong-v5-")
+
+
+def test_rows_no_participant_can_send_still_never_end_the_progress(tmp_path):
+    p = Progress(threshold=1.0)
+    for ret, secs in ((1e308, 1.0), (1e308, float("nan")), (float("inf"), 2.0)):
+        p.add(1, _row(ret, round_s=secs))
+    assert p.window == (2, 1e12) and p.eta(1, 3) == "0:02"
+    curve = Curve(tmp_path / "c.png", "a $cost$ run", None)
+    curve.add(1, _row(float("nan")), last=True)
+    curve.add(2, _row(3.0), last=True)
+    assert (tmp_path / "c.png").exists() and not curve.broken
+
+
+def test_unreadable_earlier_rows_are_set_aside_on_resume(tmp_path):
+    rows = ['{"round": 1}', '{"round": Infinity}', "[" * 5000, '{"round": 3}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(rows) + "\n")
+    with open_metrics(tmp_path, 2):
+        pass
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
+    assert len((tmp_path / "metrics.superseded.jsonl").read_text().splitlines()) == 3

@@ -54,6 +54,7 @@ def test_node_toml_holds_the_settings_the_index_and_the_pin(bundles):
             "max-rounds": 100000,
             "refusal-budget": 3,
             "report-metrics": False,
+            "max-param-count": 200000,
         }
         state = bundles / f"participant-{i}" / "state"
         assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700

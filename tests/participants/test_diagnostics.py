@@ -25,10 +25,9 @@ def test_each_participant_writes_its_diagnostics_and_sends_none(tmp_path):
     fed.run()
     state_dir = tmp_path / "keys" / "run-4242"
     for index in range(3):
-        rows = [
-            json.loads(x)
-            for x in diagnostics_path(state_dir, index).read_text().splitlines()
-        ]
+        path = diagnostics_path(state_dir, fed.fingerprint, index)
+        assert path.stat().st_mode & 0o777 == 0o600
+        rows = [json.loads(x) for x in path.read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2, 3]
         for r in rows:  # delta mode: a rollout and E×M updates every round
             assert r["env_steps"] == fed.cfg.num_envs * fed.cfg.num_steps
@@ -48,8 +47,15 @@ def test_each_participant_writes_its_diagnostics_and_sends_none(tmp_path):
 
 
 def test_a_diagnostics_file_that_cannot_be_written_is_not_fatal(tmp_path, caplog):
-    write_diagnostics(tmp_path / "missing", 0, 1, {"env_steps": 4, "episodes": 0})
-    assert "diagnostics not written" in caplog.text
-    write_diagnostics(tmp_path, 2, 1, {})  # a replayed gradient source's bare stats
-    row = json.loads(diagnostics_path(tmp_path, 2).read_text())
-    assert row == {"round": 1, "env_steps": 0, "episodes": 0, "return_mean": None}
+    missing = tmp_path / "missing" / "d.jsonl"
+    write_diagnostics(missing, 0, 1, {"env_steps": 4, "episodes": 0})
+    write_diagnostics(tmp_path / "d.jsonl", 0, 1, {"episodes": "many"})
+    assert caplog.text.count("diagnostics not written") == 2
+    path = diagnostics_path(tmp_path, "ab" * 32, 2)
+    assert path.name == f"diagnostics-{'ab' * 8}-p2.jsonl"
+    write_diagnostics(path, 2, 1, {})  # a replayed gradient source's bare stats
+    nan = {"episodes": 1, "return_sum": float("inf"), "train/approx_kl": float("nan")}
+    write_diagnostics(path, 2, 2, nan)
+    rows = [json.loads(x) for x in path.read_text().splitlines()]
+    assert rows[0] == {"round": 1, "env_steps": 0, "episodes": 0, "return_mean": None}
+    assert rows[1]["return_mean"] is None and rows[1]["approx_kl"] is None

@@ -31,7 +31,9 @@ def test_a_smaller_network_trains_with_its_own_parameter_count(tmp_path, caplog)
     assert f"{fed.param_count} parameters" in caplog.text
 
 
-@pytest.mark.parametrize("bad", ["", "64,", "0", "513", "64,64,64,64", "a,b", "-4"])
+@pytest.mark.parametrize(
+    "bad", ["", "64,", "0", "513", "64,64,64,64", "a,b", "-4", "64,٦٤", "64," * 20]
+)
 def test_impossible_widths_are_refused_naming_the_key(bad):
     with pytest.raises(ConfigError, match="hidden-sizes: expected 1-3"):
         RunConfig.from_mapping({"hidden-sizes": bad})

@@ -148,6 +148,25 @@ def test_malicious_forged_task_and_run_config_do_not_widen_the_bound(attacker):
     assert not (a.tmp / "keys").exists()  # no key directory picked by the task
 
 
+def test_malicious_run_config_cannot_grow_the_policy_past_the_node_cap(
+    attacker, monkeypatch
+):
+    """hidden-sizes 512,512,512 (≈1M parameters) in a deployed participant's
+    run config: refused typed, uncharged and before any decryption, naming the
+    node config's max-param-count; the honest config is served after."""
+    a = attacker
+    victim = a.nodes[1]
+    calls = _decryptions(monkeypatch)
+    a.grid.contexts[victim].run_config["hidden-sizes"] = "512,512,512"
+    reply = a.send(victim, msg.TRAIN, a.train(victim, round_=a.round + 1))
+    assert reply.error.reason.startswith("ConfigError: the run config's policy has ")
+    assert "max-param-count 200000" in reply.error.reason
+    assert calls == [] and a.guard(1).refusals == 0
+    a.grid.contexts[victim].run_config["hidden-sizes"] = "64,64"
+    reply = a.send(victim, msg.TRAIN, a.train(victim, round_=a.round + 1))
+    assert not reply.has_error(), reply.error
+
+
 def _masked_state_message(a: Attacker):
     """A train message of the honest run that carried the masked state."""
     return a.sent(msg.TRAIN, key=msg.state_key("state", "m"))
