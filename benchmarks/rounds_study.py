@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.fidelity_common import PRESETS, TARGETS
+from benchmarks.fidelity_common import PRESETS, TARGETS, load_preset
 from participants.learner import Learner, clip_and_scale
 from protocol.adam import OPTIMIZERS, initial_state, twin_step
 from protocol.config import RunConfig
@@ -223,6 +223,12 @@ def main(argv: list[str] | None = None) -> None:
         help="run the real coordinator and participants under CKKS (in one "
         "process) instead of the float64 twin; the run config's optimiser",
     )
+    ap.add_argument(
+        "--preset",
+        default="",
+        help="start from this benchmarks/presets file's run config (--env must "
+        "match it; --set overrides it)",
+    )
     ap.add_argument("--set", nargs="*", default=[], help="run-config key=value")
     ap.add_argument("--out", default="")
     ap.add_argument("--verbose", action="store_true")
@@ -240,7 +246,10 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.report) as fh:
             print(report([line for line in fh if line.strip()]))
         return
-    raw: dict[str, Any] = dict(kv.split("=", 1) for kv in args.set)
+    raw: dict[str, Any] = load_preset(args.preset)[0] if args.preset else {}
+    if raw.get("env-id", args.env) != args.env:
+        ap.error(f"--preset {args.preset} is for {raw['env-id']}, not --env {args.env}")
+    raw.update(kv.split("=", 1) for kv in args.set)
     raw["env-id"] = args.env
     if args.server:
         raw["optimizer"] = args.server

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from coordinator.curve import Curve
+from coordinator.tboard import Board
 
 if TYPE_CHECKING:
     from coordinator.federation import Federation
@@ -54,6 +55,7 @@ class Progress:
 
     threshold: float | None = None
     curve: Curve | None = None
+    board: Board | None = None
     returns: list[float] = field(default_factory=list)
     round_s: list[float] = field(default_factory=list)
     reached: int | None = None
@@ -66,6 +68,8 @@ class Progress:
         self.round_s.append(_bounded(row["round_s"]) or 0.0)
         if self.curve is not None:
             self.curve.add(t, row)
+        if self.board is not None:
+            self.board.add(t, row, self.last20)
         last = self.last20
         if self.reached is None and None not in (last, self.threshold):
             if last >= self.threshold:  # type: ignore[operator]
@@ -102,7 +106,8 @@ def progress_for(fed: Federation) -> Progress:
     threshold = solve_threshold(fed.cfg.env_id, fed.cfg.stop_return)
     title = f"{fed.cfg.env_id} · {fed.cfg.backend} · {fed.out_dir.name}"
     curve = Curve(fed.out_dir / "learning_curve.png", title, threshold)
-    return Progress(threshold, curve)
+    board = Board(fed.out_dir) if fed.cfg.tensorboard else None
+    return Progress(threshold, curve, board)
 
 
 def log_round(fed: Federation, t: int, row: dict[str, Any], progress: Progress) -> None:
@@ -144,6 +149,8 @@ def summary(
     (and the learning curve's last drawing)."""
     if progress.curve is not None:
         progress.curve.draw()
+    if progress.board is not None:
+        progress.board.close()
     h = fed.history
     ups = [r["crypto/gradient_bytes"] for r in h if r["crypto/gradient_bytes"]]
     slots = fed.n_chunks * fed.params.slots

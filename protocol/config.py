@@ -29,10 +29,8 @@ UNSET: dict[str, float] = {
     "update_epochs": 0,
     "num_minibatches": 0,
 }
-#: ... and those defaults (docs/configuration.md#update-modes): gradient mode is
-#: PPO-FedSGD; delta mode's server step is HE-Adam with a floor of 1 on the
-#: normalised Δ, so small Δ step like server momentum and large ones are capped
-#: (benchmarks/results/rounds.md)
+#: ... and those defaults (docs/configuration.md#update-modes; measured in
+#: benchmarks/results/rounds.md)
 MODE_DEFAULTS: dict[str, dict[str, float]] = {
     "gradient": {"lr": 2e-3, "beta1": 0.9, "update_epochs": 2, "num_minibatches": 2},
     "delta": {
@@ -129,6 +127,8 @@ class RunConfig:
     """Fixed reward scale for learning (returns are logged unscaled)."""
     results_dir: str = "~/.hedrl/results"
     """Where <run-name>/metrics.jsonl goes; relative paths are under ~/.hedrl."""
+    tensorboard: bool = False
+    """Also write TensorBoard event files into the run's folder (extra: tensorboard)."""
     run_name: str = ""
     """Name of the results folder (default: <env id>-<UTC date>-<time>); an
     existing run's folder is refused unless resuming."""

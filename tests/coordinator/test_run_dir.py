@@ -166,3 +166,55 @@ def test_unreadable_earlier_rows_are_set_aside_on_resume(tmp_path):
         pass
     assert (tmp_path / "metrics.jsonl").read_text() == '{"round": 1}\n'
     assert len((tmp_path / "metrics.superseded.jsonl").read_text().splitlines()) == 3
+
+
+def test_tensorboard_events_per_round_when_asked(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import (
+        EventAccumulator,
+    )
+
+    from tests.helpers import local_federation, local_raw
+
+    raw = local_raw(
+        tmp_path,
+        **{
+            "backend": "plain",
+            "num-rounds": 3,
+            "num-participants": 2,
+            "tensorboard": True,
+            "participant-update": "delta",
+            "run-name": "tb",
+        },
+    )
+    fed = local_federation(raw, 91)
+    fed.run()
+    (events,) = fed.out_dir.glob("events.out.tfevents.*")
+    acc = EventAccumulator(str(events))
+    acc.Reload()
+    steps = [e.value for e in acc.Scalars("env/steps")]
+    assert [e.step for e in acc.Scalars("env/steps")] == [1, 2, 3]
+    per_round = 2 * fed.cfg.num_envs * fed.cfg.num_steps  # delta: a rollout each
+    assert steps == [per_round, 2 * per_round, 3 * per_round]
+    assert {"return/mean", "time/round_s", "bytes/up"} <= set(acc.Tags()["scalars"])
+
+
+def test_without_tensorboard_installed_the_run_says_so_once(
+    tmp_path, monkeypatch, caplog
+):
+    import sys
+
+    from coordinator.tboard import Board
+
+    for name in (  # each import fails, even after an earlier test loaded them
+        "tensorboard",
+        "tensorboard.compat.proto.event_pb2",
+        "tensorboard.compat.proto.summary_pb2",
+        "tensorboard.summary.writer.event_file_writer",
+    ):
+        monkeypatch.setitem(sys.modules, name, None)
+    with caplog.at_level(logging.WARNING, logger="flwr.hedrl.coordinator"):
+        board = Board(tmp_path)
+        board.add(1, {"env_steps": 1}, None)
+        board.close()
+    assert caplog.text.count("pip install 'hedrl[tensorboard]'") == 1
+    assert list(tmp_path.iterdir()) == []
