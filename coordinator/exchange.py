@@ -45,18 +45,42 @@ def exchange(
 
 #: seconds between "k of K connected" lines while waiting for participants
 WAIT_REPORT_S = 10.0
+#: a simulation registers all its SuperNodes at once: a count unchanged this
+#: long is all there will be
+SIMULATION_SETTLE_S = 3.0
+
+
+def _simulated(grid: Grid) -> bool:
+    """Flower's simulation hands the ServerApp an in-memory grid."""
+    try:
+        from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+    except ImportError:  # pragma: no cover (another flwr layout)
+        return False
+    return isinstance(grid, InMemoryGrid)
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
     """Wait until ``count`` nodes have registered; return the first ``count`` ids.
-    Says how many are connected every WAIT_REPORT_S seconds while it waits."""
+    Says how many are connected every WAIT_REPORT_S seconds while it waits; in a
+    simulation with fewer SuperNodes than ``count`` it fails once their number
+    has settled, naming the fix."""
     start = time.monotonic()
     deadline, report = start + timeout, start + WAIT_REPORT_S
+    simulated, seen, since = _simulated(grid), -1, start
     while True:
         nodes = sorted(grid.get_node_ids())
         if len(nodes) >= count:
             return nodes[:count]
         now = time.monotonic()
+        if len(nodes) != seen:
+            seen, since = len(nodes), now
+        if simulated and seen > 0 and now - since >= SIMULATION_SETTLE_S:
+            raise TimeoutError(
+                f"this simulation has {seen} SuperNodes for num-participants "
+                f'{count}: pass --federation-config "num-supernodes={count} '
+                f'client-resources-num-cpus=1" to flwr run (hedrl run does), or '
+                f"num-participants={seen}"
+            )
         if now > deadline:
             raise TimeoutError(
                 f"only {len(nodes)} of {count} participants registered within "

@@ -218,3 +218,26 @@ def test_without_tensorboard_installed_the_run_says_so_once(
         board.close()
     assert caplog.text.count("pip install 'hedrl[tensorboard]'") == 1
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_simulation_with_too_few_supernodes_fails_once_their_number_settles(
+    monkeypatch,
+):
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    from coordinator import exchange
+
+    class Simulated(InMemoryGrid):
+        def __init__(self):  # no state: only the node ids are asked for
+            pass
+
+        def get_node_ids(self):
+            return [5, 6]
+
+    monkeypatch.setattr(exchange, "SIMULATION_SETTLE_S", 0.3)
+    start = __import__("time").monotonic()
+    with pytest.raises(
+        TimeoutError, match=r"this simulation has 2 SuperNodes for .*num-supernodes=4"
+    ):
+        exchange.wait_for_nodes(Simulated(), 4, timeout=120)
+    assert __import__("time").monotonic() - start < 5  # not node-wait's 120 s
