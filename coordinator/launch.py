@@ -111,24 +111,29 @@ def merged_config(
     return overrides
 
 
+def check_env_id(env_id: str) -> None:
+    """ConfigError unless gymnasium's registry knows ``env_id`` (with the
+    closest id it knows)."""
+    import gymnasium
+
+    try:
+        gymnasium.spec(env_id)
+    except gymnasium.error.Error:
+        close = difflib.get_close_matches(env_id, list(gymnasium.registry), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(
+            f"env-id {env_id!r} is not a registered gymnasium environment; "
+            f"{hint}(python -c 'import gymnasium; gymnasium.pprint_registry()')"
+        ) from None
+
+
 def check_config(defaults: dict[str, Any], overrides: dict[str, Any]) -> RunConfig:
     """RunConfig's own checks and the env id against gymnasium's registry."""
     try:
         cfg = RunConfig.from_mapping({**defaults, **overrides})
+        check_env_id(cfg.env_id)
     except ConfigError as exc:
         raise LaunchError(str(exc)) from None
-    import gymnasium
-
-    try:
-        gymnasium.spec(cfg.env_id)
-    except gymnasium.error.Error:
-        ids = list(gymnasium.registry)
-        close = difflib.get_close_matches(cfg.env_id, ids, n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise LaunchError(
-            f"env-id {cfg.env_id!r} is not a registered gymnasium environment; "
-            f"{hint}(python -c 'import gymnasium; gymnasium.pprint_registry()')"
-        ) from None
     return cfg
 
 

@@ -6,6 +6,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from coordinator.federation import Federation
+from coordinator.launch import check_env_id
 from protocol.config import RunConfig
 
 app = ServerApp()
@@ -15,4 +16,5 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     """Run one encrypted (or plaintext-twin) federation."""
     cfg = RunConfig.from_mapping(dict(context.run_config))
+    check_env_id(cfg.env_id)  # before any participant is asked for anything
     Federation(grid, cfg, context.run_id).run()

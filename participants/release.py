@@ -210,7 +210,7 @@ def evaluate(
         try:
             from PIL import Image
         except ImportError as exc:
-            raise ValueError("--gif needs Pillow: pip install pillow") from exc
+            raise ValueError("--gif needs Pillow: pip install 'hedrl[gif]'") from exc
     envs = make_envs(
         env_id or info["env_id"],
         1,

@@ -138,3 +138,20 @@ def test_ctrl_c_stops_the_run_and_its_superlink(tmp_path):
     assert proc.returncode == 130, err[-2000:]
     assert "stopping run" in err
     assert _superlinks() <= before
+
+
+def test_the_serverapp_checks_the_env_id_before_asking_anyone(monkeypatch):
+    """flwr run . with a typo'd env id: one ConfigError naming the closest id,
+    before the coordinator waits for or asks any participant."""
+    from types import SimpleNamespace
+
+    from coordinator import server_app
+    from protocol.errors import ConfigError
+
+    def no_federation(*a, **k):
+        raise AssertionError("the federation started")
+
+    monkeypatch.setattr(server_app, "Federation", no_federation)
+    context = SimpleNamespace(run_config={"env-id": "Acrobat-v1"}, run_id=1)
+    with pytest.raises(ConfigError, match="did you mean 'Acrobot-v1'"):
+        server_app.main(None, context)
