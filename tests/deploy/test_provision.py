@@ -223,3 +223,10 @@ def test_submit_with_the_kit_expects_its_fingerprint(bundles, tmp_path):
     )
     assert proc.returncode == 2 and "is not the provisioned" in proc.stderr
     assert not argv_file.exists()
+
+
+def test_rehearse_explains_itself_and_refuses_unknown_arguments():
+    helped = _sh(DEPLOY / "rehearse.sh", "--help")
+    assert helped.returncode == 0 and "--namespaces" in helped.stdout
+    bad = _sh(DEPLOY / "rehearse.sh", "--round", "3")
+    assert bad.returncode == 2 and "unknown argument --round" in bad.stderr
