@@ -3,7 +3,6 @@ the benchmarks; flwr run takes either with ``--run-config FILE``."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import tomllib
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from flwr.common.config import parse_config_args
 
 from protocol.config import RunConfig
+from tests.deploy.fakes import fake_flwr
 
 REPO = Path(__file__).resolve().parents[2]
 PRESETS = sorted((REPO / "deploy" / "presets").glob("*.toml")) + sorted(
@@ -62,13 +62,7 @@ def test_preset_holds_only_run_config_keys(preset: Path):
 
 def test_submit_puts_the_preset_before_the_overrides(tmp_path: Path):
     """--preset becomes its own --run-config ahead of the user's, so theirs win."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    argv_file = tmp_path / "argv"
-    fake = bin_dir / "flwr"  # records its arguments instead of submitting
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env, argv_file = fake_flwr(tmp_path)
     preset = REPO / "deploy" / "presets" / "cartpole-fast.toml"
     proc = subprocess.run(
         [

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.deploy.fakes import fake_flwr
 from tests.deploy.pin import app_pin
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,13 +197,7 @@ def test_each_kit_starts_its_own_host_from_its_own_directory(bundles, tmp_path):
 
 
 def test_submit_with_the_kit_expects_its_fingerprint(bundles, tmp_path):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    argv_file = tmp_path / "argv"
-    fake = bin_dir / "flwr"  # records its arguments instead of submitting
-    fake.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {argv_file}\n')
-    fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env, argv_file = fake_flwr(tmp_path)
     kit = bundles / "coordinator"
     proc = _sh(
         DEPLOY / "submit.sh",
