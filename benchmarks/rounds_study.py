@@ -189,7 +189,9 @@ def report(lines: list[str]) -> str:
     for line in lines:
         d = json.loads(line)
         kv = dict(item.split("=", 1) for item in d["set"])
-        mode = kv.pop("participant-update", "gradient")
+        mode = kv.pop("participant-update", d.get("update", "gradient"))
+        if d.get("preset"):
+            kv = {"preset": d["preset"], **kv}
         rounds = [r["rounds"] for r in d["runs"]]
         steps = [r["env_steps"] for r in d["runs"] if r["env_steps"]]
         med = d["median_rounds"]
@@ -277,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
         "server": RunConfig.from_mapping(raw).optimizer,
         "encrypted": args.encrypted,
         "set": args.set,
+        "preset": args.preset,
+        "update": RunConfig.from_mapping(raw).participant_update,
         "median_rounds": float(np.median(solved)) if len(solved) == len(rows) else None,
         "solved": len(solved),
         "stable": sum(r["stable"] for r in rows),
