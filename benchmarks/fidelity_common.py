@@ -31,6 +31,8 @@ VARIANTS = {
     "exact": {"backend": "plain", "optimizer": "exact-adam"},
 }
 TRACE_ROUNDS = 20
+#: run-config keys of a preset that change what a run shows, not what it learns
+DISPLAY_KEYS = frozenset({"solve-threshold", "tensorboard"})
 # a stopped run loses at most this many rounds (a checkpoint of the 9k-parameter
 # policies is a few hundred kB; writing it costs a few ms)
 CHECKPOINT_EVERY = 250
@@ -179,6 +181,10 @@ def stale(path: Path, env: str, extra: dict[str, Any] | None = None) -> str | No
     used = json.loads(path.read_text()).get("preset")
     if used is None:
         return "no preset recorded"
+    # keys that change what a run shows, not what it learns
+    used, current = (
+        {k: v for k, v in d.items() if k not in DISPLAY_KEYS} for d in (used, current)
+    )
     if used != current:
         keys = sorted(
             k for k in set(used) | set(current) if used.get(k) != current.get(k)

@@ -21,9 +21,12 @@ log = logging.getLogger("flwr.hedrl.coordinator")
 LAST_N = 20
 
 
-def solve_threshold(env_id: str, stop_return: float) -> float | None:
-    """The return an env counts as solved at: gymnasium's ``reward_threshold``
-    for the env id, else ``stop-return`` when set, else None."""
+def solve_threshold(env_id: str, stop_return: float, own: float = 0.0) -> float | None:
+    """The return an env counts as solved at: the run config's solve-threshold
+    if set, else gymnasium's ``reward_threshold`` for the env id, else
+    ``stop-return`` when set, else None."""
+    if own != 0.0:
+        return own
     try:
         import gymnasium
 
@@ -103,7 +106,8 @@ class Progress:
 
 def progress_for(fed: Federation) -> Progress:
     """The run's progress, with its learning_curve.png."""
-    threshold = solve_threshold(fed.cfg.env_id, fed.cfg.stop_return)
+    cfg = fed.cfg
+    threshold = solve_threshold(cfg.env_id, cfg.stop_return, cfg.solve_threshold)
     title = f"{fed.cfg.env_id} · {fed.cfg.backend} · {fed.out_dir.name}"
     curve = Curve(fed.out_dir / "learning_curve.png", title, threshold)
     board = Board(fed.out_dir) if fed.cfg.tensorboard else None

@@ -63,6 +63,8 @@ class RunConfig:
     """Rounds (= HE-Adam steps) to run at most."""
     stop_return: float = 0.0
     """Stop when the last-20 non-null return_mean mean reaches this (0: never)."""
+    solve_threshold: float = 0.0
+    """The return counted as solved (curve, summary; 0: gymnasium's for the env)."""
     seed: int = 0
     """Root seed: θ0 and every participant's environments derive from it."""
     participant_update: str = "gradient"
@@ -93,9 +95,8 @@ class RunConfig:
     A floor above the updates' squares makes small updates step like server
     momentum, lr/√δ per unit, while large ones stay normalised."""
     rsqrt_a: float = 3.0
-    """HE-Adam's constant A in r' = r·(A − P)/((A − 1)·√β2): 3 = one Newton step
-    (exact for small gradients, 29 % low right after a spike); 4.16 bounds the
-    error by 3.4 % for every clipped gradient. Same cost; in [3, 6]."""
+    """HE-Adam's A in r' = r·(A − P)/((A − 1)·√β2), in [3, 6]: 3 = one Newton step
+    (29 % low right after a spike); 4.16 bounds the error by 3.4 % (same cost)."""
     clip_bound: float = 0.1
     """Per-layer element-wise gradient clip G; participants send clip(g, ±G)/G."""
     layer_bounds: str = ""
@@ -148,9 +149,8 @@ class RunConfig:
     unmask, HE-Adam): -1 = one per core, up to the chunk count and 8 (none on a
     single core or for a single chunk); 0 = in the ServerApp's process."""
     retain_freed_memory: bool = True
-    """Keep freed large allocations in the coordinator's and participants'
-    processes for reuse instead of faulting fresh pages in every round (glibc
-    mallopt; :mod:`protocol.memory`)."""
+    """Keep freed large allocations for reuse instead of faulting fresh pages in
+    every round, in coordinator and participants (:mod:`protocol.memory`)."""
     round_timeout: float = 600.0
     """Seconds to wait for replies in one exchange."""
     node_wait: float = 120.0

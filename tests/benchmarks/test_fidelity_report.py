@@ -127,3 +127,16 @@ def test_mean_curve_interpolates_onto_the_first_runs_rounds():
     want = np.array([[0.0, 1.0], [10.0, 12.0], [20.0, 27.0]])
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-12)
     assert mean_curve([]).shape == (0, 2)
+
+
+def test_display_only_keys_leave_a_result_current(out, tmp_path):
+    """solve-threshold and tensorboard change what a run shows, not what it
+    learns: adding them to a preset keeps its results in the table."""
+    presets = fidelity_common.PRESETS
+    (presets / "toy.toml").write_text(
+        'env-id = "Toy-v0"\nlr = 0.001\nsolve-threshold = 90.0\ntensorboard = true\n'
+    )
+    result = next((tmp_path / "fidelity" / "toy").glob("*.json"))
+    assert fidelity_common.stale(result, "toy") is None
+    (presets / "toy.toml").write_text('env-id = "Toy-v0"\nlr = 0.002\n')
+    assert "lr 0.001 -> 0.002" in fidelity_common.stale(result, "toy")

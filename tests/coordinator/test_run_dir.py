@@ -241,3 +241,9 @@ def test_a_simulation_with_too_few_supernodes_fails_once_their_number_settles(
     ):
         exchange.wait_for_nodes(Simulated(), 4, timeout=120)
     assert __import__("time").monotonic() - start < 5  # not node-wait's 120 s
+
+
+def test_the_run_configs_solve_threshold_comes_first():
+    assert solve_threshold("Pendulum-v1", 0.0, -200.0) == -200.0
+    assert solve_threshold("CartPole-v1", 0.0, 300.0) == 300.0
+    assert solve_threshold("CartPole-v1", 195.0, 0.0) == 475.0
