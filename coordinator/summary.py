@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import statistics
@@ -110,8 +111,27 @@ def progress_for(fed: Federation) -> Progress:
     threshold = solve_threshold(cfg.env_id, cfg.stop_return, cfg.solve_threshold)
     title = f"{fed.cfg.env_id} · {fed.cfg.backend} · {fed.out_dir.name}"
     curve = Curve(fed.out_dir / "learning_curve.png", title, threshold)
-    board = Board(fed.out_dir) if fed.cfg.tensorboard else None
-    return Progress(threshold, curve, board)
+    progress = Progress(threshold, curve)
+    # a resumed run's returns and curve start where the resumed one's stood
+    for row in earlier_rows(fed.out_dir / "metrics.jsonl", fed.start_round):
+        progress.add(int(row["round"]), row)
+    progress.board = Board(fed.out_dir) if fed.cfg.tensorboard else None
+    return progress
+
+
+def earlier_rows(path: Path, upto: int) -> list[dict[str, Any]]:
+    """The readable rows of rounds ≤ ``upto`` in a metrics.jsonl (none if 0)."""
+    if upto <= 0 or not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+            if 0 < int(row["round"]) <= upto:
+                rows.append({**row, "round_s": row.get("round_s") or 0.0})
+        except Exception:  # noqa: BLE001 (a damaged row is skipped)
+            continue
+    return rows
 
 
 def log_round(fed: Federation, t: int, row: dict[str, Any], progress: Progress) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -290,3 +291,35 @@ def test_minority_refusal_does_not_stall_training(tmp_path):
         assert rec["stepped"] and rec["participants"] == 2
         assert not rec.get("rolled_back")
     assert len({b"".join(th) for th in thetas}) == 4  # θ moved every round
+
+
+def test_resuming_into_the_same_folder_keeps_one_history(tmp_path):
+    """A crashed run resumed under its own run-name: metrics.jsonl reads rounds
+    1..5 once (the crashed attempt's rounds after the checkpoint set aside in
+    metrics.superseded.jsonl), and the resumed run's progress counts the
+    returns of the rounds before it."""
+    raw = _raw(tmp_path, **{"run-name": "same", "backend": "plain"})
+
+    def die(t: int, fed: Federation) -> None:
+        if t == 3:
+            raise Killed("ServerApp killed after round 3")
+
+    with pytest.raises(Killed):
+        local_federation(raw, RUN_ID, on_round=die).run()
+    folder = tmp_path / "results" / "same"
+    first = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in first] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="already holds a run"):
+        local_federation(raw, RUN_ID + 1)  # the same name without resume-from
+    ckpt = folder / "checkpoint.npz"
+    fed = local_federation({**raw, "resume-from": str(ckpt)}, RUN_ID + 1)
+    summary = fed.run()
+    rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3, 4, 5]
+    assert rows[0] == first[0]  # kept as written
+    aside = (folder / "metrics.superseded.jsonl").read_text().splitlines()
+    assert [json.loads(x)["round"] for x in aside] == [2, 3]
+    returns = [r["return_mean"] for r in rows if r["return_mean"] is not None]
+    assert summary["final_return_mean_last20"] == pytest.approx(
+        sum(returns) / len(returns)
+    )
