@@ -215,8 +215,8 @@ def read_metrics(
             missing = next(k for k in EPISODE_METRICS if k not in metrics)
             raise bad(missing, f"it beside {present[0]!r} (both or neither)")
         episodes = _count(metrics, "episodes")
-        if episodes is None:
-            raise bad("episodes", counts)
+        if episodes is None or episodes > env_steps:  # an episode takes a step
+            raise bad("episodes", f"{counts}, at most env-steps ({env_steps})")
         # no episodes, no return: one reply must not move the round's mean
         limit = MAX_ABS_RETURN_PER_EPISODE * episodes
         return_sum = _number(metrics["return-sum"])

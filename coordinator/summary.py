@@ -127,8 +127,17 @@ def earlier_rows(path: Path, upto: int) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            if 0 < int(row["round"]) <= upto:
-                rows.append({**row, "round_s": row.get("round_s") or 0.0})
+            ret = row["return_mean"]
+            usable = ret is None or _bounded(ret) is not None
+            if 0 < int(row["round"]) <= upto and usable:
+                rows.append(
+                    {
+                        "return_mean": None if ret is None else _bounded(ret),
+                        "env_steps": max(0, int(row["env_steps"])),
+                        "round_s": _bounded(row.get("round_s")) or 0.0,
+                        "round": int(row["round"]),
+                    }
+                )
         except Exception:  # noqa: BLE001 (a damaged row is skipped)
             continue
     return rows

@@ -84,6 +84,8 @@ coordinator):
   --max-param-count N       largest policy (parameters) a run config may ask
                             for through hidden-sizes and env-id (default:
                             200000; the default 64,64 network has ~9-10k)
+  --max-rollout-steps N     most environment steps per rollout (num-envs x
+                            num-steps) a run config may ask for (default: 65536)
 
 Needs: openssl, ssh-keygen, hedrl-keygen and flwr (pip install -e . in the repo).
 EOF
@@ -107,13 +109,27 @@ while [[ $# -gt 0 ]]; do
     --preset) preset="$2"; shift 2 ;;
     --hedrl-home) hedrl_home="$2"; shift 2 ;;
     --kit-dir) kit_dir="$2"; shift 2 ;;
-    --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics|--max-param-count)
+    --state-dir|--theta-step-bound|--max-round-gap|--max-rounds|--refusal-budget|--report-metrics|--max-param-count|--max-rollout-steps)
       node_opts+=("${1#--}=$2"); shift 2 ;;
     -h|--help) usage; exit 0 ;;
     *) echo "provision.sh: unknown argument $1 (see --help)" >&2; exit 2 ;;
   esac
 done
 [[ -n "$out" ]] || { echo "provision.sh: --out is required" >&2; exit 2; }
+# these values are written into the kits' start scripts and systemd units:
+# plain host names, addresses and paths only
+host_re='^[A-Za-z0-9]([A-Za-z0-9.:-]*[A-Za-z0-9])?$'
+for h in "${hosts[@]}"; do
+  [[ "$h" =~ $host_re ]] || {
+    echo "provision.sh: --coordinator-host '$h': expected a host name or IP address (letters, digits, '.', ':', '-')" >&2
+    exit 2; }
+done
+path_re='^/[A-Za-z0-9._/+-]*$'
+for v in "$hedrl_home" "$kit_dir"; do
+  [[ "$v" =~ $path_re ]] || {
+    echo "provision.sh: '$v': --hedrl-home and --kit-dir must be absolute paths of letters, digits and . _ / + -" >&2
+    exit 2; }
+done
 [[ "$n" =~ ^[1-9][0-9]*$ ]] || { echo "provision.sh: --participants must be >= 1" >&2; exit 2; }
 [[ -f "$app/pyproject.toml" ]] || { echo "provision.sh: --app $app holds no pyproject.toml" >&2; exit 2; }
 for tool in openssl ssh-keygen hedrl-keygen python; do
@@ -165,6 +181,7 @@ DEFAULTS = {
     "refusal-budget": 3,
     "report-metrics": False,
     "max-param-count": 200000,
+    "max-rollout-steps": 65536,
 }
 
 
@@ -296,7 +313,8 @@ kit() {
     echo "# Extra arguments go to deploy/$script (see its --help)."
     echo 'set -euo pipefail'
     echo 'kit="$(cd "$(dirname "$0")" && pwd)"'
-    echo "exec \"\${HEDRL_HOME:-$hedrl_home}/deploy/$script\" ${args//@KIT@/\"\$kit\"} \"\$@\""
+    printf 'exec "${HEDRL_HOME:-%s}/deploy/%s" %s "$@"\n' \
+      "$hedrl_home" "$script" "${args//@KIT@/\"\$kit\"}"
   } >"$start"
   chmod 0755 "$start"
   cat >"$out/$name/$unit.service" <<EOS
@@ -322,6 +340,11 @@ EOS
 if [[ -f "$out/coordinator/server.crt" ]]; then
   superlink_host="$(openssl x509 -in "$out/coordinator/server.crt" -noout -subject \
     | sed -n 's/.*CN *= *//p')"
+  [[ "$superlink_host" =~ $host_re ]] || {
+    echo "provision.sh: the SuperLink certificate's CN '$superlink_host' is no plain host name: no start scripts written (re-provision without --keys-only)" >&2
+    superlink_host=""; }
+fi
+if [[ -n "${superlink_host:-}" ]]; then
   kit coordinator hedrl-superlink "the coordinator's SuperLink" superlink.sh \
     "--bundle @KIT@ --database @KIT@/superlink.db"
   for ((i = 0; i < n; i++)); do

@@ -67,6 +67,12 @@ while [[ $# -gt 0 ]]; do
 done
 [[ -n "$conn" && -n "$results" ]] || { echo "submit.sh: --connection and --results-dir are required" >&2; exit 2; }
 [[ "$results" == /* ]] || { echo "submit.sh: --results-dir must be absolute (the ServerApp runs elsewhere)" >&2; exit 2; }
+# both go into a run-config string between quotes
+for v in "$results" "$run_name"; do
+  [[ "$v" =~ ^[A-Za-z0-9._/+-]+$ ]] || {
+    echo "submit.sh: '$v': --results-dir and --run-name take letters, digits and . _ / + - only" >&2
+    exit 2; }
+done
 
 # A preset goes in its own --run-config (flwr applies them in order, later
 # ones win; flwr refuses a .toml file next to key=value pairs, and a key given
@@ -118,8 +124,10 @@ own="results-dir='$results' run-name='$run_name'"
 [[ -n "$fingerprint" ]] && own+=" expect-fingerprint='$fingerprint'"
 
 cd "$app"
-flwr run . "$conn" --stream "${preset_cfg[@]}" \
-  --run-config "$own $extra" "${rest[@]}"
+# the script's own values go last: flwr applies --run-config in order, so
+# nothing passed through after -- can drop the kit's expect-fingerprint
+flwr run . "$conn" --stream "${preset_cfg[@]}" ${extra:+--run-config "$extra"} \
+  "${rest[@]}" --run-config "$own"
 
 run_dir="$results/$run_name"
 if [[ ! -f "$run_dir/metrics.jsonl" ]]; then

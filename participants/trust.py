@@ -45,6 +45,8 @@ def auto_bound(cfg: RunConfig) -> float:
 
 
 KEY_FILE = "participant.ctx"
+#: a simulation's resource caps: none (the user is every party)
+UNCAPPED = 2**62
 #: what Flower's simulation puts in a node config (nothing else: a deployment's)
 SIMULATION_NODE_KEYS = frozenset({"partition-id", "num-partitions"})
 
@@ -59,6 +61,8 @@ NODE_DEFAULTS: dict[str, Any] = {
     # the policy size a run config may ask for (hidden-sizes, env-id): each
     # parameter costs ciphertext traffic and ~1 kB of kept twin snapshots
     "max-param-count": 200_000,
+    # environment steps per rollout (num-envs × num-steps) a run config may ask for
+    "max-rollout-steps": 65_536,
 }
 
 
@@ -92,7 +96,10 @@ class Trust:
     seed_salt: tuple[int, ...] = ()
     """Mixed into the rollout seeds (deployment: :func:`rollout_salt`)."""
     max_param_count: int = NODE_DEFAULTS["max-param-count"]
-    """Largest policy (parameters) a run config may make this participant train."""
+    """Largest policy (parameters) a run config may make this participant train
+    (simulation: no cap, one user plays every part)."""
+    max_rollout_steps: int = NODE_DEFAULTS["max-rollout-steps"]
+    """Most environment steps per rollout a run config may ask for."""
     min_updates: int = 1
     """Fewest updates a step may sum (a step of one update would put that
     participant's gradient into the released policy)."""
@@ -121,6 +128,8 @@ class Trust:
             report_metrics=cfg.report_metrics,
             federation_size=cfg.num_participants,
             min_updates=cfg.min_participants_for(cfg.num_participants),
+            max_param_count=UNCAPPED,
+            max_rollout_steps=UNCAPPED,
             deployed=False,
             may_provision=own,
         )
@@ -162,6 +171,7 @@ class Trust:
             report_metrics=get("report-metrics", bool),
             federation_size=get("federation-size", int),
             max_param_count=get("max-param-count", int),
+            max_rollout_steps=get("max-rollout-steps", int),
             deployed=True,
             seed_salt=rollout_salt(key_path),
             min_updates=get("min-updates", int)
@@ -206,6 +216,13 @@ class Trust:
         whether a relayed step crossed the bound would depend on the sealed
         updates' values, and a coordinator that dials lr_t could read their
         magnitudes from charged refusals (docs/threat-model.md)."""
+        steps = cfg.num_envs * cfg.num_steps
+        if steps > self.max_rollout_steps:
+            raise ConfigError(
+                f"run config asks for rollouts of {steps} environment steps "
+                f"(num-envs × num-steps), above this participant's max-rollout-steps "
+                f"{self.max_rollout_steps} (node config)"
+            )
         k, f = cfg.num_participants, self.federation_size
         if k < f:
             raise ConfigError(
@@ -234,6 +251,7 @@ class Trust:
             ("federation-size", self.federation_size),
             ("min-updates", self.min_updates),
             ("max-param-count", self.max_param_count),
+            ("max-rollout-steps", self.max_rollout_steps),
         ):
             if value < 1:
                 raise ConfigError(f"{key} must be >= 1, received {value}")

@@ -220,15 +220,21 @@ def test_bad_stage_timing_rejects_reply_before_ciphertexts(plain, ps, value):
         )
 
 
-@pytest.mark.parametrize(("episodes", "ret"), [(0, 1e6), (0, -0.5), (2, 2.1e6)])
-def test_a_return_without_its_episodes_rejects_the_reply(plain, episodes, ret):
+@pytest.mark.parametrize(
+    ("episodes", "ret", "field"),
+    [
+        (0, 1e6, "return-sum"),
+        (0, -0.5, "return-sum"),
+        (2, 2.1e6, "return-sum"),
+        (10**9, 1e15, "episodes"),
+    ],  # more episodes than the 4 env steps
+)
+def test_a_return_without_its_episodes_rejects_the_reply(plain, episodes, ret, field):
     """A reply with no episodes carries no return (one such reply would set the
     round's mean return alone); with some, at most 1e6 per episode."""
     metrics = {"episodes": episodes, "return-sum": ret, "env-steps": 4}
     content = RecordDict({msg.METRICS: ConfigRecord(metrics)})
-    with pytest.raises(
-        ReplyRejected, match=r"participant 7: metrics field 'return-sum'"
-    ):
+    with pytest.raises(ReplyRejected, match=rf"participant 7: metrics field '{field}'"):
         parse_reply(
             content,
             t=2,

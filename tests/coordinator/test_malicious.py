@@ -182,7 +182,11 @@ METRICS_ATTACKS: Plan = {
     ("train", 13, 1000): forge_metrics(episodes=None, return_sum=None),
 }
 METRICS_ERRORS = {
-    2: ("1001", "'episodes': expected an integer in [0, 1000000000], received inf"),
+    2: (
+        "1001",
+        "'episodes': expected an integer in [0, 1000000000], at most env-steps "
+        "(0), received inf",
+    ),
     3: ("1002", "'return-sum': expected a number with |value| ≤"),
     4: ("1000", "'env-steps': expected an integer in [0, 1000000000], received no"),
     5: ("1001", "'return-sum': expected it beside 'episodes' (both or neither)"),

@@ -247,3 +247,25 @@ def test_the_run_configs_solve_threshold_comes_first():
     assert solve_threshold("Pendulum-v1", 0.0, -200.0) == -200.0
     assert solve_threshold("CartPole-v1", 0.0, 300.0) == 300.0
     assert solve_threshold("CartPole-v1", 195.0, 0.0) == 475.0
+
+
+def test_earlier_rows_keep_only_what_progress_can_take(tmp_path):
+    from coordinator.summary import earlier_rows
+
+    rows = [
+        {"round": 1, "return_mean": 0.0, "env_steps": 4, "round_s": 1.0},
+        {"round": 2},
+        {"round": 3, "return_mean": "12", "env_steps": 4},
+        {"round": 4, "return_mean": float("nan"), "env_steps": 4},
+        {"round": 5, "return_mean": None, "env_steps": -3, "round_s": None},
+        {"round": 9, "return_mean": 1.0, "env_steps": 4},
+    ]
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+    kept = earlier_rows(path, 5)
+    assert [r["round"] for r in kept] == [1, 3, 5]
+    assert kept[1]["return_mean"] == 12.0 and kept[2]["env_steps"] == 0
+    p = Progress(1.0)
+    for r in kept:
+        p.add(r["round"], r)
+    assert p.window == (2, 6.0)

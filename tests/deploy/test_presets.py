@@ -88,7 +88,7 @@ def test_submit_puts_the_preset_before_the_overrides(tmp_path: Path):
     argv = argv_file.read_text().splitlines()
     assert argv[:4] == ["run", ".", "hedrl", "--stream"], argv
     configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--run-config"]
-    assert len(configs) == 2, argv
+    assert len(configs) == 3, argv  # preset, the user's, submit.sh's own
     fused = parse_config_args(configs)  # Flower's own parser, in flwr run's order
     data = tomllib.loads(preset.read_text())
     assert fused["lr"] == 0.001 != data["lr"]

@@ -9,6 +9,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from flwr.common.config import parse_config_args
 
 from tests.deploy.fakes import fake_flwr
 from tests.deploy.pin import app_pin
@@ -56,6 +57,7 @@ def test_node_toml_holds_the_settings_the_index_and_the_pin(bundles):
             "refusal-budget": 3,
             "report-metrics": False,
             "max-param-count": 200000,
+            "max-rollout-steps": 65536,
         }
         state = bundles / f"participant-{i}" / "state"
         assert state.is_dir() and state.stat().st_mode & 0o777 == 0o700
@@ -93,6 +95,32 @@ def test_bad_settings_are_refused_before_anything_is_written(tmp_path, flag, val
     assert proc.returncode == 2
     assert proc.stderr.startswith(f"provision.sh: {flag} must be ")
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "says"),
+    [
+        ("--coordinator-host", "c`touch pwned`", "expected a host name or IP"),
+        ("--coordinator-host", "a b", "expected a host name or IP"),
+        ("--hedrl-home", "/h$(touch pwned)", "must be absolute paths of"),
+        ("--hedrl-home", '/home/o n"e/hedrl', "must be absolute paths of"),
+        ("--kit-dir", "/srv/kits %h", "must be absolute paths of"),
+        ("--kit-dir", "relative", "must be absolute paths of"),
+    ],
+)
+def test_values_written_into_start_scripts_are_plain(tmp_path, flag, value, says):
+    """Host names and paths end up in shell scripts and systemd units: anything
+    but plain names is refused before a file is written (nothing runs)."""
+    out = tmp_path / "bundles"
+    host = [] if flag == "--coordinator-host" else ["--coordinator-host", "10.0.0.1"]
+    proc = subprocess.run(
+        ["bash", str(DEPLOY / "provision.sh"), "--out", str(out), *host, flag, value],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and says in proc.stderr, proc.stderr
+    assert not out.exists() and not (tmp_path / "pwned").exists()
 
 
 def test_supernode_passes_absolute_paths_and_puts_the_pin_on_path(bundles, tmp_path):
@@ -207,6 +235,25 @@ def test_submit_with_the_kit_expects_its_fingerprint(bundles, tmp_path):
     fp = (kit / "fingerprint.txt").read_text().strip()
     assert proc.returncode == 1, proc.stderr  # submitted (fake), no metrics.jsonl
     assert f"expect-fingerprint='{fp}'" in argv_file.read_text()
+    # flwr applies --run-config in order: run configs passed through after --
+    # come before submit.sh's own, so they cannot drop the kit's fingerprint
+    proc = _sh(
+        DEPLOY / "submit.sh",
+        *("--connection", "hedrl", "--results-dir", tmp_path / "r", "--bundle", kit),
+        *("--", "--run-config", "expect-fingerprint=''"),
+        env=env,
+    )
+    argv = argv_file.read_text().splitlines()
+    configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--run-config"]
+    assert parse_config_args(configs)["expect-fingerprint"] == fp
+    for flag, value in (("--run-name", "x' y=\""), ("--results-dir", "/r 2")):
+        proc = _sh(
+            DEPLOY / "submit.sh",
+            *("--connection", "hedrl", "--results-dir", tmp_path / "r"),
+            *("--bundle", kit, flag, value),
+            env=env,
+        )
+        assert proc.returncode == 2 and "letters, digits" in proc.stderr
     # a checkout other than the provisioned one is refused before flwr runs
     other = shutil.copytree(kit, tmp_path / "kit2")
     (other / "app.sha256").write_text("0" * 64 + "\n")

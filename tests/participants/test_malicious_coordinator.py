@@ -148,12 +148,12 @@ def test_malicious_forged_task_and_run_config_do_not_widen_the_bound(attacker):
     assert not (a.tmp / "keys").exists()  # no key directory picked by the task
 
 
-def test_malicious_run_config_cannot_grow_the_policy_past_the_node_cap(
+def test_malicious_run_config_cannot_grow_the_policy_or_rollout_past_node_caps(
     attacker, monkeypatch
 ):
-    """hidden-sizes 512,512,512 (≈1M parameters) in a deployed participant's
-    run config: refused typed, uncharged and before any decryption, naming the
-    node config's max-param-count; the honest config is served after."""
+    """hidden-sizes 512,512,512 (≈1M parameters), then 10^6 envs, in a deployed
+    participant's run config: each refused typed, uncharged and before any
+    decryption, naming the node config's cap; the honest config is served after."""
     a = attacker
     victim = a.nodes[1]
     calls = _decryptions(monkeypatch)
@@ -163,6 +163,12 @@ def test_malicious_run_config_cannot_grow_the_policy_past_the_node_cap(
     assert "max-param-count 200000" in reply.error.reason
     assert calls == [] and a.guard(1).refusals == 0
     a.grid.contexts[victim].run_config["hidden-sizes"] = "64,64"
+    a.grid.contexts[victim].run_config["num-envs"] = 10**6  # 1.28e8 steps a rollout
+    reply = a.send(victim, msg.TRAIN, a.train(victim, round_=a.round + 1))
+    assert reply.error.reason.startswith("ConfigError: run config asks for rollouts")
+    assert "max-rollout-steps 65536" in reply.error.reason
+    assert calls == [] and a.guard(1).refusals == 0
+    a.grid.contexts[victim].run_config["num-envs"] = 4
     reply = a.send(victim, msg.TRAIN, a.train(victim, round_=a.round + 1))
     assert not reply.has_error(), reply.error
 
