@@ -39,6 +39,7 @@ HEDRL_ERROR = re.compile(
     r"|(?:protocol|coordinator|participants)\.[\w.]*?(\w+: .*))$"
 )
 RAY_PREFIX = re.compile(r"^\(\w+ pid=\d+\)\s*")
+RAY_REPEATED = re.compile(r"\s*\[repeated \d+x across cluster\].*$")
 
 
 def free_port() -> int:
@@ -162,6 +163,7 @@ def follow(
     try:
         for raw in proc.stdout:
             line = RAY_PREFIX.sub("", ANSI.sub("", raw.rstrip()))
+            line = RAY_REPEATED.sub("", line)
             text = line.split(":      ", 1)[-1] if " :  " in line else line
             if first_error is None and (m := HEDRL_ERROR.match(line)):
                 first_error = m.group(1) or m.group(2)

@@ -155,3 +155,38 @@ def test_the_serverapp_checks_the_env_id_before_asking_anyone(monkeypatch):
     context = SimpleNamespace(run_config={"env-id": "Acrobat-v1"}, run_id=1)
     with pytest.raises(ConfigError, match="did you mean 'Acrobot-v1'"):
         server_app.main(None, context)
+
+
+def test_follow_prints_hedrl_lines_and_finds_the_first_error(tmp_path, capsys):
+    """flwr log's stream (a fake flwr here): colour codes, Ray's prefixes and
+    repeat notes stripped; a hedrl error's traceback line and the results
+    folder found; a path containing 'failed' is not an error."""
+    from coordinator.local_flwr import follow
+
+    log = [
+        "\x1b[92mINFO \x1b[0m:      Starting Flower Simulation",
+        "Successfully installed hedrl to /tmp/test_failed_run/apps/hedrl",
+        "\x1b[92mINFO \x1b[0m:      hedrl: evaluation context accepted; "
+        "results in /r/CartPole-v1-1",
+        "(ClientAppActor pid=12) \x1b[92mINFO \x1b[0m:      hedrl: participant 1: ok "
+        "[repeated 2x across cluster] (Ray deduplicates logs by default.",
+        "(ClientAppActor pid=12) protocol.errors.KeyMaterialError: "
+        "no participant context",
+        "ERROR :     hedrl: round 3: later error",
+    ]
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (tmp_path / "log.txt").write_text("\n".join(log) + "\n")
+    fake = bin_dir / "flwr"
+    fake.write_text(f"#!/bin/sh\ncat {tmp_path / 'log.txt'}\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    error, results = follow("7", env, verbose=False)
+    assert error == "KeyMaterialError: no participant context"
+    assert results == "/r/CartPole-v1-1"
+    out = capsys.readouterr().out.splitlines()
+    assert out == [
+        "hedrl: evaluation context accepted; results in /r/CartPole-v1-1",
+        "hedrl: participant 1: ok",
+        "hedrl: round 3: later error",
+    ]
