@@ -89,7 +89,7 @@ class Round:
 
     def row(self, backend: str, need: int, done: float) -> dict[str, Any]:
         """The round's ``metrics.jsonl`` row; ``need`` replies must report
-        episodes for the round to report a return (one reply cannot decide it)."""
+        episodes for the round to report a return."""
         got, sent = self.got, self.sent
         assert sent is not None
         accepted = got.accepted
