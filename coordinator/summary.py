@@ -127,12 +127,12 @@ def earlier_rows(path: Path, upto: int) -> list[dict[str, Any]]:
     for line in path.read_text().splitlines():
         try:
             row = json.loads(line)
-            ret = row["return_mean"]
-            usable = ret is None or _bounded(ret) is not None
-            if 0 < int(row["round"]) <= upto and usable:
+            raw = row["return_mean"]
+            ret = None if raw is None else _bounded(raw)
+            if 0 < int(row["round"]) <= upto and (raw is None or ret is not None):
                 rows.append(
                     {
-                        "return_mean": None if ret is None else _bounded(ret),
+                        "return_mean": ret,
                         "env_steps": max(0, int(row["env_steps"])),
                         "round_s": _bounded(row.get("round_s")) or 0.0,
                         "round": int(row["round"]),

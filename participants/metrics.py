@@ -73,12 +73,13 @@ def write_diagnostics(path: Path, index: int, t: int, stats: Mapping[str, Any]) 
     as null). Never sent to anyone; a failure to write is logged, never fatal."""
     try:
         episodes = int(stats.get("episodes", 0))
+        ret_sum = _finite(stats.get("return_sum", 0.0))
         row: dict[str, Any] = {
             "round": t,
             "env_steps": int(stats.get("env_steps", 0)),
             "episodes": episodes,
-            "return_mean": _finite(stats.get("return_sum", 0.0)) / episodes
-            if episodes and _finite(stats.get("return_sum", 0.0)) is not None
+            "return_mean": ret_sum / episodes
+            if episodes and ret_sum is not None
             else None,
             **{
                 k: _finite(stats[f"train/{k}"])
