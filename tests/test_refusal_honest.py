@@ -32,11 +32,14 @@ def _preset(path: Path) -> dict:
     raw = tomllib.loads(path.read_text())
     for key in ("num-rounds", "stop-return"):
         raw.pop(key, None)
-    # the bound concerns the optimiser's settings, not the rollout's size: the
-    # large rollouts (LunarLander's 8 × 512, MountainCar's 4 × 256) are cut to
-    # 4 × 128 so that every preset's 30 rounds stay cheap
-    raw["num-envs"] = min(raw.get("num-envs", 4), 4)
+    # the bound concerns the server optimiser's settings, not the rollout's or
+    # the local updates' size: the large rollouts (LunarLander's 8 × 512,
+    # MountainCar's 4 × 256) are cut to 2 × 128 and LunarLander's 64 local
+    # minibatches to 8, so that every preset's 30 rounds stay cheap
+    raw["num-envs"] = min(raw.get("num-envs", 4), 2)
     raw["num-steps"] = min(raw.get("num-steps", 128), 128)
+    if "num-minibatches" in raw:
+        raw["num-minibatches"] = min(raw["num-minibatches"], 8)
     return raw
 
 

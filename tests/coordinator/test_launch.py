@@ -97,6 +97,9 @@ def _hedrl_run(tmp_path: Path, *argv: str) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a shell's background job (CI under nohup, `cmd &`) ignores SIGINT and
+        # its children inherit that: give hedrl run Ctrl-C's usual meaning
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
