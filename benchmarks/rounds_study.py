@@ -197,7 +197,7 @@ def report(lines: list[str]) -> str:
         med = d["median_rounds"]
         out.append(
             f"| {d['env']} | {'CKKS' if d.get('encrypted') else 'twin'} | {mode} | "
-            f"{d['server']} | "
+            f"{d.get('server', '—')} | "
             f"{' '.join(f'{k}={v}' for k, v in kv.items()) or 'defaults'} | "
             f"{', '.join('—' if r is None else str(r) for r in rounds)} | "
             f"{'—' if med is None else f'{med:g}'} | "
