@@ -10,10 +10,11 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.fidelity_common import stale, trace_path
+from benchmarks.fidelity_common import RESULTS, stale, trace_path
 
 README = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
-BEGIN, END = "<!-- fidelity-table:begin -->", "<!-- fidelity-table:end -->"
+# the committed result folders whose tables docs/fidelity.md shows, by marker
+TABLES = {RESULTS: "fidelity-table", RESULTS / "delta": "fidelity-delta-table"}
 BOOTSTRAP = 10_000
 # (entry key, reference variant, per-seed field): CKKS against the reference;
 # gap_late is the headline gap on the second-half returns
@@ -271,15 +272,17 @@ def table(summary: dict[str, Any]) -> str:
 
 
 def main(out: Path) -> None:
-    """Write fidelity.json and fidelity.png under ``out``; update the table in
-    docs/fidelity.md."""
+    """Write fidelity.json and fidelity.png under ``out``; for a committed
+    result folder (``TABLES``) update its table in docs/fidelity.md."""
     summary = summarise(out)
     (out / "fidelity.json").write_text(json.dumps(summary, indent=2))
     if summary:
         plot(out, _load(out))
+    marker = {k.resolve(): v for k, v in TABLES.items()}.get(out.resolve())
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
     text = README.read_text()
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        _, tail = rest.split(END, 1)
-        README.write_text(f"{head}{BEGIN}\n{table(summary)}\n{END}{tail}")
+    if marker and begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        _, tail = rest.split(end, 1)
+        README.write_text(f"{head}{begin}\n{table(summary)}\n{end}{tail}")
     print(table(summary))

@@ -140,3 +140,26 @@ def test_display_only_keys_leave_a_result_current(out, tmp_path):
     assert fidelity_common.stale(result, "toy") is None
     (presets / "toy.toml").write_text('env-id = "Toy-v0"\nlr = 0.002\n')
     assert "lr 0.001 -> 0.002" in fidelity_common.stale(result, "toy")
+
+
+def test_report_rewrites_only_its_own_folders_table(out, tmp_path, monkeypatch):
+    """--report on a screening folder leaves docs/fidelity.md alone; on a
+    committed folder it replaces that folder's table and no other."""
+    from benchmarks import fidelity_report
+
+    doc = tmp_path / "fidelity.md"
+    text = (
+        "<!-- fidelity-table:begin -->\nOLD GRADIENT\n<!-- fidelity-table:end -->\n"
+        "<!-- fidelity-delta-table:begin -->\nOLD DELTA\n"
+        "<!-- fidelity-delta-table:end -->\n"
+    )
+    doc.write_text(text)
+    monkeypatch.setattr(fidelity_report, "README", doc)
+    monkeypatch.setattr(fidelity_report, "plot", lambda *a: None)
+    fidelity_report.main(out)
+    assert doc.read_text() == text
+    monkeypatch.setattr(fidelity_report, "TABLES", {out: "fidelity-delta-table"})
+    fidelity_report.main(out)
+    new = doc.read_text()
+    assert "OLD GRADIENT" in new and "OLD DELTA" not in new
+    assert "| Toy-v0 | 2 |" in new
