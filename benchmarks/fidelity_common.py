@@ -181,7 +181,6 @@ def stale(path: Path, env: str, extra: dict[str, Any] | None = None) -> str | No
     used = json.loads(path.read_text()).get("preset")
     if used is None:
         return "no preset recorded"
-    # keys that change what a run shows, not what it learns
     used, current = (
         {k: v for k, v in d.items() if k not in DISPLAY_KEYS} for d in (used, current)
     )

@@ -274,13 +274,14 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(json.dumps({"server": args.server, **row}))
     solved = [r["rounds"] for r in rows if r["rounds"]]
+    base = RunConfig.from_mapping(raw)
     summary = {
         "env": args.env,
-        "server": RunConfig.from_mapping(raw).optimizer,
+        "server": base.optimizer,
         "encrypted": args.encrypted,
         "set": args.set,
         "preset": args.preset,
-        "update": RunConfig.from_mapping(raw).participant_update,
+        "update": base.participant_update,
         "median_rounds": float(np.median(solved)) if len(solved) == len(rows) else None,
         "solved": len(solved),
         "stable": sum(r["stable"] for r in rows),

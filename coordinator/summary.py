@@ -109,13 +109,13 @@ def progress_for(fed: Federation) -> Progress:
     """The run's progress, with its learning_curve.png."""
     cfg = fed.cfg
     threshold = solve_threshold(cfg.env_id, cfg.stop_return, cfg.solve_threshold)
-    title = f"{fed.cfg.env_id} · {fed.cfg.backend} · {fed.out_dir.name}"
+    title = f"{cfg.env_id} · {cfg.backend} · {fed.out_dir.name}"
     curve = Curve(fed.out_dir / "learning_curve.png", title, threshold)
     progress = Progress(threshold, curve)
     # a resumed run's returns and curve start where the resumed one's stood
     for row in earlier_rows(fed.out_dir / "metrics.jsonl", fed.start_round):
         progress.add(int(row["round"]), row)
-    progress.board = Board(fed.out_dir) if fed.cfg.tensorboard else None
+    progress.board = Board(fed.out_dir) if cfg.tensorboard else None
     return progress
 
 
